@@ -1,0 +1,41 @@
+# labkit: the two commands a newcomer types are `make lab` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8888
+LAB_FLAGS ?=
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+export LABKIT_PROFILE ?= local
+
+.PHONY: lab test setup system slurm-up slurm-down bench clean
+
+## make lab: set up the environment and open JupyterLab on notebooks/ (local Dask cluster)
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --port=$(PORT) $(ROOT_FLAG) $(LAB_FLAGS)
+
+## make test: set up everything (apt packages, Slurm, Python env) and run the whole suite
+test: system setup slurm-up
+	$(PY) -m pytest
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	touch $@
+
+system:
+	scripts/install-system.sh
+
+slurm-up:
+	scripts/local-slurm.sh up
+
+slurm-down:
+	scripts/local-slurm.sh down
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

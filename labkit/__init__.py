@@ -1,0 +1,32 @@
+"""labkit: a Jupyter lab for building large language models on HPC clusters.
+
+Layers (imports point down only): notebooks -> widgets -> check -> capabilities
+(hardware, data, attention, model, train, prune, pretrained, serve) -> events -> cluster -> config.
+Names below are imported lazily so that ``import labkit`` stays fast in a notebook.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"
+_LAZY = {
+    "load_config": "labkit.config:load_config",
+    "get_profile": "labkit.config:get_profile",
+    "get_scale": "labkit.config:get_scale",
+    "run_doctor": "labkit.doctor:run_doctor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

