@@ -137,22 +137,29 @@ class TokenizedPartition:
     seconds: float
 
 
-def tokenize_partition(part: CleanedPartition, keep: Sequence[int], val: Sequence[bool], tokenizer_json: str,
-                       eot: int, dtype: str) -> TokenizedPartition:
-    """Encode the kept documents with ``encode_batch`` and pack them per split."""
+def encode_packed(tokenizer_json: str, texts: Sequence[str], val: Sequence[bool], eot: int,
+                  dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``encode_batch`` the texts and pack them as ``doc EOT doc EOT ...``: (train ids, val ids)."""
     from tokenizers import Tokenizer
 
-    t0 = time.perf_counter()
     tok = Tokenizer.from_str(tokenizer_json)
-    texts = [part.docs[i].text for i in keep]
-    encs = tok.encode_batch(texts) if texts else []
+    encs = tok.encode_batch(list(texts)) if len(texts) else []
     out: dict[bool, list[np.ndarray]] = {False: [], True: []}
     eot_arr = np.array([eot], dtype=dtype)
     for enc, is_val in zip(encs, val):
-        out[is_val].append(np.asarray(enc.ids, dtype=dtype))
-        out[is_val].append(eot_arr)
+        out[bool(is_val)].append(np.asarray(enc.ids, dtype=dtype))
+        out[bool(is_val)].append(eot_arr)
     cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=dtype) for k, v in out.items()}
-    tp = TokenizedPartition(part.index, cat[False], cat[True], len(texts), int(cat[False].size + cat[True].size),
+    return cat[False], cat[True]
+
+
+def tokenize_partition(part: CleanedPartition, keep: Sequence[int], val: Sequence[bool], tokenizer_json: str,
+                       eot: int, dtype: str) -> TokenizedPartition:
+    """Encode one partition's kept documents and pack them per split."""
+    t0 = time.perf_counter()
+    texts = [part.docs[i].text for i in keep]
+    train, val_ids = encode_packed(tokenizer_json, texts, val, eot, dtype)
+    tp = TokenizedPartition(part.index, train, val_ids, len(texts), int(train.size + val_ids.size),
                             sum(len(t.encode("utf-8")) for t in texts), time.perf_counter() - t0)
     emit("data_partition", stage="tokenize", partition=part.index, docs=tp.docs, tokens=tp.tokens,
          bytes=tp.bytes, seconds=tp.seconds)

@@ -262,6 +262,10 @@ def read_file(item: FileItem, *, max_file_bytes: int, max_line_bytes: int, max_c
     if ctrl / len(sample) > max_control:
         return [], [Issue(p, f"binary file ({ctrl / len(sample):.0%} NUL/control bytes in the first "
                              f"{len(sample):,}); not text")], digest
+    undecodable = sample[:-4].decode("utf-8", errors="replace").count("\ufffd") / len(sample)
+    if undecodable > 0.3:
+        return [], [Issue(p, f"binary file ({undecodable:.0%} of the first {len(sample):,} bytes are not "
+                             "UTF-8); not text")], digest
     if b"\x00" in data:
         nuls = data.count(b"\x00")
         issues.append(Issue(p, f"removed {nuls:,} NUL bytes", "repaired"))
