@@ -178,3 +178,24 @@ def test_default_shard_dir_is_under_runs():
     p = default_shard_dir("tiny")
     assert p.parts[-2:] == ("runs", "shards-tiny")
     assert default_shard_dir(root="/x").as_posix() == "/x/runs/shards-tiny"  # active scale is tiny in tests
+
+
+def test_docstrings_source_and_source_hashes(tmp_path):
+    (tmp_path / "bad.py").write_text("def f(:\n    pass\n")
+    docs, issues, _ = read_file(FileItem(str(tmp_path / "bad.py"), "pydoc", "x", 0), max_file_bytes=10**6,
+                                max_line_bytes=10**5)
+    assert not docs and "not parseable as Python" in issues[0].reason
+    good = tmp_path / "good.py"
+    good.write_text('"""Module doc."""\n\ndef f():\n    """Function doc."""\n    return 1\n')
+    docs, issues, _ = read_file(FileItem(str(good), "pydoc", "x", 0), max_file_bytes=10**6, max_line_bytes=10**5)
+    assert docs[0].text == "Module doc.\n\nFunction doc." and not issues
+    d = tmp_path / "c"
+    d.mkdir()
+    for i in range(4):
+        (d / f"{i}.txt").write_text(f"text number {i} " + para(100 + i))
+    size = sum(p.stat().st_size for p in d.iterdir())
+    a = preprocess([d], tmp_path / "a", config=cfg(), progress=False).meta["sources"]
+    (d / "0.txt").write_text("changed " + para(200))
+    b = preprocess([d], tmp_path / "b", config=cfg(), progress=False).meta["sources"]
+    assert a[0]["files"] == b[0]["files"] == 4 and a[0]["sha256"] != b[0]["sha256"]
+    assert a[0]["bytes"] == size and a[0]["source"] == str(d)

@@ -323,7 +323,7 @@ def _resolve_sources(sources: Any, cfg: DataConfig) -> list:
 
 def preprocess(
     sources: Any = None,
-    out_dir: str | Path = "runs/shards",
+    out_dir: str | Path | None = None,
     *,
     client=None,
     vocab_size: int | None = None,
@@ -336,6 +336,7 @@ def preprocess(
     """Turn raw text into packed token shards in ``out_dir``; returns a :class:`PreprocessReport`.
 
     ``sources``: "stdlib" (default), "stdlib-docs", files, folders, JSONL, "hf:NAME[:SPLIT]".
+    ``out_dir``: None = ``default_shard_dir(scale)``, i.e. ``runs/shards-<scale>`` in the checkout.
     ``client``: a ``dask.distributed.Client`` (local or Slurm); None runs in this process.
     Settings: ``config`` (a :class:`DataConfig`), else the preset of ``scale``; keyword
     ``overrides`` (e.g. ``near_dup_threshold=0.7``) and ``vocab_size`` win over both.
@@ -346,6 +347,10 @@ def preprocess(
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
     cfg = cfg.replace(**overrides)
+    if out_dir is None:
+        from .config import default_shard_dir
+
+        out_dir = default_shard_dir(scale)
     out_dir = Path(out_dir)
     stage_seconds: dict[str, float] = {}
 
@@ -459,12 +464,12 @@ def preprocess(
     file_sha = {path: digest for s in summaries for path, digest in s.file_hashes}
     source_meta = []
     for src in listing.sources:
-        names = [f.path for f in listing.files if f.source == src["source"] or str(f.source) == src["source"]]
+        names = [f.path for f in listing.files if f.source == src["source"]]
         h = hashlib.sha256()
         for n in names:
             if n in file_sha:
                 h.update(f"{n}\t{file_sha[n]}\n".encode())
-        source_meta.append({**src, "bytes": sum(f.size for f in listing.files if f.path in set(names)),
+        source_meta.append({**src, "bytes": sum(f.size for f in listing.files if f.source == src["source"]),
                             "sha256": h.hexdigest()})
     meta = finish(out_dir, writer, vocab_size=tok.get_vocab_size(), eot_id=eot, counts=counts,
                   sources=source_meta, config={**cfg.asdict(), "partitions": len(parts)})

@@ -287,7 +287,7 @@ def read_file(item: FileItem, *, max_file_bytes: int, max_line_bytes: int, max_c
     if item.kind == "pydoc":
         try:
             tree = ast.parse(text)
-        except (SyntaxError, ValueError) as exc:
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
             return [], issues + [Issue(p, f"not parseable as Python ({type(exc).__name__}); no docstrings")], digest
         docs = [ast.get_docstring(n) for n in ast.walk(tree)
                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
