@@ -52,6 +52,15 @@ def partitions(texts: list[str], part_bytes: int) -> list[list[str]]:
     return out + ([cur] if cur else [])
 
 
+def timed_encode(tokenizer_json: str, texts: list[str], flags: list[bool]):
+    """encode_packed plus the CPU seconds this thread spent on it (to see contention apart from overhead)."""
+    from labkit.data.pipeline import encode_packed
+
+    c0 = time.thread_time()
+    out = encode_packed(tokenizer_json, texts, flags, 0, "<u2")
+    return out, time.thread_time() - c0
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=22.0, help="corpus size in MB (default 22; goal needs >= 20)")
@@ -77,13 +86,17 @@ def main(argv: list[str] | None = None) -> dict:
     tj = tok.to_str()
     flags = [[False] * len(p) for p in parts]
 
-    def baseline() -> tuple[float, int]:
-        t0 = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f} (a fair figure needs {args.workers} idle cores)")
+
+    def baseline() -> tuple[float, int, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
         n = sum(int(a.size) for p, f in zip(parts, flags) for a in encode_packed(tj, p, f, 0, "<u2"))
-        return time.perf_counter() - t0, n
+        return time.perf_counter() - t0, n, time.thread_time() - c0
 
     base = min((baseline() for _ in range(args.repeat)), key=lambda r: r[0])
-    print(f"1 process, 1 thread : {base[0]:7.2f} s  {nbytes / 1e6 / base[0]:6.2f} MB/s  {base[1]:,} tokens")
+    print(f"1 process, 1 thread : {base[0]:7.2f} s  {nbytes / 1e6 / base[0]:6.2f} MB/s  {base[1]:,} tokens"
+          f"  (CPU {base[2]:.1f} s)")
 
     result: dict = {"corpus_mb": nbytes / 1e6, "files": len(texts), "partitions": len(parts), "vocab": args.vocab,
                     "baseline_s": base[0], "tokens": base[1], "workers": args.workers}
@@ -94,18 +107,22 @@ def main(argv: list[str] | None = None) -> dict:
         tj_f = client.scatter(tj, broadcast=True)
         client.run(lambda: __import__("tokenizers"))  # warm imports, not timed
 
-        def dask_run() -> tuple[float, int]:
+        def dask_run() -> tuple[float, int, float]:
             t0 = time.perf_counter()
-            futs = [client.submit(encode_packed, tj_f, p, f, 0, "<u2", pure=False) for p, f in zip(on_workers, flags)]
+            futs = [client.submit(timed_encode, tj_f, p, f, pure=False) for p, f in zip(on_workers, flags)]
             got = client.gather(futs)
-            return time.perf_counter() - t0, sum(int(a.size) for pair in got for a in pair)
+            return (time.perf_counter() - t0, sum(int(a.size) for pair, _ in got for a in pair),
+                    sum(cpu for _, cpu in got))
 
         par = min((dask_run() for _ in range(args.repeat)), key=lambda r: r[0])
         assert par[1] == base[1], "Dask and single-process tokenization disagree"
         ratio = base[0] / par[0]
-        print(f"{args.workers} Dask workers      : {par[0]:7.2f} s  {nbytes / 1e6 / par[0]:6.2f} MB/s")
+        print(f"{args.workers} Dask workers      : {par[0]:7.2f} s  {nbytes / 1e6 / par[0]:6.2f} MB/s"
+              f"  (CPU {par[2]:.1f} s summed over tasks)")
         print(f"speed-up            : {ratio:.2f}x  (goal >= 1.85x on 2 workers)")
-        result.update(dask_s=par[0], speedup=ratio, cpus=os.cpu_count())
+        print(f"CPU work, Dask/base : {par[2] / base[2]:.2f} (1.00 = no extra work per token on the workers)")
+        result.update(dask_s=par[0], speedup=ratio, cpus=os.cpu_count(), load=load, base_cpu_s=base[2],
+                      dask_cpu_s=par[2])
 
         if not args.no_pipeline:
             with tempfile.TemporaryDirectory() as tmp:
