@@ -11,6 +11,7 @@ hashes, MinHash signatures and lengths, plus the tokenizer's training sample.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -137,12 +138,18 @@ class TokenizedPartition:
     seconds: float
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(tokenizer_json: str):
+    """Parse a tokenizer once per worker process, not once per task (a pure cache)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
 def encode_packed(tokenizer_json: str, texts: Sequence[str], val: Sequence[bool], eot: int,
                   dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """``encode_batch`` the texts and pack them as ``doc EOT doc EOT ...``: (train ids, val ids)."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_str(tokenizer_json)
+    tok = _tokenizer(tokenizer_json)
     encs = tok.encode_batch(list(texts)) if len(texts) else []
     out: dict[bool, list[np.ndarray]] = {False: [], True: []}
     eot_arr = np.array([eot], dtype=dtype)
