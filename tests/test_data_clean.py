@@ -44,6 +44,7 @@ def test_steps_count_docs_and_bytes_and_keep_examples():
     assert [d.id for d in out] == ["d0", "d1", "d3"] and st.examples[0]["id"] == "d2"
     out = C.apply_filter("len", C.length_filter(2, 100), out, stats)
     assert [d.id for d in out] == ["d0", "d3"] and stats[1].examples[0]["id"] == "d1"
+    assert st.dropped == [("d2", "empty after control")] and stats[1].dropped[0][0] == "d1"
     assert "min_chars" in stats[1].examples[0]["reason"]
 
 

@@ -75,7 +75,7 @@ def test_bad_input_is_skipped_or_repaired_and_listed(messy, tmp_path):
     # every good document made it into the shards, repaired ones included
     c = rep.counts
     assert c["train"]["docs"] + c["val"]["docs"] == 6 + 2 + 1 + 2
-    assert all(s.removed == 0 for s in rep.steps[1:])  # nothing else was filtered out
+    assert all(s.removed == 0 for s in rep.steps[1:]) and rep.removed == []  # nothing else was filtered out
     tok = ShardReader(rep.out_dir).tokenizer()
     text = "".join(tok.decode(ShardReader(rep.out_dir, s).read(0, ShardReader(rep.out_dir, s).num_tokens).tolist(),
                               skip_special_tokens=False) for s in ("train", "val"))
@@ -132,6 +132,8 @@ def test_steps_chain_and_duplicates_removed(tmp_path):
     assert kinds == {("exact_dedup", "x_copy_of_1.txt", "doc1.txt"), ("exact_dedup", "x_copy_of_1_nfkc.txt", "doc1.txt"),
                      ("near_dedup", "x_near_3.txt", "doc3.txt")}
     assert rep.step("nfkc").changed == 1
+    assert {os.path.basename(i) for i, _ in rep.removed} == {"x_copy_of_1.txt", "x_copy_of_1_nfkc.txt", "x_near_3.txt"}
+    assert all(why.startswith(("exact_dedup: duplicate of", "near_dedup: duplicate of")) for _, why in rep.removed)
     ev = rec.of("data")
     assert {e["stage"] for e in ev} == {"clean", "tokenize"} and ev[-1]["tokens"] > 0
     assert all(e["docs_per_s"] >= 0 and "tokens_per_s" in e for e in ev)

@@ -79,6 +79,7 @@ class StepStats:
     bytes_out: int = 0
     changed: int = 0
     examples: list[dict] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (doc id, reason) of every doc removed
 
     @property
     def removed(self) -> int:
@@ -89,6 +90,7 @@ class StepStats:
         for k in ("docs_in", "docs_out", "bytes_in", "bytes_out", "changed"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.examples.extend(other.examples[: max(0, max_examples - len(self.examples))])
+        self.dropped.extend(other.dropped)
 
     def row(self) -> dict:
         return {"step": self.name, "docs_in": self.docs_in, "docs_out": self.docs_out, "removed": self.removed,
@@ -128,6 +130,8 @@ def apply_map(name: str, fn: Callable[[str], str], docs: list, stats_out: list, 
             kept.append(d)
             st.docs_out += 1
             st.bytes_out += _nbytes(after)
+        else:
+            st.dropped.append((d.id, f"empty after {name}"))
     stats_out.append(st)
     return kept
 
@@ -146,8 +150,10 @@ def apply_filter(name: str, why: Callable[[str], str | None], docs: list, stats_
             kept.append(d)
             st.docs_out += 1
             st.bytes_out += n
-        elif len(st.examples) < max_examples:
-            st.examples.append({"id": d.id, "reason": reason, "text": _snippet(d.text)})
+        else:
+            st.dropped.append((d.id, reason))
+            if len(st.examples) < max_examples:
+                st.examples.append({"id": d.id, "reason": reason, "text": _snippet(d.text)})
     stats_out.append(st)
     return kept
 

@@ -202,6 +202,11 @@ class PreprocessReport:
         return [(i.path, i.reason) for i in self.issues if i.action == "repaired"]
 
     @property
+    def removed(self) -> list[tuple[str, str]]:
+        """``(document id, "step: reason")`` for every document a cleaning or dedup step removed."""
+        return [(i, f"{s.name}: {why}") for s in self.steps for i, why in s.dropped]
+
+    @property
     def mb_per_s(self) -> float:
         """Raw input MB (10^6 bytes) per second of the whole pipeline."""
         return self.bytes_in / 1e6 / max(self.seconds, 1e-9)
@@ -396,6 +401,7 @@ def preprocess(
         st = C.StepStats(step, docs_in=len(alive), bytes_in=sum(nbytes[i] for i in alive))
         for k, (of, sim) in sorted(gone.items()):
             duplicates.append({"kind": step, "id": ids[k], "duplicate_of": ids[of], "similarity": sim})
+            st.dropped.append((ids[k], f"duplicate of {ids[of]} (similarity {sim:.2f})"))
             if len(st.examples) < 5:
                 st.examples.append({"id": ids[k], "reason": f"duplicate of {ids[of]} (similarity {sim:.2f})"})
         rest = [i for i in alive if i not in gone]
@@ -413,7 +419,7 @@ def preprocess(
     if not alive:
         raise ValueError(
             f"no documents left after cleaning ({len(listing.files)} files listed, {len(issues)} issues); "
-            "check report-like details: sources, min_chars/max_nontext filters. Skipped: "
+            "check the sources, or loosen min_chars / max_nontext / near_dup_threshold. Skipped: "
             + "; ".join(f"{i.path}: {i.reason}" for i in issues[:5])
         )
     is_val = dict(zip(alive, split_by_document([hashes[i] for i in alive], [nbytes[i] for i in alive],

@@ -170,12 +170,16 @@ report = preprocess(["stdlib", messy], out_dir, client=client, config=cfg, on_ev
 print(report)
 
 # %% [markdown]
-# Nothing is dropped silently: every file left out or repaired is listed with its reason.
+# Nothing is dropped silently: every file left out or repaired, and every document a step
+# removed, is listed with its reason.
 
 # %%
 print(f"{len(report.skipped)} skipped, {len(report.repaired)} repaired")
 for path, reason in report.skipped + report.repaired:
     print(f"  {path.replace(str(stdlib_root()), '<stdlib>')}: {reason}")
+print(f"{len(report.removed)} documents removed by cleaning and deduplication:")
+for doc_id, why in report.removed:
+    print(f"  {doc_id.replace(str(stdlib_root()), '<stdlib>')}: {why}")
 for step in report.steps:
     for ex in step.examples[:1]:
         print(step.name, "->", {k: v for k, v in ex.items() if k != "id"})
