@@ -160,7 +160,9 @@ from distributed import Client, LocalCluster
 from labkit.data import preprocess
 from labkit.widgets.data import live_rates
 
-cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+# at tiny scale (tests) the workers are threads of this process, so they start in a blink
+cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=scale_name != "tiny",
+                       dashboard_address=None)
 client = Client(cluster)
 plot = live_rates()
 plot
