@@ -142,3 +142,13 @@ def test_tiny_default_uses_stdlib_text(tmp_path):
     r = make_tiny_shards(tmp_path)
     assert r.num_tokens > 20_000 and r.meta["sources"][0]["source"] == "stdlib-tiny"
     assert "def " in r.tokenizer().decode(r.read(0, r.num_tokens).tolist())
+
+
+def test_import_labkit_data_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, labkit.data as d; d.ShardError; "
+            "print(sorted(m for m in ('torch', 'distributed', 'dask') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
