@@ -159,33 +159,58 @@ def _key_blocks(q0: int, q1: int, t_k: int, block: int, causal: bool):
         yield k0, min(k0 + block, end)
 
 
+class _Scratch:
+    """Reusable buffers for the block loops: a fresh 32 MB score block per step would cost a page-faulting
+    allocation each time (large CPU allocations go straight to the OS), so one is allocated and reused."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like, self.bufs, self.bias = like, {}, {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[name] = torch.empty(numel, device=self.like.device, dtype=self.like.dtype)
+        return buf[:numel].view(shape)
+
+    def causal_bias(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor | None:
+        key = (q0 - k0, q1 - q0, k1 - k0)  # the pattern only depends on the offset and the sizes
+        if key not in self.bias:
+            self.bias[key] = _diag_bias(q0, q1, k0, k1, self.like.device, self.like.dtype)
+        return self.bias[key]
+
+
 def _online_forward(q, k, v, causal: bool, scale: float, block: int):
     """Flattened (N, T, d) forward; returns output and the log-sum-exp of each query row."""
     n, t_q, _ = q.shape
-    t_k = k.shape[1]
-    out = torch.empty(n, t_q, v.shape[-1], device=q.device, dtype=q.dtype)
+    t_k, d_v = k.shape[1], v.shape[-1]
+    out = torch.empty(n, t_q, d_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(n, t_q, device=q.device, dtype=q.dtype)
     qs = q * scale
     kt = k.transpose(1, 2)
+    buf = _Scratch(q)
     for q0 in range(0, t_q, block):
         q1 = min(q0 + block, t_q)
+        bq = q1 - q0
         qi = qs[:, q0:q1]
-        m = torch.full((n, q1 - q0, 1), float("-inf"), device=q.device, dtype=q.dtype)
-        l = torch.zeros((n, q1 - q0, 1), device=q.device, dtype=q.dtype)
-        acc = torch.zeros((n, q1 - q0, v.shape[-1]), device=q.device, dtype=q.dtype)
+        m = buf.get("m", n, bq, 1).fill_(float("-inf"))  # running row maximum
+        l = buf.get("l", n, bq, 1).zero_()  # running sum of exp(score - m)
+        acc = buf.get("acc", n, bq, d_v).zero_()  # running sum of exp(score - m) * v
+        m_new, alpha = buf.get("m_new", n, bq, 1), buf.get("alpha", n, bq, 1)
         for k0, k1 in _key_blocks(q0, q1, t_k, block, causal):
-            s = torch.bmm(qi, kt[:, :, k0:k1])  # (n, bq, bk): the only score block alive
+            s = torch.bmm(qi, kt[:, :, k0:k1], out=buf.get("s", n, bq, k1 - k0))  # the only score block alive
             if causal:
-                bias = _diag_bias(q0, q1, k0, k1, q.device, q.dtype)
+                bias = buf.causal_bias(q0, q1, k0, k1)
                 if bias is not None:
                     s += bias
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            alpha = torch.exp(m - m_new)  # rescales what was summed under the old maximum
+            torch.amax(s, -1, keepdim=True, out=m_new)
+            torch.maximum(m, m_new, out=m_new)
+            torch.sub(m, m_new, out=alpha).exp_()  # rescales what was summed under the old maximum
             s.sub_(m_new).exp_()  # s is now p = exp(s - m_new)
             l.mul_(alpha).add_(s.sum(-1, keepdim=True))
             acc.mul_(alpha).baddbmm_(s, v[:, k0:k1])
-            m = m_new
-        out[:, q0:q1] = acc / l
+            m.copy_(m_new)
+        torch.div(acc, l, out=out[:, q0:q1])
         lse[:, q0:q1] = (m + torch.log(l)).squeeze(-1)
     return out, lse
 
