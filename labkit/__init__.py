@@ -18,6 +18,9 @@ _LAZY = {
     "get_profile": "labkit.config:get_profile",
     "get_scale": "labkit.config:get_scale",
     "run_doctor": "labkit.doctor:run_doctor",
+    "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
+    "load_bert": "labkit.pretrained:load_bert",
+    "embed": "labkit.pretrained:embed",
 }
 
 
