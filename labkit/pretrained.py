@@ -132,9 +132,12 @@ class LayerAttention:
 
 
 @torch.no_grad()
-def recompute_attention(model, inputs, layer: int | None = None) -> list[LayerAttention]:
+def recompute_attention(model, inputs, layer: int | None = None, scale: float | None = None,
+                        causal: bool = False) -> list[LayerAttention]:
     """For each layer (or one), take the hidden states that enter it and its query/key/value weights,
-    and compute softmax(Q K^T / sqrt(d_k)) V with labkit.attention (padding masked)."""
+    and compute softmax(Q K^T / sqrt(d_k)) V with labkit.attention (padding masked).
+
+    ``scale`` and ``causal`` change the formula (to explore it); the defaults reproduce the model."""
     out = model(**inputs, output_hidden_states=True)
     cfg = model.config
     n_head = cfg.num_attention_heads
@@ -147,7 +150,7 @@ def recompute_attention(model, inputs, layer: int | None = None) -> list[LayerAt
         q = A.split_heads(sa.query(x), n_head)
         k = A.split_heads(sa.key(x), n_head)
         v = A.split_heads(sa.value(x), n_head)
-        probs = A.attention_weights(q, k, mask=mask)
+        probs = A.attention_weights(q, k, mask=mask, causal=causal, scale=scale)
         result.append(LayerAttention(i, probs, A.merge_heads(probs @ v)))
     return result
 
