@@ -43,7 +43,7 @@ class SearchConfig:
         from labkit.config import load_config
 
         scale = load_config().scale(name)
-        presets = {"tiny": cls(max_docs=80, per_module=3), "binder": cls(max_docs=400),
+        presets = {"tiny": cls(max_docs=48, per_module=3), "binder": cls(max_docs=400),
                    "workshop": cls(max_docs=2000, per_module=20), "full": cls(max_docs=10000, per_module=100)}
         changes = {**scale.section("semantic_search"), **overrides}
         unknown = set(changes) - {"max_docs", "per_module", "min_chars"}
