@@ -19,7 +19,7 @@ from labkit.attention_cost import CostConfig, measure_one
 TARGETS = {"fwd_mem_vs_naive": 0.10, "fwd_time_vs_sdpa": 1.5, "train_mem_vs_naive": 0.20}
 
 
-def run(seq_len=2048, batch=4, heads=8, head_dim=64, block_size=512, repeat=3, device="cpu") -> dict:
+def run(seq_len=2048, batch=4, heads=8, head_dim=64, block_size=128, repeat=3, device="cpu") -> dict:
     """Measure and return the three ratios plus the raw points."""
     fwd = CostConfig(seq_lens=(seq_len,), batch=batch, heads=heads, head_dim=head_dim, causal=True,
                      block_size=block_size, repeat=repeat)
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IMPLS = ("sdpa", "naive", "online")
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 128
 
 
 # ----------------------------------------------------------------------------------------- softmax
@@ -224,20 +224,22 @@ def _online_backward(q, k, v, out, lse, dout, causal: bool, scale: float, block:
     dv = torch.zeros_like(v)
     delta = (dout * out).sum(-1, keepdim=True)  # (n, t_q, 1): rowsum(dP * P) = rowsum(dO * O)
     qs = q * scale
+    buf = _Scratch(q)
     for q0 in range(0, t_q, block):
         q1 = min(q0 + block, t_q)
         qi, doi = qs[:, q0:q1], dout[:, q0:q1]
         lse_i, delta_i = lse[:, q0:q1, None], delta[:, q0:q1]
         for k0, k1 in _key_blocks(q0, q1, t_k, block, causal):
             kj, vj = k[:, k0:k1], v[:, k0:k1]
-            s = torch.bmm(qi, kj.transpose(1, 2))
+            shape = (n, q1 - q0, k1 - k0)
+            s = torch.bmm(qi, kj.transpose(1, 2), out=buf.get("s", *shape))
             if causal:
-                bias = _diag_bias(q0, q1, k0, k1, q.device, q.dtype)
+                bias = buf.causal_bias(q0, q1, k0, k1)
                 if bias is not None:
                     s += bias
             p = s.sub_(lse_i).exp_()  # the probabilities of this block, recomputed
             dv[:, k0:k1].baddbmm_(p.transpose(1, 2), doi)
-            dp = torch.bmm(doi, vj.transpose(1, 2))
+            dp = torch.bmm(doi, vj.transpose(1, 2), out=buf.get("dp", *shape))
             ds = dp.sub_(delta_i).mul_(p)  # softmax backward: P * (dP - rowsum(dP * P))
             dq[:, q0:q1].baddbmm_(ds, kj, alpha=scale)
             dk[:, k0:k1].baddbmm_(ds.transpose(1, 2), qi)  # qi already carries the scale
