@@ -162,6 +162,10 @@ def test_multihead_padding_mask_with_causal():
     x = torch.randn(2, 6, 8)
     m = A.padding_mask(torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]]))
     torch.testing.assert_close(sdpa(x, mask=m), naive(x, mask=m), **TOL)
+    fm = torch.zeros(m.shape).masked_fill(~m, float("-inf"))  # the same mask, additive
+    torch.testing.assert_close(sdpa(x, mask=fm), naive(x, mask=m), **TOL)
+    with pytest.raises(ValueError, match="impl='sdpa'"):
+        A.MultiHeadAttention(8, 2, impl="online")(x, mask=m)
 
 
 def test_multihead_bad_arguments_say_what_to_do():
