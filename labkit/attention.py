@@ -187,18 +187,20 @@ def _online_forward(q, k, v, causal: bool, scale: float, block: int):
     out = torch.empty(n, t_q, d_v, device=q.device, dtype=q.dtype)
     lse = torch.empty(n, t_q, device=q.device, dtype=q.dtype)
     qs = q * scale
-    kt = k.transpose(1, 2)
+    # contiguous per-block copies of K^T and V (O(T) memory): batched matmuls run ~2x faster on them
+    kt_blocks = {k0: k[:, k0:k0 + block].transpose(1, 2).contiguous() for k0 in range(0, t_k, block)}
+    v_blocks = {k0: v[:, k0:k0 + block].contiguous() for k0 in range(0, t_k, block)}
     buf = _Scratch(q)
     for q0 in range(0, t_q, block):
         q1 = min(q0 + block, t_q)
         bq = q1 - q0
-        qi = qs[:, q0:q1]
+        qi = qs[:, q0:q1].contiguous()
         m = buf.get("m", n, bq, 1).fill_(float("-inf"))  # running row maximum
         l = buf.get("l", n, bq, 1).zero_()  # running sum of exp(score - m)
         acc = buf.get("acc", n, bq, d_v).zero_()  # running sum of exp(score - m) * v
         m_new, alpha = buf.get("m_new", n, bq, 1), buf.get("alpha", n, bq, 1)
         for k0, k1 in _key_blocks(q0, q1, t_k, block, causal):
-            s = torch.bmm(qi, kt[:, :, k0:k1], out=buf.get("s", n, bq, k1 - k0))  # the only score block alive
+            s = torch.bmm(qi, kt_blocks[k0][:, :, :k1 - k0], out=buf.get("s", n, bq, k1 - k0))  # the only score block
             if causal:
                 bias = buf.causal_bias(q0, q1, k0, k1)
                 if bias is not None:
@@ -208,7 +210,7 @@ def _online_forward(q, k, v, causal: bool, scale: float, block: int):
             torch.sub(m, m_new, out=alpha).exp_()  # rescales what was summed under the old maximum
             s.sub_(m_new).exp_()  # s is now p = exp(s - m_new)
             l.mul_(alpha).add_(s.sum(-1, keepdim=True))
-            acc.mul_(alpha).baddbmm_(s, v[:, k0:k1])
+            acc.mul_(alpha).baddbmm_(s, v_blocks[k0][:, :k1 - k0])
             m.copy_(m_new)
         torch.div(acc, l, out=out[:, q0:q1])
         lse[:, q0:q1] = (m + torch.log(l)).squeeze(-1)

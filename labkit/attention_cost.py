@@ -138,6 +138,24 @@ def time_call(fn: Callable[[], object], repeat: int = 3, device: torch.device | 
     return best
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 5,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Best wall time of each function, calling them in turn for ``rounds`` rounds, so that a burst of
+    load from other processes hits all of them alike (ratios stay meaningful on a shared machine)."""
+    device = torch.device(device)
+    best = {name: math.inf for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    _sync(device)
+    for _ in range(max(1, rounds)):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def make_inputs(batch: int, heads: int, seq_len: int, head_dim: int, device="cpu", requires_grad=False, seed=0):
     """Random float32 q, k, v of shape (batch, heads, seq_len, head_dim)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
