@@ -181,7 +181,7 @@ class AttentionExplorer:
                       continuous_update=False)
         layer = W.IntSlider(0, 0, self.n_layer - 1, description="layer")
         head = W.IntSlider(0, 0, self.n_head - 1, description="head")
-        factor = W.FloatLogSlider(value=1.0, base=2, min=-3, max=math.log2(self.d_k) + 1, step=0.5,
+        factor = W.FloatLogSlider(value=1.0, base=2, min=-3, max=math.log2(math.sqrt(self.d_k)) + 1, step=0.5,
                                   description="scale x", readout_format=".3g")
         causal = W.Checkbox(False, description="causal mask")
         note = W.HTML()
