@@ -19,6 +19,9 @@ _LAZY = {
     "get_scale": "labkit.config:get_scale",
     "run_doctor": "labkit.doctor:run_doctor",
     "preprocess": "labkit.data.pipeline:preprocess",
+    "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
+    "load_bert": "labkit.pretrained:load_bert",
+    "embed": "labkit.pretrained:embed",
 }
 
 
