@@ -34,14 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-try:
-    from labkit.events import emit
-except ImportError:  # until labkit.events lands on this branch: deliver to the sink only
-    def emit(kind: str, sink: Callable | None = None, **fields: Any) -> dict:
-        event = {"kind": kind, "time": time.time(), **fields}
-        if sink is not None:
-            sink(event)
-        return event
+from labkit.events import emit
 from labkit.model import GPT, CheckpointError, GPTConfig, read_checked, write_checked
 
 SCALES = ("tiny", "binder", "workshop", "full")
