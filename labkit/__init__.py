@@ -20,6 +20,9 @@ _LAZY = {
     "run_doctor": "labkit.doctor:run_doctor",
     "GPT": "labkit.model:GPT",
     "GPTConfig": "labkit.model:GPTConfig",
+    "TrainConfig": "labkit.train:TrainConfig",
+    "train": "labkit.train:train",
+    "train_distributed": "labkit.train:train_distributed",
 }
 
 

@@ -44,10 +44,10 @@ CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.pt$")
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, max_steps=30,
                  warmup_steps=5, lr=3e-3, min_lr=3e-4, eval_interval=10, eval_iters=2,
-                 sample_tokens=24, checkpoint_interval=10),
+                 sample_tokens=24, checkpoint_interval=10, num_threads=1),
     "binder": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=300,
                    warmup_steps=30, lr=1e-3, min_lr=1e-4, eval_interval=50, eval_iters=10,
-                   sample_tokens=80, checkpoint_interval=100),
+                   sample_tokens=80, checkpoint_interval=100, num_threads=1),
     "workshop": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_steps=2000,
                      warmup_steps=100, lr=6e-4, min_lr=6e-5, eval_interval=200, eval_iters=20,
                      sample_tokens=200, checkpoint_interval=500),
@@ -216,6 +216,21 @@ def open_data(data_dir: str | os.PathLike) -> tuple[Any, Any]:
     except ShardError:
         val = train
     return train, val
+
+
+def ensure_shards(shards_dir: str | os.PathLike | None, fallback_dir: str | os.PathLike) -> tuple[Path, bool]:
+    """The shard folder to train on: ``shards_dir`` when it holds finished shards (e.g. from the
+    preprocessing notebook), else tiny shards built in ``fallback_dir`` (seconds, stdlib text).
+    Returns the folder and whether it was built now."""
+    if shards_dir is not None and (Path(shards_dir) / "meta.json").is_file():
+        return Path(shards_dir), False
+    fallback = Path(fallback_dir)
+    if (fallback / "meta.json").is_file():
+        return fallback, False
+    from labkit.data.shards import make_tiny_shards
+
+    make_tiny_shards(fallback)
+    return fallback, True
 
 
 def batch_rows(reader: Any, block_size: int, seed: int, step: int, rows: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,3 +547,17 @@ class TrainingRun:
 def start_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike, **kwargs: Any) -> TrainingRun:
     """``train_distributed`` without blocking: returns a ``TrainingRun`` at once."""
     return TrainingRun(lambda: train_distributed(client, config, data_dir, **kwargs))
+
+
+def throughput_sweep(client: Any, config: TrainConfig, data_dir: str | os.PathLike, worker_counts: list[int],
+                     **kwargs: Any) -> list[dict[str, float]]:
+    """Train briefly on 1, 2, ... workers (``worker_counts``) and report tokens/s and speed-up for each."""
+    rows: list[dict[str, float]] = []
+    for n in worker_counts:
+        res = train_distributed(client, config, data_dir, workers=n, **kwargs)
+        rows.append({"workers": n, "tokens_per_s": res.tokens_per_s, "effective_batch": res.effective_batch,
+                     "final_loss": res.losses[-1]})
+    base = rows[0]["tokens_per_s"] / rows[0]["workers"] if rows else 1.0
+    for r in rows:
+        r["speedup_vs_linear"] = r["tokens_per_s"] / (base * r["workers"])
+    return rows
