@@ -85,7 +85,10 @@ def effective_batch(fn: Callable[..., int]) -> Feedback:
     """Check ``fn(batch_size, grad_accum, world_size, block_size) -> tokens per optimizer step``."""
     rng = random.Random()
     for _ in range(5):
-        b, a, w, t = rng.randint(1, 64), rng.randint(1, 8), rng.randint(1, 16), rng.choice([64, 128, 256, 1024])
+        while True:  # distinct factors, so a missing one can be named without ambiguity
+            b, a, w, t = rng.randint(2, 48), rng.randint(2, 8), rng.randint(2, 16), rng.choice([64, 128, 256, 1024])
+            if len({b, a, w, t}) == 4:
+                break
         want = b * a * w * t
         try:
             have = fn(b, a, w, t)
