@@ -113,7 +113,7 @@ def test_background_run_does_not_block(client, shards):
 def test_lost_worker_is_named_then_resume_continues(client, shards, tmp_path):
     pids = client.run(os.getpid)
     rank1 = sorted(pids)[1]
-    config = cfg(max_steps=400, checkpoint_dir=str(tmp_path), checkpoint_interval=5, eval_interval=0)
+    config = cfg(max_steps=5000, checkpoint_dir=str(tmp_path), checkpoint_interval=5, eval_interval=0)
     rec = Recorder()
     sub = subscribe(client, rec, kinds=["checkpoint"])
     run = start_distributed(client, config, shards, timeout=20)
