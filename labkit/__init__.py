@@ -22,6 +22,11 @@ _LAZY = {
     "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
     "load_bert": "labkit.pretrained:load_bert",
     "embed": "labkit.pretrained:embed",
+    "GPT": "labkit.model:GPT",
+    "GPTConfig": "labkit.model:GPTConfig",
+    "TrainConfig": "labkit.train:TrainConfig",
+    "train": "labkit.train:train",
+    "train_distributed": "labkit.train:train_distributed",
 }
 
 
