@@ -18,6 +18,7 @@ _LAZY = {
     "get_profile": "labkit.config:get_profile",
     "get_scale": "labkit.config:get_scale",
     "run_doctor": "labkit.doctor:run_doctor",
+    "start_cluster": "labkit.cluster:start_cluster",
 }
 
 

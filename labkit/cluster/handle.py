@@ -1,0 +1,250 @@
+"""ClusterHandle: the one object a notebook holds: client, dashboard link, GPU map, scale, close."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from distributed import Client
+
+from ..config import Profile
+from . import slurmcli
+from .errors import ClusterError, ClusterTimeout
+from .session import Session
+from .tls import SessionCredentials
+
+TERMINAL = {"FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED", "GONE"}
+
+
+def _visible_gpus() -> list[str]:
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g for g in (cvd or "").split(",") if g.strip()]
+
+
+@dataclass
+class ClusterHandle:
+    """A running Dask cluster (local or Slurm) with its client; close it (or use ``with``) when done."""
+
+    cluster: Any
+    client: Client
+    profile: Profile
+    kind: str
+    session: Session
+    credentials: SessionCredentials | None = None
+    gpus_per_worker: int = 0
+    note: str = ""
+    say: Callable[[str], None] = print
+    target: int = 0
+    _closed: bool = field(default=False, repr=False)
+    _job_ids: set = field(default_factory=set, repr=False)
+    _keeper: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        atexit.register(self._atexit)
+        if self.kind == "slurm":
+            self._start_keeper()
+
+    # ------------------------------------------------------------------ inspect
+    @property
+    def address(self) -> str:
+        return self.cluster.scheduler_address
+
+    @property
+    def dashboard_port(self) -> int | None:
+        server = getattr(getattr(self.cluster, "scheduler", None), "http_server", None)
+        return getattr(server, "port", None)
+
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard URL: through jupyter-server-proxy on JupyterHub, else on 127.0.0.1."""
+        port = self.dashboard_port
+        if port is None:
+            return ""
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
+        if prefix:
+            return f"{prefix.rstrip('/')}/proxy/{port}/status"
+        return f"http://127.0.0.1:{port}/status"
+
+    def workers(self) -> dict[str, dict]:
+        """Worker address -> scheduler's info (name, nthreads, memory_limit, resources, metrics)."""
+        return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+
+    def gpu_map(self) -> dict[str, list[str]]:
+        """Worker name -> the GPU ids it sees (its CUDA_VISIBLE_DEVICES, as Slurm or labkit set it)."""
+        names = {addr: str(info.get("name", addr)) for addr, info in self.workers().items()}
+        seen = self.client.run(_visible_gpus)
+        return {names.get(addr, addr): ids for addr, ids in sorted(seen.items(), key=lambda kv: names.get(kv[0], kv[0]))}
+
+    def job_ids(self) -> list[str]:
+        """Slurm job ids of this cluster's current workers (empty for local)."""
+        ids = [str(getattr(w, "job_id", "") or "") for w in list(getattr(self.cluster, "workers", {}).values())]
+        ids = [i for i in ids if i]
+        self._job_ids.update(ids)
+        return ids
+
+    def jobs(self) -> list[slurmcli.JobInfo]:
+        """What squeue says about this session's jobs (state and reason), e.g. ``PENDING (Resources)``."""
+        if self.kind != "slurm":
+            return []
+        self.job_ids()
+        return [j for j in slurmcli.jobs(user=_user()) if j.name == self.session.job_name]
+
+    def pending(self) -> list[slurmcli.JobInfo]:
+        """Jobs not yet running, with their squeue reason."""
+        return [j for j in self.jobs() if j.state in ("PENDING", "CONFIGURING", "REQUEUED")]
+
+    def __repr__(self) -> str:
+        n = len(self.client.nthreads()) if not self._closed else 0
+        return (f"ClusterHandle({self.kind}, profile={self.profile.name!r}, workers={n}/{self.target}, "
+                f"address={self.address!r}, dashboard={self.dashboard_link!r})")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<pre>{html.escape(repr(self))}</pre>"
+
+    # ------------------------------------------------------------------ change
+    def scale(self, n: int, wait: bool = False, timeout: float | None = None) -> "ClusterHandle":
+        """Ask for ``n`` workers (Slurm: ``n`` jobs); with ``wait`` block until they joined."""
+        if n < 0:
+            raise ValueError(f"scale({n}): the number of workers must be >= 0")
+        self.target = n
+        self.cluster.scale(n)
+        if self.kind == "slurm":
+            self.cluster.sync(self.cluster._correct_state)  # sbatch errors surface here, not in a log
+            self.job_ids()
+        if wait:
+            self.wait(n, timeout)
+        return self
+
+    def wait(self, n: int | None = None, timeout: float | None = None) -> "ClusterHandle":
+        """Block until ``n`` workers joined, reporting pending jobs; on timeout cancel and raise ClusterTimeout."""
+        n = self.target if n is None else n
+        timeout = float(self.profile.start_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + timeout
+        last = ""
+        next_poll = 0.0
+        while True:
+            have = len(self.client.nthreads())
+            if have >= n:
+                return self
+            now = time.monotonic()
+            if self.kind == "slurm" and now >= next_poll:
+                next_poll = now + 2.0
+                jobs = self.jobs()
+                line = ", ".join(j.describe() for j in jobs) or "submitting"
+                if line != last:
+                    self.say(f"labkit: {have}/{n} workers; jobs: {line}")
+                    last = line
+                dead = self._dead_jobs(jobs)
+                if dead:
+                    self._fail(f"worker job(s) {', '.join(dead)} ended before their worker joined", jobs)
+            if now >= deadline:
+                jobs = self.jobs()
+                self._fail(f"only {have} of {n} workers joined within {timeout:.0f} s", jobs, timed_out=True)
+            time.sleep(0.25)
+
+    def _dead_jobs(self, jobs: list[slurmcli.JobInfo]) -> list[str]:
+        live = {j.job_id for j in jobs if j.state not in TERMINAL}
+        joined = {str(info.get("name")) for info in self.workers().values()}
+        dead = []
+        for name, w in list(getattr(self.cluster, "workers", {}).items()):
+            jid = str(getattr(w, "job_id", "") or "")
+            if jid and jid not in live and str(name) not in joined:
+                dead.append(jid)
+        return dead
+
+    def _fail(self, what: str, jobs: list[slurmcli.JobInfo], timed_out: bool = False) -> None:
+        states = "; ".join(j.describe() for j in jobs) or "no job left in squeue"
+        ids = sorted(set(self.job_ids()) | {j.job_id for j in jobs})
+        tails = self.log_tails(ids)
+        msg = (f"{what}. Jobs {', '.join(ids) or '(none)'}: {states}.\n"
+               + (tails or "No worker log yet (the jobs never started).")
+               + "\nThe jobs were cancelled. Fix: look at the reason above (squeue), ask for fewer resources, "
+               "another partition, or a longer start_cluster(timeout=...)")
+        self.close()
+        if timed_out:
+            raise ClusterTimeout(msg, jobs)
+        raise ClusterError(msg)
+
+    def log_tails(self, job_ids: list[str], lines: int = 15) -> str:
+        """The last lines of each job's worker log (stderr), for error messages."""
+        log_dir = Path(self.profile.log_directory or self.session.path / "logs")
+        out = []
+        for jid in job_ids:
+            for path in sorted(log_dir.glob(f"*-{jid}.err")):
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- worker log of job {jid} ({path.name}), last lines:\n" + "\n".join(text))
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ replacement of retired workers
+    def _start_keeper(self) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        def check() -> None:
+            c = self.cluster
+            if self._closed or getattr(c.status, "name", "") != "running":
+                return
+            if set(c.worker_spec) - set(c.workers):
+                c.loop.add_callback(c._correct_state)  # resubmit a job for each retired worker
+
+        self._keeper = PeriodicCallback(check, 2000)
+        self.cluster.loop.add_callback(self._keeper.start)
+
+    # ------------------------------------------------------------------ end
+    def close(self) -> None:
+        """Close client and cluster, cancel every job of this session, delete its keys and logs."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._keeper is not None:
+            try:
+                self.cluster.loop.add_callback(self._keeper.stop)
+            except Exception:
+                pass
+        ids = self.job_ids() if self.kind == "slurm" else []
+        for fn in (self.client.close, self.cluster.close):
+            try:
+                fn()
+            except Exception:
+                pass
+        if self.kind == "slurm":
+            self._cancel_all(ids)
+        if self.credentials is not None:
+            self.credentials.delete()
+        self.session.remove()
+        atexit.unregister(self._atexit)
+
+    def _cancel_all(self, ids: list[str]) -> None:
+        try:
+            slurmcli.cancel(sorted(set(ids) | self._job_ids))
+            slurmcli.run(["scancel", "--name", self.session.job_name, "-u", _user()], check=False)
+        except ClusterError:
+            pass
+
+    def _atexit(self) -> None:
+        if self._closed:
+            return
+        if self.kind == "slurm":
+            self._cancel_all(self.job_ids())
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "ClusterHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()

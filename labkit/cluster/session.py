@@ -1,0 +1,57 @@
+"""A session directory per cluster: private (0700), holding TLS files and worker logs; removed on close."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+TAG = "labkit"  # every job name starts with this; `labkit cleanup` finds jobs by it
+
+
+def state_root() -> Path:
+    """Where sessions live: ``$LABKIT_STATE_DIR`` or ``~/.cache/labkit`` (home is shared with compute nodes)."""
+    return Path(os.environ.get("LABKIT_STATE_DIR") or "~/.cache/labkit").expanduser() / "sessions"
+
+
+@dataclass
+class Session:
+    """Identity of one cluster: id, job-name tag, owner comment and private directory."""
+
+    sid: str
+    path: Path
+
+    @classmethod
+    def create(cls) -> "Session":
+        """A new session with a fresh 0700 directory."""
+        root = state_root()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+        sid = secrets.token_hex(4)
+        path = root / sid
+        path.mkdir(mode=0o700)
+        os.chmod(path, 0o700)
+        return cls(sid, path)
+
+    @property
+    def job_name(self) -> str:
+        """``labkit-<sid>``: the Slurm job name of every worker of this session."""
+        return f"{TAG}-{self.sid}"
+
+    @property
+    def owner_comment(self) -> str:
+        """``labkit:<host>:<pid>``: lets `labkit cleanup` tell a live owner from a dead one."""
+        return f"{TAG}:{socket.gethostname().split('.')[0]}:{os.getpid()}"
+
+    @property
+    def log_dir(self) -> Path:
+        d = self.path / "logs"
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d
+
+    def remove(self) -> None:
+        """Delete the directory and everything in it (keys, logs)."""
+        shutil.rmtree(self.path, ignore_errors=True)
