@@ -34,7 +34,9 @@ class Session:
         path = root / sid
         path.mkdir(mode=0o700)
         os.chmod(path, 0o700)
-        return cls(sid, path)
+        session = cls(sid, path)
+        (path / "owner").write_text(session.owner_comment)
+        return session
 
     @property
     def job_name(self) -> str:
@@ -52,6 +54,41 @@ class Session:
         d.mkdir(mode=0o700, exist_ok=True)
         return d
 
+    def owner_alive(self) -> bool | None:
+        """True/False when the owner ran on this host; None when it is unknown (other host)."""
+        text = (self.path / "owner").read_text() if (self.path / "owner").exists() else ""
+        return owner_alive(text)
+
     def remove(self) -> None:
         """Delete the directory and everything in it (keys, logs)."""
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def owner_alive(comment: str) -> bool | None:
+    """Whether the process named by a ``labkit:<host>:<pid>`` comment still runs (None: another host)."""
+    parts = comment.strip().split(":")
+    if len(parts) != 3 or parts[0] != TAG or not parts[2].isdigit():
+        return False
+    if parts[1] != socket.gethostname().split(".")[0]:
+        return None
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_sessions() -> list[Session]:
+    """Session directories on this host whose owner process is gone (e.g. a SIGKILLed kernel)."""
+    root = state_root()
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir():
+            s = Session(path.name, path)
+            if s.owner_alive() is False:
+                found.append(s)
+    return found

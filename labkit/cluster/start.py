@@ -11,7 +11,7 @@ from ..config import LabConfig, Profile, load_config
 from . import slurmcli
 from .errors import ClusterConfigError
 from .handle import ClusterHandle
-from .session import Session
+from .session import Session, stale_sessions
 from .tls import SessionCredentials
 
 
@@ -65,6 +65,8 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
         from .preflight import check_slurm_profile
 
         check_slurm_profile(prof, gpus)
+    for stale in stale_sessions():  # keys left by a killed kernel on this host
+        stale.remove()
     session = Session.create()
     creds = SessionCredentials.create(session.path / "tls") if prof.tls else None
     security = creds.security() if creds else None
