@@ -15,6 +15,7 @@ from ..config import Profile
 from . import slurmcli
 from .errors import ClusterError, ClusterTimeout
 from .session import Session
+from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
 TERMINAL = {"FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -97,6 +98,27 @@ class ClusterHandle:
     def pending(self) -> list[slurmcli.JobInfo]:
         """Jobs not yet running, with their squeue reason."""
         return [j for j in self.jobs() if j.state in ("PENDING", "CONFIGURING", "REQUEUED")]
+
+    def status(self, gpu_cache: dict[str, tuple[str, ...]] | None = None) -> ClusterStatus:
+        """A snapshot for panels: workers with GPUs, memory and tasks, plus pending jobs and reasons."""
+        if self._closed:
+            return ClusterStatus(self.kind, self.profile.name, "", "", self.target, closed=True)
+        info = self.workers()
+        cache = {} if gpu_cache is None else gpu_cache
+        missing = [a for a in info if a not in cache]
+        if missing:
+            cache.update({a: tuple(v) for a, v in self.client.run(_visible_gpus, workers=missing).items()})
+        rows = []
+        for addr, w in sorted(info.items(), key=lambda kv: str(kv[1].get("name"))):
+            m = w.get("metrics", {})
+            rows.append(WorkerRow(
+                name=str(w.get("name", addr)), address=addr, gpus=cache.get(addr, ()),
+                threads=int(w.get("nthreads", 0)), memory_used=int(m.get("memory", 0)),
+                memory_limit=int(w.get("memory_limit", 0) or 0), executing=int(m.get("executing", 0)),
+                ready=int(m.get("ready", 0)), in_memory=int(m.get("in_memory", 0)),
+            ))
+        pending = [j.describe() for j in self.pending()]
+        return ClusterStatus(self.kind, self.profile.name, self.address, self.dashboard_link, self.target, rows, pending)
 
     def __repr__(self) -> str:
         n = len(self.client.nthreads()) if not self._closed else 0

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from distributed import Client
 
-from ..config import LabConfig, Profile, load_config
+from ..config import ConfigError, LabConfig, Profile, load_config
 from . import slurmcli
 from .errors import ClusterConfigError
 from .handle import ClusterHandle
@@ -55,7 +55,10 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
     cfg = load_config()
     prof, reason = choose_profile(cfg, profile)
     if overrides:
-        prof = prof.replace(**overrides)
+        try:
+            prof = prof.replace(**overrides)
+        except ConfigError as exc:
+            raise ClusterConfigError(f"start_cluster({', '.join(f'{k}={v!r}' for k, v in overrides.items())}): {exc}") from exc
     n = prof.workers if workers is None else workers
     gpus = prof.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
     if n < 0 or gpus < 0:
