@@ -103,3 +103,14 @@ def test_lifetime_defaults_from_walltime():
     assert lifetime_args(prof.replace(walltime="00:10:00", lifetime_stagger=None)) == ["--lifetime", "540s"]
     assert lifetime_args(prof.replace(lifetime="20m", lifetime_stagger="1m")) == [
         "--lifetime", "20m", "--lifetime-stagger", "1m"]
+
+
+def test_gpu_task_checker(local_cluster):
+    from labkit.check.cluster import CheckFailed, check_gpu_task, show_solution, solution
+
+    assert "correct" in check_gpu_task(local_cluster, solution("gpu_task"))
+    assert "resources" in show_solution("gpu_task")
+    with pytest.raises(CheckFailed, match=r"resources=\{'GPU': 1\}"):
+        check_gpu_task(local_cluster, lambda client, fn: client.submit(fn, pure=False))
+    with pytest.raises(CheckFailed, match="not a Future"):
+        check_gpu_task(local_cluster, lambda client, fn: fn())
