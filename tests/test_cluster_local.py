@@ -114,3 +114,32 @@ def test_gpu_task_checker(local_cluster):
         check_gpu_task(local_cluster, lambda client, fn: client.submit(fn, pure=False))
     with pytest.raises(CheckFailed, match="not a Future"):
         check_gpu_task(local_cluster, lambda client, fn: fn())
+
+
+def test_sidebar_factory_through_dask_labextension():
+    """The JupyterLab Dask sidebar's own make_cluster builds, scales and closes a labkit cluster."""
+    import asyncio
+
+    import dask
+    import yaml
+    from dask_labextension.manager import make_cluster
+
+    from labkit.cluster.session import state_root
+    from labkit.cluster.sidebar import CONFIG_FILE
+
+    factory = yaml.safe_load(CONFIG_FILE.read_text())["labextension"]["factory"]
+
+    async def run():
+        with dask.config.set({"labextension.factory": factory}):
+            cluster, _ = await make_cluster({"workers": 1})
+        session_dir = state_root() / cluster.name.removeprefix("labkit-")
+        try:
+            while len(cluster.scheduler_info["workers"]) < 1:
+                await asyncio.sleep(0.1)
+            assert session_dir.is_dir() and cluster.dashboard_link
+        finally:
+            await cluster.close()
+        return session_dir
+
+    session_dir = asyncio.run(asyncio.wait_for(run(), 60))
+    assert not session_dir.exists()  # closing from the sidebar ends the session too

@@ -14,7 +14,7 @@ from distributed import Client
 from ..config import Profile
 from . import slurmcli
 from .errors import ClusterError, ClusterTimeout
-from .session import Session
+from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
@@ -43,12 +43,9 @@ class ClusterHandle:
     target: int = 0
     _closed: bool = field(default=False, repr=False)
     _job_ids: set = field(default_factory=set, repr=False)
-    _keeper: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         atexit.register(self._atexit)
-        if self.kind == "slurm":
-            self._start_keeper()
 
     # ------------------------------------------------------------------ inspect
     @property
@@ -204,56 +201,26 @@ class ClusterHandle:
                 out.append(f"--- worker log of job {jid} ({path.name}), last lines:\n" + "\n".join(text))
         return "\n".join(out)
 
-    # ------------------------------------------------------------------ replacement of retired workers
-    def _start_keeper(self) -> None:
-        from tornado.ioloop import PeriodicCallback
-
-        def check() -> None:
-            c = self.cluster
-            if self._closed or getattr(c.status, "name", "") != "running":
-                return
-            if set(c.worker_spec) - set(c.workers):
-                c.loop.add_callback(c._correct_state)  # resubmit a job for each retired worker
-
-        self._keeper = PeriodicCallback(check, 2000)
-        self.cluster.loop.add_callback(self._keeper.start)
-
     # ------------------------------------------------------------------ end
     def close(self) -> None:
         """Close client and cluster, cancel every job of this session, delete its keys and logs."""
         if self._closed:
             return
         self._closed = True
-        if self._keeper is not None:
-            try:
-                self.cluster.loop.add_callback(self._keeper.stop)
-            except Exception:
-                pass
         ids = self.job_ids() if self.kind == "slurm" else []
         for fn in (self.client.close, self.cluster.close):
             try:
                 fn()
             except Exception:
                 pass
-        if self.kind == "slurm":
-            self._cancel_all(ids)
-        if self.credentials is not None:
-            self.credentials.delete()
-        self.session.remove()
+        end_session(self.session, self.credentials, self.kind == "slurm", sorted(set(ids) | self._job_ids))
         atexit.unregister(self._atexit)
-
-    def _cancel_all(self, ids: list[str]) -> None:
-        try:
-            slurmcli.cancel(sorted(set(ids) | self._job_ids))
-            slurmcli.run(["scancel", "--name", self.session.job_name, "-u", _user()], check=False)
-        except ClusterError:
-            pass
 
     def _atexit(self) -> None:
         if self._closed:
             return
-        if self.kind == "slurm":
-            self._cancel_all(self.job_ids())
+        if self.kind == "slurm":  # first the jobs, in case closing the cluster hangs at exit
+            end_session(self.session, None, True, sorted(self._job_ids | set(self.job_ids())))
         try:
             self.close()
         except Exception:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
+from typing import Any, Callable
 
 import dask
 from distributed import LocalCluster, Nanny
@@ -32,10 +32,17 @@ def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
 class LabkitLocalCluster(LocalCluster):
     """LocalCluster whose new workers each take a free GPU slot (CUDA_VISIBLE_DEVICES + resource GPU)."""
 
+    on_close: Callable[[], None] | None = None
+
     def __init__(self, *args: Any, gpu_slots: list[str] | None = None, gpus_per_worker: int = 0, **kwargs: Any):
         self._gpu_slots = list(gpu_slots or [])
         self._gpus_per_worker = gpus_per_worker
         super().__init__(*args, **kwargs)
+
+    async def _close(self) -> None:
+        await super()._close()
+        if self.on_close is not None:
+            self.on_close()
 
     def new_worker_spec(self) -> dict[str, Any]:
         spec = super().new_worker_spec()
@@ -53,9 +60,9 @@ class LabkitLocalCluster(LocalCluster):
         return {name: {**body, "options": opts}}
 
 
-def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int,
-                        security: Any = None, name: str | None = None) -> tuple[LabkitLocalCluster, str]:
-    """Start a local cluster; returns it and a note on where its GPUs come from."""
+def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int, security: Any = None,
+                        name: str | None = None, asynchronous: bool = False) -> tuple[LabkitLocalCluster, str]:
+    """A local cluster with no workers yet (scale it), and a note on where its GPUs come from."""
     slots = local_gpu_ids()
     note = ""
     if gpus_per_worker > 0:
@@ -82,10 +89,8 @@ def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int,
         n_workers=0, threads_per_worker=profile.threads_per_worker, processes=True,
         memory_limit=memory_limit, dashboard_address=profile.dashboard_address or "127.0.0.1:0",
         host="127.0.0.1", worker_class=NonDaemonNanny, gpu_slots=slots, gpus_per_worker=gpus_per_worker,
-        worker_dashboard_address=None, name=name,
+        worker_dashboard_address=None, name=name, asynchronous=asynchronous,
     )
     if security is not None:
         kwargs.update(security=security, protocol="tls://")
-    cluster = LabkitLocalCluster(**kwargs)
-    cluster.scale(workers)
-    return cluster, note
+    return LabkitLocalCluster(**kwargs), note

@@ -92,3 +92,22 @@ def stale_sessions() -> list[Session]:
             if s.owner_alive() is False:
                 found.append(s)
     return found
+
+
+def end_session(session: Session, credentials: object | None, slurm: bool, job_ids: list[str] | tuple = ()) -> None:
+    """Cancel every job of the session (by id and by name tag), delete its keys and its directory."""
+    if slurm:
+        import getpass
+
+        from . import slurmcli
+        from .errors import ClusterError
+
+        try:
+            slurmcli.cancel(job_ids)
+            slurmcli.run(["scancel", "--name", session.job_name, "-u", getpass.getuser()], check=False)
+        except ClusterError:
+            pass
+    delete = getattr(credentials, "delete", None)
+    if delete is not None:
+        delete()
+    session.remove()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from dask_jobqueue.slurm import SLURMCluster, SLURMJob
 
@@ -26,9 +26,30 @@ class LabkitSLURMJob(SLURMJob):
 
 
 class LabkitSLURMCluster(SLURMCluster):
-    """SLURMCluster whose jobs use :class:`LabkitSLURMJob`."""
+    """SLURMCluster whose jobs use :class:`LabkitSLURMJob` and whose retired workers are replaced.
+
+    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it; every
+    2 s this cluster submits a new job for each worker it should have but does not.
+    ``on_close`` (if set) runs after the cluster closed: it cancels leftovers and deletes keys.
+    """
 
     job_cls = LabkitSLURMJob
+    on_close: Callable[[], None] | None = None
+
+    async def _start(self) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        self.periodic_callbacks["labkit-replace-retired"] = PeriodicCallback(self._replace_retired, 2000)
+        await super()._start()
+
+    def _replace_retired(self) -> None:
+        if self.status.name == "running" and set(self.worker_spec) - set(self.workers):
+            self.loop.add_callback(self._correct_state)
+
+    async def _close(self) -> None:
+        await super()._close()
+        if self.on_close is not None:
+            self.on_close()
 
 
 def _seconds_text(seconds: int) -> str:

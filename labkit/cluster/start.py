@@ -83,6 +83,7 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
             from .local import build_local_cluster
 
             cluster, note = build_local_cluster(prof, n, gpus, security=security, name=session.job_name)
+            cluster.scale(n)
         client = Client(cluster, security=security) if security else Client(cluster)
     except BaseException:
         if creds:
