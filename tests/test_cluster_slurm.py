@@ -173,16 +173,39 @@ HOLDER = textwrap.dedent("""
     from labkit.cluster import start_cluster
     if __name__ == "__main__":
         h = start_cluster("slurm", workers=2, gpus_per_worker=0, timeout=120)
-        print("NAME", h.session.job_name, flush=True)
+        print("NAME", h.session.job_name, h.session.path, flush=True)
+        if sys.argv[1] == "exit":
+            sys.exit(0)  # no close(): atexit must cancel the jobs
         time.sleep(600)
 """)
+
+
+def test_normal_exit_without_close_cancels_jobs(slurm, tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    r = subprocess.run([sys.executable, str(script), "exit"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    name, path = [line.split()[1:3] for line in r.stdout.splitlines() if line.startswith("NAME ")][0]
+    assert _session_jobs(name) == [], "atexit left jobs behind"
+    assert not os.path.exists(path), "atexit left the session's keys behind"
+
+
+def test_job_dying_at_start_fails_fast_with_log(slurm):
+    from labkit.cluster import ClusterError
+
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError) as err:
+        start_cluster("slurm", workers=1, gpus_per_worker=0, timeout=120, say=lambda s: None,
+                      prologue=["echo 'module cuda/99 not found' >&2", "exit 3"])
+    assert time.monotonic() - t0 < 60
+    assert "ended before their worker joined" in str(err.value) and "module cuda/99 not found" in str(err.value)
 
 
 def test_sigkilled_holder_leaves_no_jobs(slurm, tmp_path):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), "hold"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         name = None
         for line in proc.stdout:

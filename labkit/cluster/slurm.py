@@ -101,7 +101,7 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
         directives.append(f"--mem-per-gpu={max(1, per_gpu // 2**20)}M")
         skip.append("--mem")
     directives += list(profile.job_extra)
-    worker_args = ["--no-dashboard"] + lifetime_args(profile)
+    worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
     if gpus_per_worker > 0:
         worker_args += ["--resources", f"GPU={gpus_per_worker}"]
     scheduler_options = {"dashboard_address": profile.dashboard_address or "127.0.0.1:0"}
