@@ -65,8 +65,9 @@ import time
 
 cluster.scale(workers + 1)
 time.sleep(3)
-print(cluster.status().text())
+snapshot = cluster.status()
 cluster.scale(workers)
+print(snapshot.text())
 
 # %% [markdown]
 # ## Exercise: a task that needs a GPU
