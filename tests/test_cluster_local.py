@@ -27,7 +27,8 @@ def test_local_fake_gpu_slots_and_gpu_task(local_cluster):
     assert cvd in ("0", "1")
     h.scale(3, wait=True, timeout=60)  # a third worker finds no free slot: no GPU resource, no CUDA id
     assert sorted(len(v) for v in h.gpu_map().values()) == [0, 1, 1]
-    h.scale(2, wait=False)
+    h.scale(2, wait=True)
+    assert len(h.client.nthreads()) == 2
 
 
 def test_local_workers_may_start_processes(local_cluster):

@@ -139,6 +139,9 @@ class ClusterHandle:
             self.job_ids()
         if wait:
             self.wait(n, timeout)
+            deadline = time.monotonic() + 30
+            while len(self.client.nthreads()) > n and time.monotonic() < deadline:  # shrinking: retirements
+                time.sleep(0.1)
         return self
 
     def wait(self, n: int | None = None, timeout: float | None = None) -> "ClusterHandle":

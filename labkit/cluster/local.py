@@ -66,7 +66,7 @@ def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int, se
     slots = local_gpu_ids()
     note = ""
     if gpus_per_worker > 0:
-        need = workers * gpus_per_worker
+        need = (workers or profile.workers) * gpus_per_worker  # the sidebar starts with 0 workers
         if len(slots) >= need:
             note = f"GPUs {','.join(slots[:need])} of this machine, {gpus_per_worker} per worker"
         elif profile.fake_gpus:

@@ -19,11 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_config
 from .errors import ClusterConfigError
-from .session import Session, end_session, stale_sessions
-from .start import choose_profile
-from .tls import SessionCredentials
+from .session import end_session
+from .start import build_cluster, resolve_profile
 
 CONFIG_FILE = Path(__file__).parent.parent / "profiles" / "labextension.yaml"
 
@@ -32,28 +30,7 @@ def LabkitCluster(*args: Any, asynchronous: bool = True, profile: str | None = N
     """A not-yet-started labkit cluster (LocalCluster or SLURMCluster) for the sidebar to await and scale."""
     if args:
         raise ClusterConfigError(f"LabkitCluster takes keyword arguments only (profile keys), not {args!r}")
-    prof, _reason = choose_profile(load_config(), profile)
-    try:
-        prof = prof.replace(**overrides) if overrides else prof
-    except ConfigError as exc:
-        raise ClusterConfigError(f"labextension.factory.kwargs: {exc}") from exc
-    gpus = prof.gpus_per_worker
-    if prof.kind == "slurm":
-        from .preflight import check_slurm_profile
-
-        check_slurm_profile(prof, gpus)
-    for stale in stale_sessions():
-        stale.remove()
-    session = Session.create()
-    creds = SessionCredentials.create(session.path / "tls") if prof.tls else None
-    if prof.kind == "slurm":
-        from .slurm import build_slurm_cluster
-
-        cluster = build_slurm_cluster(prof, session, creds, gpus, asynchronous=asynchronous)
-    else:
-        from .local import build_local_cluster
-
-        cluster, _note = build_local_cluster(prof, 0, gpus, security=creds.security() if creds else None,
-                                             name=session.job_name, asynchronous=asynchronous)
+    prof, _reason = resolve_profile(profile, overrides, caller="labextension.factory.kwargs")
+    cluster, session, creds, _note = build_cluster(prof, 0, prof.gpus_per_worker, asynchronous=asynchronous)
     cluster.on_close = lambda: end_session(session, creds, prof.kind == "slurm")
     return cluster

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 from distributed import Client
@@ -11,7 +10,7 @@ from ..config import ConfigError, LabConfig, Profile, load_config
 from . import slurmcli
 from .errors import ClusterConfigError
 from .handle import ClusterHandle
-from .session import Session, stale_sessions
+from .session import Session, end_session, stale_sessions
 from .tls import SessionCredentials
 
 
@@ -43,6 +42,44 @@ def choose_profile(cfg: LabConfig, requested: str | None) -> tuple[Profile, str]
     return cfg.profile("local"), f"auto: Slurm profile {slurm_names[0]!r} configured but {why}, so local"
 
 
+def resolve_profile(profile: str | None, overrides: dict[str, Any], caller: str = "start_cluster") -> tuple[Profile, str]:
+    """The chosen profile with overrides applied (validated like a file), and why it was chosen."""
+    prof, reason = choose_profile(load_config(), profile)
+    if overrides:
+        try:
+            prof = prof.replace(**overrides)
+        except ConfigError as exc:
+            raise ClusterConfigError(f"{caller}({', '.join(f'{k}={v!r}' for k, v in overrides.items())}): {exc}") from exc
+    return prof, reason
+
+
+def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = False) -> tuple[Any, Session, Any, str]:
+    """Pre-flight, a fresh session (keys, logs) and the cluster object (no Slurm job yet, no local worker)."""
+    if prof.kind == "slurm":
+        from .preflight import check_slurm_profile
+
+        check_slurm_profile(prof, gpus)
+    for stale in stale_sessions():  # keys left by a killed kernel on this host
+        stale.remove()
+    session = Session.create()
+    creds = SessionCredentials.create(session.path / "tls") if prof.tls else None
+    try:
+        if prof.kind == "slurm":
+            from .slurm import build_slurm_cluster
+
+            cluster = build_slurm_cluster(prof, session, creds, gpus, asynchronous=asynchronous)
+            note = f"{gpus} GPU(s) per worker via --gres=gpu:{gpus}" if gpus else "no GPUs"
+        else:
+            from .local import build_local_cluster
+
+            cluster, note = build_local_cluster(prof, workers, gpus, security=creds.security() if creds else None,
+                                                name=session.job_name, asynchronous=asynchronous)
+    except BaseException:
+        end_session(session, creds, slurm=False)
+        raise
+    return cluster, session, creds, note
+
+
 def start_cluster(profile: str | None = None, workers: int | None = None, gpus_per_worker: int | None = None,
                   wait: bool = True, timeout: float | None = None, *, say: Callable[[str], None] = print,
                   **overrides: Any) -> ClusterHandle:
@@ -52,51 +89,25 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
     ``job_extra=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
     and raises ClusterTimeout (jobs cancelled) after ``timeout`` seconds.
     """
-    cfg = load_config()
-    prof, reason = choose_profile(cfg, profile)
-    if overrides:
-        try:
-            prof = prof.replace(**overrides)
-        except ConfigError as exc:
-            raise ClusterConfigError(f"start_cluster({', '.join(f'{k}={v!r}' for k, v in overrides.items())}): {exc}") from exc
+    prof, reason = resolve_profile(profile, overrides)
     n = prof.workers if workers is None else workers
     gpus = prof.gpus_per_worker if gpus_per_worker is None else gpus_per_worker
     if n < 0 or gpus < 0:
         raise ClusterConfigError(f"workers={n}, gpus_per_worker={gpus}: both must be >= 0")
     say(f"labkit: starting a {prof.kind} cluster with profile {prof.name!r} ({reason})")
-    if prof.kind == "slurm":
-        from .preflight import check_slurm_profile
-
-        check_slurm_profile(prof, gpus)
-    for stale in stale_sessions():  # keys left by a killed kernel on this host
-        stale.remove()
-    session = Session.create()
-    creds = SessionCredentials.create(session.path / "tls") if prof.tls else None
-    security = creds.security() if creds else None
+    cluster, session, creds, note = build_cluster(prof, n, gpus)
     try:
-        if prof.kind == "slurm":
-            from .slurm import build_slurm_cluster
-
-            cluster = build_slurm_cluster(prof, session, creds, gpus)
-            note = f"{gpus} GPU(s) per worker via --gres=gpu:{gpus}" if gpus else "no GPUs"
-        else:
-            from .local import build_local_cluster
-
-            cluster, note = build_local_cluster(prof, n, gpus, security=security, name=session.job_name)
-            cluster.scale(n)
-        client = Client(cluster, security=security) if security else Client(cluster)
+        client = Client(cluster, security=creds.security()) if creds else Client(cluster)
     except BaseException:
-        if creds:
-            creds.delete()
-        session.remove()
+        cluster.close()
+        end_session(session, creds, slurm=False)
         raise
     handle = ClusterHandle(cluster=cluster, client=client, profile=prof, kind=prof.kind, session=session,
                            credentials=creds, gpus_per_worker=gpus, note=note, say=say, target=n)
     if note:
         say(f"labkit: GPUs: {note}")
     try:
-        if prof.kind == "slurm":
-            handle.scale(n)
+        handle.scale(n)
         if wait:
             handle.wait(n, timeout)
     except BaseException:
@@ -104,5 +115,3 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
         raise
     say(f"labkit: {len(client.nthreads())} worker(s) ready at {handle.address}; dashboard {handle.dashboard_link}")
     return handle
-
-
