@@ -56,9 +56,11 @@ def resolve_profile(profile: str | None, overrides: dict[str, Any], caller: str 
 def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = False) -> tuple[Any, Session, Any, str]:
     """Pre-flight, a fresh session (keys, logs) and the cluster object (no Slurm job yet, no local worker)."""
     if prof.kind == "slurm":
+        from .cleanup import cleanup
         from .preflight import check_slurm_profile
 
         check_slurm_profile(prof, gpus)
+        cleanup()  # jobs a killed kernel left queued (running ones end by themselves): cancel them now
     for stale in stale_sessions():  # keys left by a killed kernel on this host
         stale.remove()
     session = Session.create()
