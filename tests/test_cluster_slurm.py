@@ -147,10 +147,11 @@ def test_pending_job_reported_and_timeout_carries_reason(slurm):
 @pytest.mark.parametrize("overrides, needle", [
     ({"partition": "nosuch"}, "valid partitions: cpu, gpu"),
     ({"partition": "cpu"}, "has no GPU GRES"),
-    ({"gpus_per_worker": 3}, "at most 2"),
+    ({"gpus_per_worker": 3}, "at most 2"),  # scripts/local-slurm.sh: 2 GPUs per node
     ({"walltime": "ten minutes"}, "walltime"),
     ({"memory": "lots"}, "memory"),
     ({"require_account": True}, "requires a Slurm account"),
+    ({"cores": 4096}, "CPUs; ask cores<="),
 ])
 def test_bad_config_fails_fast(slurm, overrides, needle):
     t0 = time.monotonic()

@@ -1,7 +1,7 @@
 """The cluster layer: ``start_cluster`` gives a local or Slurm Dask cluster behind one handle.
 
 Modules: ``start`` (profile choice, start-up), ``handle`` (ClusterHandle), ``local`` (LocalCluster),
-``slurm`` (dask-jobqueue SLURMCluster), ``preflight`` (fail-fast checks), ``tls`` (per-session
+``slurm`` (dask-jobqueue SLURMCluster), ``preflight`` (fail-fast checks), ``status`` (snapshots for panels), ``tls`` (per-session
 credentials), ``session`` (private directory, job-name tag), ``slurmcli`` (squeue/scancel),
 ``cleanup`` (``labkit cleanup``), ``sidebar`` (the dask-labextension factory).
 """

@@ -18,6 +18,7 @@ class Partition:
     state: str = "UP"
     nodes: list[str] = field(default_factory=list)
     gpus_per_node: dict[str, int] = field(default_factory=dict)
+    cpus_per_node: dict[str, int] = field(default_factory=dict)
 
     @property
     def max_gpus_per_node(self) -> int:
@@ -58,6 +59,8 @@ def partitions(timeout: float = 8.0) -> dict[str, Partition]:
             if p in parts:
                 parts[p].nodes.append(f["NodeName"])
                 parts[p].gpus_per_node[f["NodeName"]] = gres_gpus(f.get("Gres", ""))
+                cpus = f.get("CPUTot", "0")
+                parts[p].cpus_per_node[f["NodeName"]] = int(cpus) if cpus.isdigit() else 0
     return parts
 
 
@@ -95,6 +98,14 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
             raise ClusterConfigError(f"{where}: no partition given and Slurm has no default one; set 'partition:' "
                                      f"(valid: {', '.join(sorted(parts))})")
         part = defaults[0]
+    if part.state != "UP":
+        up = sorted(p.name for p in parts.values() if p.state == "UP")
+        raise ClusterConfigError(f"{where}: partition {part.name!r} is {part.state}, so jobs there would not start; "
+                                 f"use another one ({', '.join(up) or 'none is UP'}) or ask your admins")
+    max_cpus = max(part.cpus_per_node.values(), default=0)
+    if part.nodes and profile.cores > max_cpus:
+        raise ClusterConfigError(f"{where}: cores={profile.cores} per worker, but the nodes of partition {part.name!r} "
+                                 f"have at most {max_cpus} CPUs; ask cores<={max_cpus}")
     if gpus_per_worker > 0:
         gpu_parts = sorted(f"{p.name} ({p.max_gpus_per_node}/node)" for p in parts.values() if p.max_gpus_per_node)
         if part.max_gpus_per_node == 0:
