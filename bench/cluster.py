@@ -10,9 +10,11 @@ per-session keys, pending-job reporting and its job-name tag. Goal: labkit / raw
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -32,10 +34,12 @@ def time_raw(workers: int, gpus: int, profile) -> float:
     from distributed import Client
 
     extra = [f"--gres=gpu:{gpus}"] if gpus else []
+    logs = tempfile.mkdtemp(prefix="labkit-bench-raw-")
     t0 = time.perf_counter()
     cluster = SLURMCluster(queue=profile.partition, cores=profile.cores, processes=1, memory=profile.memory,
                            walltime=profile.walltime, job_name="labkit-bench-raw", job_extra_directives=extra,
-                           scheduler_options={"dashboard_address": "127.0.0.1:0"}, python=sys.executable)
+                           scheduler_options={"dashboard_address": "127.0.0.1:0"}, python=sys.executable,
+                           log_directory=logs)
     cluster.scale(workers)
     client = Client(cluster)
     client.wait_for_workers(workers, timeout=300)
@@ -43,6 +47,7 @@ def time_raw(workers: int, gpus: int, profile) -> float:
     client.close()
     cluster.close()
     _wait_gone("labkit-bench-raw")
+    shutil.rmtree(logs, ignore_errors=True)
     return took
 
 

@@ -232,7 +232,7 @@ def test_cleanup_cancels_only_stale_jobs(slurm):
     ids = {}
     for who, pid in (("stale", dead.pid), ("live", os.getpid())):
         out = subprocess.run(["sbatch", "--parsable", "-p", "gpu", "-J", f"labkit-{'de' if who == 'stale' else 'ad'}adbeef",
-                              f"--comment=labkit:{host}:{pid}", "-t", "2", "--mem=10M", "--wrap", "sleep 120"],
+                              f"--comment=labkit:{host}:{pid}", "-t", "2", "--mem=10M", "-o", "/dev/null", "--wrap", "sleep 120"],
                              capture_output=True, text=True, timeout=15, check=True)
         ids[who] = out.stdout.strip().split(";")[0]
     try:
@@ -274,7 +274,7 @@ def test_start_cancels_jobs_a_killed_kernel_left_queued(slurm):
     dead.wait()
     host = os.uname().nodename.split(".")[0]
     out = subprocess.run(["sbatch", "--parsable", "-p", "gpu", "-J", "labkit-0dead0ed", "--begin=now+1hour",
-                          f"--comment=labkit:{host}:{dead.pid}", "-t", "2", "--mem=10M", "--wrap", "sleep 1"],
+                          f"--comment=labkit:{host}:{dead.pid}", "-t", "2", "--mem=10M", "-o", "/dev/null", "--wrap", "sleep 1"],
                          capture_output=True, text=True, timeout=15, check=True)
     jid = out.stdout.strip().split(";")[0]
     try:
