@@ -152,6 +152,8 @@ def test_pending_job_reported_and_timeout_carries_reason(slurm):
     ({"memory": "lots"}, "memory"),
     ({"require_account": True}, "requires a Slurm account"),
     ({"cores": 4096}, "CPUs; ask cores<="),
+    ({"lifetime": "soon"}, "cannot read lifetime"),
+    ({"lifetime": "59m", "walltime": "01:00:00"}, "reaches the walltime"),
 ])
 def test_bad_config_fails_fast(slurm, overrides, needle):
     t0 = time.monotonic()

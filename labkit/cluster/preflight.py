@@ -79,6 +79,7 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
             parse_memory(profile.memory)
     except ConfigError as exc:
         raise ClusterConfigError(f"{where}: {exc}") from exc
+    _check_lifetime(profile, where)
     if profile.require_account and not profile.account:
         raise ClusterConfigError(
             f"{where}: this site requires a Slurm account; pass start_cluster(account='<project>') or set "
@@ -119,3 +120,26 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
                 f"{part.max_gpus_per_node}; ask gpus_per_worker<={part.max_gpus_per_node} (more workers instead)"
             )
     return part
+
+
+def _check_lifetime(profile: Profile, where: str) -> None:
+    """A worker lifetime must read as a duration and end (with its stagger) before the walltime."""
+    from .slurm import parse_walltime_like
+
+    def seconds(key: str) -> int:
+        value = getattr(profile, key)
+        if not value:
+            return 0
+        try:
+            return parse_walltime_like(value)
+        except (ValueError, KeyError, ConfigError) as exc:
+            raise ClusterConfigError(f"{where}: cannot read {key}={value!r} as a duration; write it like '55m', "
+                                     "'3300s' or '00:55:00'") from exc
+
+    lifetime, stagger = seconds("lifetime"), seconds("lifetime_stagger")
+    if lifetime and profile.walltime and lifetime + stagger >= parse_walltime(profile.walltime):
+        raise ClusterConfigError(
+            f"{where}: lifetime {profile.lifetime} + stagger {profile.lifetime_stagger} reaches the walltime "
+            f"{profile.walltime}, so Slurm would kill workers before they retire; shorten lifetime or leave it "
+            "null (labkit then retires workers 5 minutes before walltime)"
+        )
