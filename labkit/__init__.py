@@ -27,6 +27,7 @@ _LAZY = {
     "TrainConfig": "labkit.train:TrainConfig",
     "train": "labkit.train:train",
     "train_distributed": "labkit.train:train_distributed",
+    "start_cluster": "labkit.cluster:start_cluster",
 }
 
 
