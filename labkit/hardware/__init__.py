@@ -25,9 +25,12 @@ from labkit.hardware.estimate import (
     training_flops,
     training_memory,
 )
+from labkit.hardware.inspect import GPUInfo, WorkerHardware, inspect_cluster, probe
+from labkit.hardware.measure import ClusterMeasurement, MeasureConfig, measure_cluster
 
 __all__ = [
     "Accelerator", "HardwareLookupError", "Network", "catalog", "gpu", "network", "networks", "normalize_dtype",
     "EstimateError", "GPTConfig", "allreduce_time", "count_params", "energy", "estimate_training",
     "gradient_sync", "inference_memory", "plan_run", "storage", "training_flops", "training_memory",
+    "GPUInfo", "WorkerHardware", "inspect_cluster", "probe", "ClusterMeasurement", "MeasureConfig", "measure_cluster",
 ]
