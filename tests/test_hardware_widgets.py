@@ -1,0 +1,66 @@
+"""Hardware views: tables in text and HTML, charts against the catalog, the live estimator panel."""
+
+import pytest
+
+from labkit.hardware.inspect import probe
+from labkit.hardware.measure import AllReducePoint, BandwidthResult, ClusterMeasurement, DeviceBench, MatmulResult, MeasureConfig
+from labkit.widgets.hardware import (
+    EstimatorPanel,
+    busbw_figure,
+    catalog_table,
+    hardware_table,
+    measurement_table,
+    roofline_figure,
+)
+
+
+def _bench(worker="tcp://w1"):
+    return DeviceBench(worker, "vm", "cpu", "AMD EPYC", 1,
+                       (MatmulResult("fp32", 256, 2 * 256**3 / 50e9), MatmulResult("bf16", 256, 2 * 256**3 / 20e9)),
+                       BandwidthResult("device copy", 1 << 24, (1 << 25) / 10e9, moved_factor=2))
+
+
+def test_tables_text_and_html(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    t = hardware_table([probe()])
+    text, page = str(t), t._repr_html_()
+    assert "Slurm job" in text and "77" in text and "<table>" in page and "77" in page
+    assert "H100-SXM5-80GB" in str(catalog_table()) and "989.4" in str(catalog_table(["H100-SXM"]))
+    m = ClusterMeasurement([_bench()], [], MeasureConfig(), 1.0)
+    mt = str(measurement_table(m, peaks={"fp32": 100e9}))
+    assert "50.0 (50%)" in mt and "20.0" in mt and "10.0" in mt
+
+
+def test_roofline_and_busbw_charts():
+    fig = roofline_figure([_bench()], gpus=("A100-80GB", "H100-SXM"), local_peaks={"fp32": 2e11})
+    names = [t.name for t in fig.data]
+    assert names[0].startswith("A100-SXM4-80GB") and any("measured" in n for n in names) and len(names) == 5
+    a100 = fig.data[0]
+    assert max(a100.y) == pytest.approx(312e12) and a100.y[0] == pytest.approx(a100.x[0] * 2039e9)
+    pts = [AllReducePoint(1024 * 4**i, 1e-4 + 1024 * 4**i / 1e9, 2, "gloo") for i in range(6)]
+    fig = busbw_figure(pts, nets=("IB-NDR-400",), nvlink_of="H100-SXM")
+    assert fig.data[0].y[-1] > fig.data[0].y[0]                 # bandwidth grows with message size
+    assert len(fig.layout.shapes) == 2                           # NDR and NVLink reference lines
+    assert "model" in fig.data[1].name
+
+
+def test_estimator_panel_text_mode_follows_set():
+    p = EstimatorPanel(mode="text")
+    assert p.widget is None and p.plan.memory.fits
+    plan = p.set(model="gpt3-175b", n_gpus=8, zero_stage=0)
+    assert plan.memory.fits is False and "does NOT fit" in str(p)
+    plan = p.set(n_gpus=1024, zero_stage=3, checkpointing=True, micro_batch=1)
+    assert plan.memory.fits and plan.time.n_gpus == 1024
+    with pytest.raises(TypeError, match="valid: model"):
+        p.set(gpus=8)
+
+
+def test_estimator_panel_widgets_update_live():
+    p = EstimatorPanel(mode="widget")
+    before = p.plan.time.days
+    p._controls["n_gpus"].value = 64            # as if the learner picked 64 GPUs
+    assert p.plan.time.n_gpus == 64 and p.plan.time.days == pytest.approx(before * 8 / 64)
+    assert "64 x" in p._summary.value
+    p.set(gpu="H100-SXM")
+    assert p._controls["gpu"].value == "H100-SXM5-80GB" and p.plan.time.gpu == "H100-SXM5-80GB"
+    assert len(p._fig.data) == 4                # weights, gradients, optimizer, activations
