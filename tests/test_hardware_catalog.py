@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from labkit.hardware import HardwareLookupError, catalog, gpu, network, networks, normalize_dtype
-from labkit.hardware.catalog import CATALOG_FILE
+from labkit.hardware.catalog import CATALOG_FILE, match_device
 
 REQUIRED = ["V100", "A100-40GB", "A100-80GB", "H100-SXM", "H100-PCIe", "H200", "L40S", "MI250X", "MI300X", "CPU"]
 
@@ -79,3 +79,14 @@ def test_dtype_aliases_and_roofline_ridge():
     assert a100.link_bw == 300e9                # per direction: half of NVLink's 600 GB/s total
     assert gpu("L40S").link_bw == 32e9          # no NVLink: PCIe Gen4 x16, per direction
     assert len(networks()) >= 5 and {n.kind for n in networks()} >= {"InfiniBand", "Ethernet/RoCE v2"}
+
+
+def test_match_device_names_torch_reports():
+    assert match_device("NVIDIA H100 80GB HBM3").name == "H100-SXM5-80GB"
+    assert match_device("NVIDIA H100 PCIe", 80e9).name == "H100-PCIe-80GB"
+    assert match_device("NVIDIA A100-SXM4-40GB", 40 * 2**30).name == "A100-SXM4-40GB"
+    assert match_device("NVIDIA A100-SXM4-80GB", 80 * 2**30).name == "A100-SXM4-80GB"
+    assert match_device("NVIDIA H200", 141e9).name == "H200-SXM-141GB"
+    assert match_device("AMD Instinct MI300X").name == "MI300X"
+    assert match_device("Tesla V100-SXM2-32GB").name == "V100-SXM2-32GB"
+    assert match_device("NVIDIA GeForce RTX 4090") is None

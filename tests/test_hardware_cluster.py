@@ -1,5 +1,6 @@
 """Inspect and measure a live cluster: a real LocalCluster of worker processes, and the real local Slurm."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from labkit.hardware.measure import (
     host_device_bandwidth,
     measure_cluster,
     median_time,
+    peaks_for,
     pick_device,
     ratios,
     supported_dtypes,
@@ -93,6 +95,11 @@ def test_median_and_flop_arithmetic():
     assert r.copy.bytes_per_s == pytest.approx(2 * 4096 / r.copy.seconds)
     assert ratios(r, {"fp32": mm.flops_per_s * 4}, memory_bw=r.copy.bytes_per_s * 2) == pytest.approx(
         {"fp32": 0.25, "memory": 0.5})
+    peaks, bw, label = peaks_for(r)
+    assert "estimated" in label and bw is None and peaks["fp32"] > 0
+    gpu_like = dataclasses.replace(r, device="cuda:0", device_name="NVIDIA A100-SXM4-80GB", device_memory_bytes=80 * 2**30)
+    peaks, bw, label = peaks_for(gpu_like)
+    assert peaks["bf16"] == 312e12 and bw == 2039e9 and label.startswith("A100-SXM4-80GB")
 
 
 def test_cuda_path_as_far_as_it_goes(monkeypatch):

@@ -164,3 +164,19 @@ def gpu(name: str | Accelerator) -> Accelerator:
 def network(name: str | Network) -> Network:
     """The network called ``name`` ("IB-NDR-400", "ndr", "RoCE-100"); error lists valid names."""
     return _find(networks(), name, "network")
+
+
+def match_device(device_name: str, memory_bytes: float | None = None) -> Accelerator | None:
+    """The catalog entry for a device torch reports ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"):
+    the model number must appear in the name; PCIe vs SXM and memory size break ties. None when unknown."""
+    text = _key(device_name)
+    found = [a for a in catalog() if a.vendor != "generic" and _key(a.name.split("-")[0]) in text]
+    if not found:
+        return None
+    if "pcie" in text:
+        found = [a for a in found if "pcie" in _key(a.name)] or found
+    else:
+        found = [a for a in found if "pcie" not in _key(a.name)] or found
+    if memory_bytes:
+        found.sort(key=lambda a: abs(a.memory_bytes - memory_bytes))
+    return found[0]

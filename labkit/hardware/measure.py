@@ -171,6 +171,7 @@ class DeviceBench:
     device_to_host: BandwidthResult | None = None
     seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    device_memory_bytes: int | None = None
 
     def best_flops(self) -> float:
         return max(m.flops_per_s for m in self.matmul)
@@ -286,6 +287,7 @@ def bench_device(config: MeasureConfig, device: str | None = None, dask_worker: 
     device = device or pick_device()
     cuda = device.startswith("cuda")
     name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    memory = int(torch.cuda.get_device_properties(device).total_memory) if cuda else None
     dtypes = config.dtypes or supported_dtypes(device)
     notes = []
     results = []
@@ -302,7 +304,7 @@ def bench_device(config: MeasureConfig, device: str | None = None, dask_worker: 
         notes.append("no CUDA device: host<->device bandwidth not measured")
     worker = getattr(dask_worker, "address", "") if dask_worker is not None else ""
     return DeviceBench(worker, socket.gethostname(), device, name, torch.get_num_threads(), tuple(results),
-                       copy, h2d, d2h, time.perf_counter() - start, tuple(notes))
+                       copy, h2d, d2h, time.perf_counter() - start, tuple(notes), memory)
 
 
 def _cpu_name() -> str:
@@ -413,6 +415,19 @@ def _cpuinfo() -> tuple[float, set[str]]:
     except OSError:
         pass
     return ghz, flags
+
+
+def peaks_for(bench: DeviceBench) -> tuple[dict[str, float], float | None, str]:
+    """What to compare a worker's measurements with: (peak FLOP/s per dtype, memory bytes/s or None, label).
+    A GPU found in the catalog gives its datasheet peaks; a CPU its flag-based estimate for its threads."""
+    from labkit.hardware.catalog import match_device
+
+    if bench.device.startswith("cuda"):
+        acc = match_device(bench.device_name, bench.device_memory_bytes)
+        if acc is None:
+            return {}, None, f"{bench.device_name}: not in the catalog"
+        return {dt: acc.peak_flops(dt) for dt in acc.dtypes}, acc.memory_bw, f"{acc.name} datasheet"
+    return cpu_peak_flops(cores=bench.threads), None, f"estimated peak of {bench.threads} CPU thread(s)"
 
 
 def ratios(bench: DeviceBench, peaks: dict[str, float], memory_bw: float | None = None) -> dict[str, float]:
