@@ -55,8 +55,9 @@ def test_estimator_panel_text_mode_follows_set():
         p.set(gpus=8)
 
 
-def test_estimator_panel_widgets_update_live():
-    p = EstimatorPanel(mode="widget")
+@pytest.mark.parametrize("figure_widget", [False, True])
+def test_estimator_panel_widgets_update_live(figure_widget):
+    p = EstimatorPanel(mode="widget", figure_widget=figure_widget)
     before = p.plan.time.days
     p._controls["n_gpus"].value = 64            # as if the learner picked 64 GPUs
     assert p.plan.time.n_gpus == 64 and p.plan.time.days == pytest.approx(before * 8 / 64)
@@ -64,3 +65,4 @@ def test_estimator_panel_widgets_update_live():
     p.set(gpu="H100-SXM")
     assert p._controls["gpu"].value == "H100-SXM5-80GB" and p.plan.time.gpu == "H100-SXM5-80GB"
     assert len(p._fig.data) == 4                # weights, gradients, optimizer, activations
+    assert len(p._fig.layout.shapes) == 1       # the GPU's memory line, not one per update

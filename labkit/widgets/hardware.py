@@ -198,13 +198,14 @@ class EstimatorPanel:
     DEFAULTS = dict(model="gpt2-xl", tokens=30e9, gpu="A100-SXM4-80GB", n_gpus=8, network="IB-HDR-200",
                     zero_stage=1, mfu=0.4, micro_batch=4, checkpointing=False)
 
-    def __init__(self, mode: str = "auto", **values: Any) -> None:
+    def __init__(self, mode: str = "auto", figure_widget: bool = False, **values: Any) -> None:
         unknown = set(values) - set(self.DEFAULTS)
         if unknown:
             raise TypeError(f"unknown setting(s) {sorted(unknown)}; valid: {', '.join(self.DEFAULTS)}")
         self.values = self._canonical({**self.DEFAULTS, **values})
         self.mode = ("widget" if in_jupyter_kernel() else "text") if mode == "auto" else mode
         self.plan: RunPlan | None = None
+        self._figure_widget = figure_widget
         self._controls: dict[str, Any] = {}
         self.widget = self._build() if self.mode == "widget" else None
         self.update()
@@ -279,10 +280,9 @@ class EstimatorPanel:
         for key, ctl in c.items():
             ctl.observe(lambda change, key=key: self._changed(key, change["new"]), names="value")
         self._summary = w.HTML()
-        try:
-            self._fig = go.FigureWidget()
-        except Exception:   # plotly without its widget support: a static figure in an Output
-            self._fig = _StaticFigure()
+        # a plotly FigureWidget updates in place but costs seconds to load; by default the chart is
+        # redrawn into an ipywidgets Output, which looks the same
+        self._fig = go.FigureWidget() if self._figure_widget else _StaticFigure()
         controls = w.VBox(list(c.values()))
         return w.VBox([w.HBox([controls, self._summary]), self._fig if isinstance(self._fig, w.DOMWidget)
                        else self._fig.output])
@@ -302,8 +302,18 @@ class _StaticFigure:
 
         self.output = w.Output()
         self._fig = go.Figure()
-        self.layout = self._fig.layout
-        self.data: list = []
+
+    @property
+    def data(self) -> tuple:
+        return self._fig.data
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        self._fig.data = value
+
+    @property
+    def layout(self) -> Any:
+        return self._fig.layout
 
     def batch_update(self):
         import contextlib
@@ -311,9 +321,7 @@ class _StaticFigure:
         return contextlib.nullcontext()
 
     def add_traces(self, traces: list) -> None:
-        import plotly.graph_objects as go
-
-        self._fig = go.Figure(data=traces)
+        self._fig.add_traces(traces)
 
     def update_layout(self, layout: Any) -> None:
         self._fig.update_layout(layout)
