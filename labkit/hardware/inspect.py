@@ -95,13 +95,14 @@ def _gpus() -> tuple[tuple[GPUInfo, ...], bool, str, list[str]]:
 
 
 def probe(dask_worker: Any = None) -> WorkerHardware:
-    """Describe the process this runs in; ``client.run`` passes the worker as ``dask_worker``."""
+    """Describe the process this runs in (inside a Dask task or ``client.run``: that worker)."""
     gpus, available, torch_version, notes = _gpus()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
     worker, nthreads, memory_limit = "", None, None
+    dask_worker = dask_worker or current_worker()
     if dask_worker is not None:
         worker = dask_worker.address
         nthreads = getattr(dask_worker.state, "nthreads", None)
@@ -128,16 +129,43 @@ def probe(dask_worker: Any = None) -> WorkerHardware:
     )
 
 
-def inspect_cluster(client: Any, timeout: float = 60.0) -> list[WorkerHardware]:
-    """Probe every worker of ``client`` (a ``dask.distributed.Client``); one row per worker, sorted by address."""
-    workers = client.scheduler_info().get("workers", {})
-    if not workers:
+def current_worker() -> Any:
+    """The Dask worker this code runs on, or None outside one."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):
+        return None
+
+
+def on_each_worker(client: Any, fn: Any, *args: Any, timeout: float = 120.0, one_at_a_time: bool = False) -> list[Any]:
+    """Run ``fn(*args)`` as a task pinned to each worker (sorted by address); results in that order.
+    Tasks, unlike ``client.run``, leave the worker's event loop free (heartbeats go on during a benchmark).
+    A worker that does not answer within ``timeout`` seconds raises TimeoutError naming it."""
+    from distributed import wait
+
+    addrs = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+    if not addrs:
         raise RuntimeError("the Dask cluster has no workers yet; wait with client.wait_for_workers(n) and retry")
-    results = client.run(probe, wait=True, on_error="return")
-    rows = []
-    for addr in sorted(results):
-        info = results[addr]
-        if isinstance(info, BaseException):
-            raise RuntimeError(f"probing worker {addr} failed: {info!r}") from info
-        rows.append(info)
-    return rows
+    groups = [[a] for a in addrs] if one_at_a_time else [addrs]
+    results: list[Any] = []
+    for group in groups:
+        futures = [client.submit(fn, *args, workers=[a], allow_other_workers=False, pure=False) for a in group]
+        done, not_done = wait(futures, timeout=timeout)
+        if not_done:
+            late = [a for a, f in zip(group, futures) if f in not_done]
+            for f in not_done:
+                f.cancel()
+            raise TimeoutError(f"worker(s) {late} did not answer within {timeout:.0f} s; check their logs "
+                               "(client.get_worker_logs()) or restart the cluster")
+        for a, f in zip(group, futures):
+            if f.status == "error":
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed on worker {a}: {f.exception()!r}")
+            results.append(f.result())
+    return results
+
+
+def inspect_cluster(client: Any, timeout: float = 120.0) -> list[WorkerHardware]:
+    """Probe every worker of ``client`` (a ``dask.distributed.Client``); one row per worker, sorted by address."""
+    return on_each_worker(client, probe, timeout=timeout)

@@ -279,9 +279,11 @@ def pick_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def bench_device(config: MeasureConfig, device: str | None = None, dask_worker: Any = None) -> DeviceBench:
+def bench_device(config: MeasureConfig, device: str | None = None) -> DeviceBench:
     """Run the per-device microbenchmarks here (on a worker when submitted there)."""
     import torch
+
+    from labkit.hardware.inspect import current_worker
 
     start = time.perf_counter()
     device = device or pick_device()
@@ -302,7 +304,7 @@ def bench_device(config: MeasureConfig, device: str | None = None, dask_worker: 
         h2d, d2h = host_device_bandwidth(device, config.host_device_bytes, warmup=config.warmup, repeats=config.repeats)
     else:
         notes.append("no CUDA device: host<->device bandwidth not measured")
-    worker = getattr(dask_worker, "address", "") if dask_worker is not None else ""
+    worker = getattr(current_worker(), "address", "")
     return DeviceBench(worker, socket.gethostname(), device, name, torch.get_num_threads(), tuple(results),
                        copy, h2d, d2h, time.perf_counter() - start, tuple(notes), memory)
 
@@ -342,20 +344,13 @@ def allreduce_rank(ctx: Any, sizes: Sequence[int], warmup: int = 2, repeats: int
     return points
 
 
-def measure_devices(client: Any, config: MeasureConfig, *, workers: Sequence[str] | None = None,
-                    concurrent: bool = False) -> list[DeviceBench]:
+def measure_devices(client: Any, config: MeasureConfig, *, concurrent: bool = False,
+                    timeout: float = 600.0) -> list[DeviceBench]:
     """``bench_device`` on every worker (one at a time by default, so workers sharing a host do not
     steal each other's cores and memory bandwidth)."""
-    addrs = list(workers) if workers else sorted(client.scheduler_info(n_workers=-1)["workers"])
-    if not addrs:
-        raise RuntimeError("the Dask cluster has no workers yet; wait with client.wait_for_workers(n) and retry")
-    if concurrent:
-        return [v for _, v in sorted(client.run(_bench_on_worker, config, workers=addrs).items())]
-    return [client.run(_bench_on_worker, config, workers=[a])[a] for a in addrs]
+    from labkit.hardware.inspect import on_each_worker
 
-
-def _bench_on_worker(config: MeasureConfig, dask_worker: Any = None) -> DeviceBench:
-    return bench_device(config, dask_worker=dask_worker)
+    return on_each_worker(client, bench_device, config, timeout=timeout, one_at_a_time=not concurrent)
 
 
 def measure_allreduce(client: Any, config: MeasureConfig, *, workers: int | Sequence[str] | None = None,

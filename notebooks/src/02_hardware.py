@@ -130,7 +130,7 @@ from labkit.widgets.hardware import hardware_table
 
 cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address="127.0.0.1:0")
 client = Client(cluster)
-client.wait_for_workers(n_workers)
+client.wait_for_workers(n_workers, timeout=180)
 workers = inspect_cluster(client)
 hardware_table(workers)
 
