@@ -18,6 +18,9 @@ _LAZY = {
     "get_profile": "labkit.config:get_profile",
     "get_scale": "labkit.config:get_scale",
     "run_doctor": "labkit.doctor:run_doctor",
+    "plan_run": "labkit.hardware.estimate:plan_run",
+    "inspect_cluster": "labkit.hardware.inspect:inspect_cluster",
+    "measure_cluster": "labkit.hardware.measure:measure_cluster",
 }
 
 

@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("labkit.doctor", "check this machine, Slurm and the active profile before a session"),
+    "hardware": ("labkit.hardware.cli", "the hardware catalog, and the memory/time/energy plan of a training run"),
 }
 
 

@@ -66,3 +66,18 @@ def test_estimator_panel_widgets_update_live(figure_widget):
     assert p._controls["gpu"].value == "H100-SXM5-80GB" and p.plan.time.gpu == "H100-SXM5-80GB"
     assert len(p._fig.data) == 4                # weights, gradients, optimizer, activations
     assert len(p._fig.layout.shapes) == 1       # the GPU's memory line, not one per update
+
+
+def test_cli_catalog_and_plan(capsys):
+    from labkit.cli import main
+
+    assert main(["hardware", "catalog"]) == 0
+    out = capsys.readouterr().out
+    assert "H100-SXM5-80GB" in out and "source: NVIDIA H100 Tensor Core GPU Datasheet" in out and "IB-NDR-400" in out
+    assert main(["hardware", "plan", "--model", "gpt2", "--tokens", "1e9", "--gpu", "h100 sxm", "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "H100-SXM5-80GB" in out and "GPU-hours" in out
+    assert main(["hardware", "plan", "--model", "gpt3-175b", "--gpus", "8", "--zero", "0"]) == 1   # does not fit
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["hardware", "plan", "--gpu", "B200"]) == 2
+    assert "valid names" in capsys.readouterr().out

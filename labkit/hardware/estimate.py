@@ -511,6 +511,25 @@ class RunPlan:
         comm = "communication" if self.sync.exposed_s > 0.1 * self.step_compute_s else "compute"
         return f"memory: {part}; step time: {comm}"
 
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """(what, estimate) lines: does it fit, how long, what it costs, what dominates."""
+        t, m, s = self.time, self.memory, self.sync
+        rows = [
+            ("parameters", f"{self.n_params / 1e9:.3g} B"),
+            ("training compute", f"{t.flops:.3g} FLOP"),
+            ("memory per GPU", f"{human_bytes(m.total_bytes)} of {human_bytes(m.gpu_memory_bytes)}: "
+                               + ("fits" if m.fits else "does NOT fit")),
+            ("time to train", f"{t.days:.3g} days on {t.n_gpus} x {t.gpu} at MFU {t.mfu:.0%}"),
+            ("GPU-hours", f"{t.gpu_hours:.4g}"),
+            ("energy", f"{self.energy.mwh:.3g} MWh (TDP {self.energy.tdp_W:g} W, PUE {self.energy.pue:g})"),
+            ("gradient all-reduce", f"{s.seconds * 1e3:.3g} ms over {s.link} vs backward {s.backward_s * 1e3:.3g} ms: "
+                                    + ("hidden" if s.hidden else f"{s.exposed_s * 1e3:.3g} ms exposed")),
+            ("storage", f"{human_bytes(self.storage.total_bytes)} (tokens {human_bytes(self.storage.token_bytes)}, "
+                        f"checkpoint {human_bytes(self.storage.checkpoint_bytes)})"),
+            ("dominates", self.dominant),
+        ]
+        return rows + [("note", n) for n in self.notes]
+
 
 def plan_run(
     cfg: GPTConfig, n_tokens: float, gpu: str | Accelerator, n_gpus: int, *, mfu: float = 0.4,

@@ -172,23 +172,8 @@ def memory_figure(plan: RunPlan) -> Any:
 
 def plan_summary(plan: RunPlan) -> Table:
     """The figures of a plan that answer: does it fit, how long, what does it cost, what dominates."""
-    t, m, s = plan.time, plan.memory, plan.sync
-    rows = [
-        ["parameters", f"{plan.n_params / 1e9:.3g} B"],
-        ["training compute", f"{t.flops:.3g} FLOP"],
-        ["memory per GPU", f"{human_bytes(m.total_bytes)} of {human_bytes(m.gpu_memory_bytes)}: "
-                           + ("fits" if m.fits else "does NOT fit")],
-        ["time to train", f"{t.days:.3g} days on {t.n_gpus} x {t.gpu} at MFU {t.mfu:.0%}"],
-        ["GPU-hours", f"{t.gpu_hours:.4g}"],
-        ["energy", f"{plan.energy.mwh:.3g} MWh (TDP {plan.energy.tdp_W:g} W, PUE {plan.energy.pue:g})"],
-        ["gradient all-reduce", f"{s.seconds * 1e3:.3g} ms over {s.link} vs backward {s.backward_s * 1e3:.3g} ms: "
-                                + ("hidden" if s.hidden else f"{s.exposed_s * 1e3:.3g} ms exposed")],
-        ["storage", f"{human_bytes(plan.storage.total_bytes)} (tokens {human_bytes(plan.storage.token_bytes)}, "
-                    f"checkpoint {human_bytes(plan.storage.checkpoint_bytes)})"],
-        ["dominates", plan.dominant],
-    ] + [["note", n] for n in plan.notes]
-    return Table(["", "estimate"], rows, title=f"{plan.cfg.n_layer} layers x {plan.cfg.n_embd}, "
-                                                f"{plan.n_tokens:.3g} tokens")
+    return Table(["", "estimate"], [list(r) for r in plan.summary_rows()],
+                 title=f"{plan.cfg.n_layer} layers x {plan.cfg.n_embd}, {plan.n_tokens:.3g} tokens")
 
 
 class EstimatorPanel:
