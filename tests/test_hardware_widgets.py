@@ -42,6 +42,10 @@ def test_roofline_and_busbw_charts():
     assert fig.data[0].y[-1] > fig.data[0].y[0]                 # bandwidth grows with message size
     assert len(fig.layout.shapes) == 2                           # NDR and NVLink reference lines
     assert "model" in fig.data[1].name
+    bundle = fig._repr_mimebundle_()
+    spec = bundle["application/vnd.plotly.v1+json"]
+    assert not hasattr(fig, "_ipython_display_") and not hasattr(fig, "_repr_html_")
+    assert len(spec["data"]) == 2 and spec["layout"]["xaxis"]["type"] == "log" and "traces" in bundle["text/plain"]
 
 
 def test_estimator_panel_text_mode_follows_set():

@@ -96,6 +96,32 @@ def catalog_table(names: Sequence[str] | None = None) -> Table:
 
 # ---------------------------------------------------------------------------------------------- charts
 
+def plotly_bundle(fig: Any) -> dict[str, Any]:
+    """The mimebundle JupyterLab's plotly renderer draws, built without plotly.io's renderer machinery
+    (which imports nbformat and jsonschema: seconds per kernel)."""
+    import json
+
+    title = fig.layout.title.text or "plotly figure"
+    return {"application/vnd.plotly.v1+json": {**json.loads(fig.to_json()), "config": {"responsive": True}},
+            "text/plain": f"<{title}: {len(fig.data)} traces>"}
+
+
+class Chart:
+    """A plotly figure that displays quickly in Jupyter (``plotly_bundle``); every other attribute is the
+    figure's (``chart.data``, ``chart.update_layout(...)``, ``chart.figure.show()``)."""
+
+    def __init__(self, figure: Any) -> None:
+        self.figure = figure
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):      # never the figure's _ipython_display_ / _repr_*_: they load plotly.io
+            raise AttributeError(name)
+        return getattr(self.figure, name)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        return plotly_bundle(self.figure)
+
+
 def roofline_figure(devices: Sequence[DeviceBench] = (), gpus: Sequence[str] = ("A100-80GB", "H100-SXM", "MI300X"),
                     local_peaks: dict[str, float] | None = None, dtype: str = "auto") -> Any:
     """Roofline: attainable FLOP/s = min(peak, intensity x bandwidth) for catalog GPUs (solid), each
@@ -122,7 +148,7 @@ def roofline_figure(devices: Sequence[DeviceBench] = (), gpus: Sequence[str] = (
                                  line={"dash": "dot"}, name="this CPU, fp32 peak (estimated)"))
     fig.update_layout(title="Roofline: catalog peaks vs measured", xaxis_type="log", yaxis_type="log",
                       xaxis_title="arithmetic intensity (FLOP/byte)", yaxis_title="FLOP/s", height=450)
-    return fig
+    return Chart(fig)
 
 
 def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HDR-200", "IB-NDR-400", "RoCE-100GbE"),
@@ -151,7 +177,7 @@ def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HD
         fig.add_hline(y=bw, line_dash="dash", annotation_text=name, annotation_position="top left")
     fig.update_layout(title="All-reduce bus bandwidth vs message size", xaxis_type="log", yaxis_type="log",
                       xaxis_title="message size (bytes)", yaxis_title="bus bandwidth (bytes/s)", height=420)
-    return fig
+    return Chart(fig)
 
 
 def memory_figure(plan: RunPlan) -> Any:
@@ -309,7 +335,9 @@ class _StaticFigure:
         self._fig.add_traces(traces)
 
     def update_layout(self, layout: Any) -> None:
+        from IPython.display import display
+
         self._fig.update_layout(layout)
         self.output.clear_output(wait=True)
         with self.output:
-            self._fig.show()
+            display(plotly_bundle(self._fig), raw=True)
