@@ -171,3 +171,38 @@ def test_probe_inside_a_slurm_job(slurm):
     assert info["slurm_job_id"] and info["slurm_job_id"].isdigit()
     assert info["slurm_partition"] == "gpu"
     assert info["cuda_visible_devices"] not in (None, "")
+
+
+def test_inspect_and_measure_dask_workers_in_slurm_jobs(slurm, tmp_path):
+    """Two Dask workers as two real Slurm jobs with one GRES GPU each (dask-jobqueue): each reports its own
+    job id, the partition and its own CUDA_VISIBLE_DEVICES; the all-reduce runs between the jobs."""
+    import getpass
+
+    from dask_jobqueue import SLURMCluster
+
+    cluster = SLURMCluster(
+        queue="gpu", cores=1, processes=1, memory="1GiB", walltime="00:05:00", job_name="labkit-hw-test",
+        job_extra_directives=["--gres=gpu:1"], job_script_prologue=[f"export PYTHONPATH={REPO}"],
+        python=sys.executable, scheduler_options={"dashboard_address": ":0"}, log_directory=str(tmp_path),
+    )
+    try:
+        cluster.scale(2)
+        with Client(cluster) as client:
+            try:
+                client.wait_for_workers(2, timeout=180)
+            except TimeoutError:
+                queue = subprocess.run(["squeue", "-h", "-n", "labkit-hw-test", "-u", getpass.getuser(), "-o", "%T %R"],
+                                       capture_output=True, text=True).stdout
+                if "PENDING" in queue:
+                    pytest.skip(f"the shared Slurm node is busy, jobs still pending: {queue.strip()}")
+                raise
+            rows = inspect_cluster(client)
+            assert len(rows) == 2 and len({r.slurm_job_id for r in rows}) == 2
+            assert all(r.slurm_partition == "gpu" and r.slurm_job_id.isdigit() for r in rows)
+            visible = [r.cuda_visible_devices for r in rows]
+            assert None not in visible and len(set(visible)) == 2, visible      # each job its own GPU
+            m = measure_cluster(client, SMALL)
+            assert len(m.devices) == 2 and [p.n_bytes for p in m.allreduce] == list(SMALL.allreduce_sizes)
+            assert {p.backend for p in m.allreduce} == {"gloo"}   # fake GRES: no usable CUDA, so gloo
+    finally:
+        cluster.close()
