@@ -206,3 +206,13 @@ def test_inspect_and_measure_dask_workers_in_slurm_jobs(slurm, tmp_path):
             assert {p.backend for p in m.allreduce} == {"gloo"}   # fake GRES: no usable CUDA, so gloo
     finally:
         cluster.close()
+
+
+def test_bench_smoke(capsys):
+    """`python -m bench.hardware` at tiny scale: ratios against the peaks, and the all-reduce line."""
+    from bench.hardware import main
+
+    assert main(["--scale", "tiny", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("measured/peak") >= 2 * 2 and "fp32" in out
+    assert "all-reduce (gloo, 2 ranks)" in out and "x device-copy bandwidth" in out

@@ -68,8 +68,12 @@ def test_estimator_panel_widgets_update_live(figure_widget):
     assert "64 x" in p._summary.value
     p.set(gpu="H100-SXM")
     assert p._controls["gpu"].value == "H100-SXM5-80GB" and p.plan.time.gpu == "H100-SXM5-80GB"
-    assert len(p._fig.data) == 4                # weights, gradients, optimizer, activations
+    # weights, gradients, optimizer, activations | compute, hidden and exposed all-reduce
+    assert [t.name for t in p._fig.data][-3:] == ["compute (fwd+bwd)", "all-reduce, hidden", "all-reduce, exposed"]
+    assert len(p._fig.data) == 7
     assert len(p._fig.layout.shapes) == 1       # the GPU's memory line, not one per update
+    step = p._fig.data[4].y[0] + p._fig.data[5].y[0]
+    assert step == pytest.approx((p.plan.step_compute_s + p.plan.sync.seconds - p.plan.sync.exposed_s) * 1e3)
 
 
 def test_cli_catalog_and_plan(capsys):

@@ -180,17 +180,24 @@ def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HD
     return Chart(fig)
 
 
-def memory_figure(plan: RunPlan) -> Any:
-    """Stacked bar of training memory per GPU by part, against the GPU's memory."""
+def plan_figure(plan: RunPlan) -> Any:
+    """Two stacked bars: training memory per GPU by part against the GPU's memory (does it fit?), and one
+    step's time: compute vs the gradient all-reduce, hidden behind backward or exposed (what dominates?)."""
+    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
 
-    fig = go.Figure()
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("memory per GPU (GB)", "one step (ms)"))
     for part, b in plan.memory.parts().items():
-        fig.add_trace(go.Bar(x=["per GPU"], y=[b / 1e9], name=part))
+        fig.add_trace(go.Bar(x=["memory"], y=[b / 1e9], name=part, legendgroup="memory"), row=1, col=1)
     if plan.memory.gpu_memory_bytes:
-        fig.add_hline(y=plan.memory.gpu_memory_bytes / 1e9, line_dash="dash",
+        fig.add_hline(y=plan.memory.gpu_memory_bytes / 1e9, line_dash="dash", row=1, col=1,
                       annotation_text=f"{plan.time.gpu} memory")
-    fig.update_layout(barmode="stack", yaxis_title="GB", height=360, title="Training memory per GPU")
+    sync = plan.sync
+    step = {"compute (fwd+bwd)": plan.step_compute_s, "all-reduce, hidden": sync.seconds - sync.exposed_s,
+            "all-reduce, exposed": sync.exposed_s}
+    for part, sec in step.items():
+        fig.add_trace(go.Bar(x=["step"], y=[sec * 1e3], name=part, legendgroup="time"), row=1, col=2)
+    fig.update_layout(barmode="stack", height=380, title="Does it fit? What dominates a step?")
     return fig
 
 
@@ -253,7 +260,7 @@ class EstimatorPanel:
                              micro_batch=int(v["micro_batch"]), checkpointing=bool(v["checkpointing"]))
         if self.widget is not None:
             self._summary.value = plan_summary(self.plan)._repr_html_()
-            fig = memory_figure(self.plan)
+            fig = plan_figure(self.plan)
             with self._fig.batch_update():
                 self._fig.data = []
                 self._fig.layout.shapes = []
