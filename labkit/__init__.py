@@ -28,6 +28,9 @@ _LAZY = {
     "train": "labkit.train:train",
     "train_distributed": "labkit.train:train_distributed",
     "start_cluster": "labkit.cluster:start_cluster",
+    "plan_run": "labkit.hardware.estimate:plan_run",
+    "inspect_cluster": "labkit.hardware.inspect:inspect_cluster",
+    "measure_cluster": "labkit.hardware.measure:measure_cluster",
 }
 
 

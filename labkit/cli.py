@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("labkit.doctor", "check this machine, Slurm and the active profile before a session"),
     "preprocess": ("labkit.data.cli", "raw text -> cleaned, deduplicated, tokenized shards (labkit.data)"),
     "cleanup": ("labkit.cluster.cleanup", "cancel your stale labkit Slurm jobs (owner notebook gone)"),
+    "hardware": ("labkit.hardware.cli", "the hardware catalog, and the memory/time/energy plan of a training run"),
 }
 
 
