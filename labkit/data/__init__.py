@@ -1,0 +1,27 @@
+"""labkit.data: raw text -> cleaned documents -> byte-level BPE -> packed token shards.
+
+Public names load lazily (``import labkit.data`` does not import Dask or torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ShardReader": "shards", "ShardWriter": "shards", "ShardError": "shards", "write_shards": "shards",
+    "make_tiny_shards": "shards", "dtype_for_vocab": "shards", "sha256_file": "shards",
+    "train_bpe": "tokenizer", "save_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+    "show_split": "tokenizer", "bytes_per_token": "tokenizer", "compare_vocab_sizes": "tokenizer",
+    "EOT": "tokenizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"labkit.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'labkit.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,382 @@
+"""Packed token shards on disk: the writer the pipeline uses and the reader training uses.
+
+An output folder holds::
+
+    meta.json        format version, tokenizer file, vocab_size, dtype, eot_id, shards per split
+                     ({"file", "tokens", "bytes", "sha256"}), counts, source hashes, config
+    tokenizer.json   the HF ``tokenizers`` file the ids come from
+    train_00000.bin  raw little-endian token ids (uint16 when vocab_size < 65536, else uint32)
+    val_00000.bin    ...
+
+Every document is followed by the end-of-text id ``meta["eot_id"]``, so the stream of a split is
+``doc0 EOT doc1 EOT ...`` cut into shards of at most ``shard_tokens`` tokens (a shard boundary
+may fall inside a document; the reader reads across it). ``meta.json`` is written last, so a
+folder without it is an unfinished write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+REBUILD = "rebuild the folder: labkit.data.preprocess(sources, out_dir) or labkit.data.make_tiny_shards(out_dir)"
+
+
+class ShardError(RuntimeError):
+    """A shard folder is missing, corrupt or truncated; the message names the file and the fix."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size < 65536), else uint32; always little-endian."""
+    return np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Append token ids per split; rolls to a new shard every ``shard_tokens`` tokens.
+
+    Output depends only on the sequence of ``write`` calls, so a deterministic caller gets
+    byte-identical shards.
+    """
+
+    def __init__(self, out_dir: str | Path, vocab_size: int, *, shard_tokens: int = 1 << 24):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, not {shard_tokens}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.vocab_size = int(vocab_size)
+        self.dtype = dtype_for_vocab(self.vocab_size)
+        self.shard_tokens = int(shard_tokens)
+        self.shards: dict[str, list[dict]] = {}
+        self._open: dict[str, tuple[Any, Any, dict]] = {}  # split -> (file, hasher, entry)
+        # stale output of an earlier run would mix with ours: remove only files this format owns
+        for p in list(self.out_dir.glob("*.bin")) + [self.out_dir / META]:
+            stem = p.stem.rsplit("_", 1)
+            if p.name == META or (len(stem) == 2 and stem[1].isdigit()):
+                p.unlink(missing_ok=True)
+
+    def write(self, split: str, tokens: np.ndarray | Sequence[int]) -> None:
+        """Append raw ids (already containing EOT separators) to ``split``."""
+        arr = np.asarray(tokens)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got {arr.min()}..{arr.max()}")
+        arr = arr.astype(self.dtype, copy=False).ravel()
+        while arr.size:
+            f, h, entry = self._current(split)
+            room = self.shard_tokens - entry["tokens"]
+            part, arr = arr[:room], arr[room:]
+            data = part.tobytes()
+            f.write(data)
+            h.update(data)
+            entry["tokens"] += int(part.size)
+            entry["bytes"] += len(data)
+            if entry["tokens"] == self.shard_tokens:
+                self._close(split)
+
+    def write_documents(self, split: str, docs: Iterable[Sequence[int]], eot_id: int) -> None:
+        """Append each document followed by ``eot_id``."""
+        for doc in docs:
+            self.write(split, np.append(np.asarray(doc, dtype=np.int64), eot_id))
+
+    def _current(self, split: str):
+        if split not in self._open:
+            idx = len(self.shards.setdefault(split, []))
+            name = f"{split}_{idx:05d}.bin"
+            entry = {"file": name, "tokens": 0, "bytes": 0, "sha256": ""}
+            self._open[split] = (open(self.out_dir / name, "wb"), hashlib.sha256(), entry)
+        return self._open[split]
+
+    def _close(self, split: str) -> None:
+        f, h, entry = self._open.pop(split)
+        f.close()
+        entry["sha256"] = h.hexdigest()
+        self.shards[split].append(entry)
+
+    def close(self) -> dict[str, list[dict]]:
+        """Finish open shards; returns ``{split: [shard entries]}``."""
+        for split in list(self._open):
+            self._close(split)
+        return self.shards
+
+
+def write_meta(out_dir: str | Path, meta: Mapping[str, Any]) -> Path:
+    """Write ``meta.json`` atomically (tmp file + rename), sorted keys for byte-stable output."""
+    out_dir = Path(out_dir)
+    tmp = out_dir / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out_dir / META)
+    return out_dir / META
+
+
+def write_shards(
+    out_dir: str | Path,
+    tokenizer,
+    splits: Mapping[str, Iterable[np.ndarray | Sequence[int]]],
+    *,
+    eot_id: int,
+    shard_tokens: int = 1 << 24,
+    documents: bool = False,
+    counts: Mapping[str, Any] | None = None,
+    sources: Sequence[Mapping[str, Any]] = (),
+    config: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write a whole shard folder: tokenizer.json, shards per split, then meta.json; returns meta.
+
+    ``splits`` maps a split name to chunks of ids; with ``documents=True`` each chunk is one
+    document and gets ``eot_id`` appended, else chunks are raw ids that already hold EOTs.
+    """
+    out_dir = Path(out_dir)
+    vocab_size = tokenizer.get_vocab_size()
+    writer = ShardWriter(out_dir, vocab_size, shard_tokens=shard_tokens)
+    for split, chunks in splits.items():
+        if documents:
+            writer.write_documents(split, chunks, eot_id)
+        else:
+            for chunk in chunks:
+                writer.write(split, chunk)
+    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    return finish(out_dir, writer, vocab_size=vocab_size, eot_id=eot_id, counts=counts, sources=sources, config=config)
+
+
+def finish(
+    out_dir: str | Path,
+    writer: ShardWriter,
+    *,
+    vocab_size: int,
+    eot_id: int,
+    counts: Mapping[str, Any] | None = None,
+    sources: Sequence[Mapping[str, Any]] = (),
+    config: Mapping[str, Any] | None = None,
+) -> dict:
+    """Close ``writer`` and write meta.json (tokenizer.json must already be in ``out_dir``)."""
+    shards = writer.close()
+    for split in SPLITS:
+        shards.setdefault(split, [])
+    counts = {k: dict(v) for k, v in (counts or {}).items()}
+    for split, entries in shards.items():
+        c = counts.setdefault(split, {})
+        c["tokens"] = sum(e["tokens"] for e in entries)
+        c.setdefault("docs", None)
+        c.setdefault("bytes", None)
+    meta = {
+        "format": "labkit-token-shards",
+        "format_version": FORMAT_VERSION,
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_sha256": sha256_file(Path(out_dir) / TOKENIZER_FILE),
+        "vocab_size": int(vocab_size),
+        "dtype": writer.dtype.name,
+        "byteorder": "little",
+        "eot_id": int(eot_id),
+        "shard_tokens": writer.shard_tokens,
+        "splits": shards,
+        "counts": counts,
+        "sources": list(sources),
+        "config": dict(config or {}),
+    }
+    write_meta(out_dir, meta)
+    return meta
+
+
+@dataclass
+class _Shard:
+    path: Path
+    tokens: int
+    data: np.ndarray
+
+
+class ShardReader:
+    """Memory-maps the shards of one split, checks them, and draws random training blocks."""
+
+    def __init__(self, out_dir: str | Path, split: str = "train", verify: bool = True):
+        self.out_dir = Path(out_dir)
+        self.split = split
+        meta_path = self.out_dir / META
+        if not meta_path.is_file():
+            raise ShardError(f"{meta_path} not found: {self.out_dir} is not a finished shard folder; {REBUILD}")
+        try:
+            self.meta: dict = json.loads(meta_path.read_text())
+        except (ValueError, OSError) as exc:
+            raise ShardError(f"{meta_path} is unreadable ({exc}); {REBUILD}") from exc
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ShardError(
+                f"{meta_path}: format_version {self.meta.get('format_version')!r}, this labkit reads "
+                f"{FORMAT_VERSION}; {REBUILD}"
+            )
+        splits = self.meta.get("splits", {})
+        if split not in splits:
+            raise ShardError(f"{meta_path}: no split {split!r}; valid splits: {', '.join(sorted(splits))}")
+        self.vocab_size: int = int(self.meta["vocab_size"])
+        self.eot_id: int = int(self.meta["eot_id"])
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        if self.dtype != dtype_for_vocab(self.vocab_size):
+            raise ShardError(f"{meta_path}: dtype {self.meta['dtype']} does not fit vocab_size {self.vocab_size}; {REBUILD}")
+        self._shards: list[_Shard] = []
+        for entry in splits[split]:
+            path = self.out_dir / entry["file"]
+            self._shards.append(_Shard(path, int(entry["tokens"]), self._open(path, entry, verify)))
+        self.offsets = np.cumsum([0] + [s.tokens for s in self._shards])
+        self.num_tokens: int = int(self.offsets[-1])
+
+    def _open(self, path: Path, entry: Mapping[str, Any], verify: bool) -> np.ndarray:
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing (listed in meta.json); {REBUILD}")
+        size = path.stat().st_size
+        expected = int(entry["tokens"]) * self.dtype.itemsize
+        if size != expected or size != int(entry["bytes"]):
+            what = "truncated" if size < expected else "longer than recorded"
+            raise ShardError(
+                f"shard {path} is {what}: {size} bytes on disk, meta.json says {entry['bytes']} "
+                f"({entry['tokens']} tokens x {self.dtype.itemsize} bytes); {REBUILD}"
+            )
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise ShardError(
+                f"shard {path} is corrupt: its sha256 does not match meta.json (the bytes changed after "
+                f"writing); {REBUILD}"
+            )
+        if size == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __repr__(self) -> str:
+        return (f"ShardReader({str(self.out_dir)!r}, split={self.split!r}: {self.num_tokens:,} tokens in "
+                f"{len(self._shards)} shards, vocab {self.vocab_size}, {self.dtype.name})")
+
+    @property
+    def files(self) -> list[Path]:
+        """The shard files of this split, in stream order."""
+        return [s.path for s in self._shards]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start+length)`` of the split's stream, across shard boundaries (int64)."""
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside [0, {self.num_tokens})")
+        out = np.empty(length, dtype=np.int64)
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pos, filled = start, 0
+        while filled < length:
+            sh = self._shards[i]
+            lo = pos - int(self.offsets[i])
+            take = min(length - filled, sh.tokens - lo)
+            out[filled:filled + take] = sh.data[lo:lo + take]
+            filled += take
+            pos += take
+            i += 1
+        return out
+
+    def rank_range(self, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
+        """The contiguous part ``[lo, hi)`` of the stream that ``rank`` of ``world_size`` draws from."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        lo = self.num_tokens * rank // world_size
+        hi = self.num_tokens * (rank + 1) // world_size
+        return lo, hi
+
+    def get_batch(self, batch_size: int, block_size: int, generator=None, rank: int = 0, world_size: int = 1):
+        """Random blocks ``(x, y)``, int64 tensors (B, T), ``y`` = ``x`` shifted by one.
+
+        Start positions come from ``generator`` (a ``torch.Generator``; the global torch RNG when
+        None); with ``world_size`` > 1 each rank draws only from its own disjoint part of the stream.
+        """
+        import torch
+
+        lo, hi = self.rank_range(rank, world_size)
+        if hi - lo < block_size + 1:
+            raise ShardError(
+                f"split {self.split!r} of {self.out_dir} has {hi - lo} tokens for rank {rank} of {world_size}, "
+                f"need at least block_size + 1 = {block_size + 1}: use a smaller block_size, fewer ranks, "
+                f"or more data (a larger scale)"
+            )
+        starts = torch.randint(lo, hi - block_size, (batch_size,), generator=generator)
+        rows = np.stack([self.read(int(s), block_size + 1) for s in starts])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` these ids come from."""
+        from tokenizers import Tokenizer
+
+        path = self.out_dir / self.meta.get("tokenizer", TOKENIZER_FILE)
+        if not path.is_file():
+            raise ShardError(f"{path} is missing; {REBUILD}")
+        return Tokenizer.from_file(str(path))
+
+
+def tiny_text(max_bytes: int = 300_000) -> str:
+    """A few hundred KB of real text: some Python standard library modules, read offline."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = ["textwrap.py", "argparse.py", "difflib.py", "string.py", "fractions.py", "heapq.py",
+             "shlex.py", "bisect.py", "calendar.py", "pprint.py", "statistics.py", "glob.py"]
+    parts, total = [], 0
+    for name in names:
+        p = root / name
+        if p.is_file() and total < max_bytes:
+            t = p.read_text(encoding="utf-8", errors="replace")[: max_bytes - total]
+            parts.append(t)
+            total += len(t.encode("utf-8"))
+    if not parts:
+        raise FileNotFoundError(f"no standard library sources under {root}; pass text= to make_tiny_shards")
+    return "\n\n\n".join(parts)
+
+
+def make_tiny_shards(
+    out_dir: str | Path,
+    text: str | None = None,
+    vocab_size: int = 512,
+    *,
+    val_every: int = 10,
+    shard_tokens: int = 1 << 15,
+) -> ShardReader:
+    """Train a small BPE on ``text`` (default: stdlib sources) and write shards in seconds.
+
+    Documents are the text's paragraphs (split at blank lines); every ``val_every``-th goes to
+    ``val``. For tests and notebooks; the real pipeline is ``labkit.data.preprocess``.
+    """
+    import re
+
+    from .tokenizer import eot_id as _eot, train_bpe
+
+    given = text is not None
+    text = text if given else tiny_text()
+    if not text.strip():
+        raise ValueError("make_tiny_shards needs non-empty text")
+    docs = [d for d in re.split(r"\n\s*\n", text) if d.strip()]
+    if len(docs) < 2:  # one paragraph: cut it so both splits get something
+        cut = max(1, len(text) * 9 // 10)
+        docs = [text[:cut], text[cut:]] if text[cut:].strip() else [text, text]
+    val = [d for i, d in enumerate(docs) if i % val_every == val_every - 1] or [docs[-1]]
+    train = [d for i, d in enumerate(docs) if i % val_every != val_every - 1] or [docs[0]]
+    tok = train_bpe(docs, vocab_size)
+    eot = _eot(tok)
+    enc = {name: [e.ids for e in tok.encode_batch(split)] for name, split in (("train", train), ("val", val))}
+    counts = {name: {"docs": len(split), "bytes": sum(len(d.encode("utf-8")) for d in split)}
+              for name, split in (("train", train), ("val", val))}
+    write_shards(
+        out_dir, tok, enc, eot_id=eot, shard_tokens=shard_tokens, documents=True, counts=counts,
+        sources=[{"source": "text" if given else "stdlib-tiny",
+                  "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}],
+        config={"maker": "make_tiny_shards", "vocab_size": vocab_size, "val_every": val_every},
+    )
+    return ShardReader(out_dir, "train")

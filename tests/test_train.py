@@ -1,0 +1,170 @@
+"""labkit.train in one process: schedule, optimizer groups, determinism, accumulation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from labkit import model as M
+from labkit.train import (TrainConfig, latest_checkpoint, list_checkpoints, lr_at, make_optimizer, train)
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from labkit.data.shards import make_tiny_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    make_tiny_shards(out)
+    return out
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=8, warmup_steps=2,
+                eval_interval=4, eval_iters=1, sample_tokens=0, precision="float32", seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_presets_and_overrides(tmp_path, monkeypatch):
+    tiny = TrainConfig.for_scale("tiny")
+    assert tiny.max_steps <= 50 and tiny.n_embd <= 64
+    assert TrainConfig.for_scale("full").n_embd > TrainConfig.for_scale("binder").n_embd
+    user = tmp_path / "user.yaml"
+    user.write_text("scales:\n  tiny:\n    train:\n      max_steps: 7\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    assert TrainConfig.for_scale("tiny").max_steps == 7
+    assert TrainConfig.for_scale("tiny", max_steps=3).max_steps == 3
+    with pytest.raises(ValueError, match="valid"):
+        TrainConfig.for_scale("tiny", max_stepz=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, c) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:110]))
+    assert lrs[60] == pytest.approx(0.55)  # half-way through the cosine
+    assert lrs[110] == lrs[119] == pytest.approx(0.1)
+
+
+def test_weight_decay_groups():
+    m = M.GPT(cfg().model_config(50))
+    opt = make_optimizer(m, cfg(weight_decay=0.2))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in m.parameters()}  # every parameter once (the tied one too)
+    assert m.transformer.wte.weight in decay["params"]
+
+
+def test_training_learns_emits_events_and_is_deterministic(shards):
+    events = []
+    a = train(cfg(max_steps=20, sample_tokens=8, lr=1e-2), shards, sink=events.append)
+    b = train(cfg(max_steps=20, sample_tokens=8, lr=1e-2), shards)
+    assert a.losses == b.losses  # bit-identical under the seed on CPU
+    assert a.losses[-1] < a.losses[0] - 0.3
+    assert [v["step"] for v in a.val] == [4, 8, 12, 16, 20]
+    assert a.val[-1]["ppl"] == pytest.approx(math.exp(a.val[-1]["loss"]))
+    assert set(a.samples) == {"before", "after"} and a.samples["after"].startswith("def")
+    steps = [e for e in events if e["kind"] == "train"]
+    assert [e["step"] for e in steps] == list(range(1, 21))
+    for key in ("loss", "lr", "tokens_per_s", "grad_norm", "mem_mb", "rank"):
+        assert key in steps[0]
+    assert steps[0]["lr"] == pytest.approx(lr_at(0, cfg(lr=1e-2)))
+    assert {e["kind"] for e in events} >= {"train", "val", "sample"}
+    c = train(cfg(max_steps=20, seed=4, lr=1e-2), shards)
+    assert c.losses != a.losses
+
+
+def test_grad_accumulation_matches_the_bigger_batch(shards):
+    big = train(cfg(batch_size=4), shards)
+    acc = train(cfg(batch_size=2, grad_accum=2), shards)
+    assert big.effective_batch == acc.effective_batch == 4
+    for x, y in zip(big.losses, acc.losses):
+        assert abs(x - y) / x < 1e-5
+
+
+def test_checkpoints_keep_last_k_and_load_as_models(shards, tmp_path):
+    res = train(cfg(checkpoint_dir=str(tmp_path), checkpoint_interval=2, keep_last=2), shards)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step_00000006.pt", "step_00000008.pt"]
+    model, extra = M.load(tmp_path / names[-1])
+    assert extra["step"] == 8 and "optimizer" in extra
+    assert M.load(tmp_path / names[-1]).tokenizer().get_vocab_size() == model.config.vocab_size
+    for (k, a), (_, b) in zip(res.model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_is_bit_exact(shards, tmp_path):
+    full = train(cfg(dropout=0.1), shards)
+    part = cfg(dropout=0.1, checkpoint_dir=str(tmp_path), checkpoint_interval=3)
+
+    def crash_at_step_7(event):
+        if event["kind"] == "train" and event["step"] == 7:
+            raise KeyboardInterrupt("interrupted")
+
+    with pytest.raises(KeyboardInterrupt):  # interrupted after step 7; the last checkpoint is step 6
+        train(part, shards, sink=crash_at_step_7)
+    # a later, half-written checkpoint must be skipped, not loaded
+    (tmp_path / "step_00000009.pt").write_bytes(b"LABKIT-CKPT 1 sha256=00 length=10\nxx")
+    assert latest_checkpoint(tmp_path)[0].name == "step_00000006.pt"
+    (tmp_path / "step_00000009.pt").unlink()
+    resumed = train(part, shards, resume=True)
+    assert resumed.start_step == 6 and resumed.steps == 2
+    assert resumed.losses == full.losses[6:]
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_resume_needs_a_checkpoint_dir(shards):
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train(cfg(), shards, resume=True)
+
+
+SAVER = textwrap.dedent("""
+    import sys, torch
+    from labkit import model as M
+    torch.set_num_threads(1)
+    path = sys.argv[1]
+    cfg = M.GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=64, vocab_size=4000, precision="float32")
+    i = 0
+    while True:
+        torch.manual_seed(i)
+        M.save(M.GPT(cfg), path, version=i)
+        print(i, flush=True)
+        i += 1
+""")
+
+
+def test_a_process_killed_mid_save_never_leaves_a_bad_checkpoint(tmp_path):
+    path = tmp_path / "ck.pt"
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env, text=True)
+        first = proc.stdout.readline()  # one full save done
+        assert first.strip().isdigit(), first
+        time.sleep(delay)  # then kill it somewhere inside a later save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        model, extra = M.load(path)  # loads, and is one complete version
+        torch.manual_seed(extra["version"])
+        expect = M.GPT(model.config)
+        assert torch.equal(expect.transformer.h[3].mlp.c_fc.weight, model.transformer.h[3].mlp.c_fc.weight)
