@@ -23,6 +23,9 @@ _LAZY = {
     "TrainConfig": "labkit.train:TrainConfig",
     "train": "labkit.train:train",
     "train_distributed": "labkit.train:train_distributed",
+    "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
+    "load_bert": "labkit.pretrained:load_bert",
+    "embed": "labkit.pretrained:embed",
 }
 
 
