@@ -26,6 +26,7 @@ _LAZY = {
     "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
     "load_bert": "labkit.pretrained:load_bert",
     "embed": "labkit.pretrained:embed",
+    "preprocess": "labkit.data.pipeline:preprocess",
 }
 
 

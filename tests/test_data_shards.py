@@ -142,3 +142,23 @@ def test_tiny_default_uses_stdlib_text(tmp_path):
     r = make_tiny_shards(tmp_path)
     assert r.num_tokens > 20_000 and r.meta["sources"][0]["source"] == "stdlib-tiny"
     assert "def " in r.tokenizer().decode(r.read(0, r.num_tokens).tolist())
+
+
+def test_import_labkit_data_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, labkit.data as d; d.ShardError; "
+            "print(sorted(m for m in ('torch', 'distributed', 'dask') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_rewrite_removes_only_its_own_stale_shards(tmp_path):
+    make_tiny_shards(tmp_path, TEXT, vocab_size=300, shard_tokens=500)
+    n_before = len(list(tmp_path.glob("train_*.bin")))
+    (tmp_path / "mine_00001.bin").write_bytes(b"user data")
+    make_tiny_shards(tmp_path, TEXT, vocab_size=300, shard_tokens=100_000)
+    assert n_before > 1 and sorted(p.name for p in tmp_path.glob("train_*.bin")) == ["train_00000.bin"]
+    assert (tmp_path / "mine_00001.bin").read_bytes() == b"user data"
+    ShardReader(tmp_path)

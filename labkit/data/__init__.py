@@ -14,6 +14,11 @@ _LAZY = {
     "train_bpe": "tokenizer", "save_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "show_split": "tokenizer", "bytes_per_token": "tokenizer", "compare_vocab_sizes": "tokenizer",
     "EOT": "tokenizer",
+    "preprocess": "pipeline", "PreprocessReport": "pipeline",
+    "DataConfig": "config", "default_shard_dir": "config",
+    "StdlibSource": "sources", "HFSource": "sources", "SourceError": "sources", "list_sources": "sources",
+    "MinHasher": "clean", "near_duplicates": "clean", "exact_duplicates": "clean",
+    "make_messy_corpus": "demo",
 }
 
 

@@ -68,10 +68,17 @@ class ShardWriter:
         self.shards: dict[str, list[dict]] = {}
         self._open: dict[str, tuple[Any, Any, dict]] = {}  # split -> (file, hasher, entry)
         # stale output of an earlier run would mix with ours: remove only files this format owns
-        for p in list(self.out_dir.glob("*.bin")) + [self.out_dir / META]:
-            stem = p.stem.rsplit("_", 1)
-            if p.name == META or (len(stem) == 2 and stem[1].isdigit()):
-                p.unlink(missing_ok=True)
+        # (the shards an old meta.json lists, and train_/val_NNNNN.bin), never anything else
+        old = self.out_dir / META
+        stale = set(self.out_dir.glob("train_[0-9][0-9][0-9][0-9][0-9].bin"))
+        stale |= set(self.out_dir.glob("val_[0-9][0-9][0-9][0-9][0-9].bin"))
+        try:
+            listed = json.loads(old.read_text()).get("splits", {}) if old.is_file() else {}
+            stale |= {self.out_dir / Path(e["file"]).name for es in listed.values() for e in es}
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            pass
+        for p in sorted(stale) + [old]:
+            p.unlink(missing_ok=True)
 
     def write(self, split: str, tokens: np.ndarray | Sequence[int]) -> None:
         """Append raw ids (already containing EOT separators) to ``split``."""

@@ -1,0 +1,96 @@
+"""Preprocessing settings per scale, and where a scale's shards live by default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Everything that decides the output bytes (so it goes into meta.json)."""
+
+    vocab_size: int = 2048
+    corpus_bytes: int | None = 3_000_000      # budget for the "stdlib" corpus (None = all of it)
+    val_fraction: float = 0.05                # share of bytes in val: whole documents, picked by content hash
+    # cleaning
+    nfkc: bool = True
+    strip_control: bool = True
+    normalise_whitespace: bool = True
+    scrub_pii: bool = False
+    min_chars: int = 64
+    max_chars: int = 2_000_000
+    max_nontext: float = 0.30
+    dedup_exact: bool = True
+    near_dup: bool = True
+    near_dup_threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+    # bad-input limits
+    max_file_bytes: int = 64_000_000
+    max_line_bytes: int = 100_000
+    text_field: str = "text"
+    # execution (partitions depend on the data only, never on the number of workers)
+    partition_bytes: int = 1_000_000
+    shard_tokens: int = 1 << 24
+    tokenizer_train_bytes: int = 4_000_000
+    seed: int = 0
+
+    @classmethod
+    def for_scale(cls, name: str | None = None, **overrides: Any) -> "DataConfig":
+        """The preset of a scale (``tiny``, ``binder``, ``workshop``, ``full``; None = active), with
+        site/user overrides from the ``data`` section of the config files, then ``overrides``."""
+        from labkit.config import load_config
+
+        scale = load_config().scale(name)
+        cfg = cls(**_PRESETS.get(scale.name, {}))
+        return cfg.replace(**{**scale.section("data"), **overrides})
+
+    def replace(self, **changes: Any) -> "DataConfig":
+        """A copy with some fields changed; unknown names are an error listing the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        bad = sorted(set(changes) - valid)
+        if bad:
+            raise ValueError(f"unknown data setting {bad[0]!r}; valid settings: {', '.join(sorted(valid))}")
+        cfg = dataclasses.replace(self, **changes)
+        if not 0.0 <= cfg.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
+        if not 0.0 < cfg.near_dup_threshold < 1.0:
+            raise ValueError(f"near_dup_threshold must be in (0, 1), not {cfg.near_dup_threshold}")
+        return cfg
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, corpus_bytes=300_000, partition_bytes=60_000, shard_tokens=1 << 16,
+                 num_perm=64, tokenizer_train_bytes=300_000, val_fraction=0.1),
+    "binder": dict(vocab_size=2048, corpus_bytes=3_000_000, partition_bytes=500_000, shard_tokens=1 << 20),
+    "workshop": dict(vocab_size=8192, corpus_bytes=None, partition_bytes=1_000_000, shard_tokens=1 << 22,
+                     tokenizer_train_bytes=12_000_000),
+    "full": dict(vocab_size=16384, corpus_bytes=None, partition_bytes=2_000_000,
+                 tokenizer_train_bytes=32_000_000),
+}
+
+
+def repo_root() -> Path | None:
+    """The labkit checkout this package runs from (has pyproject.toml), or None when installed."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "labkit").is_dir() else None
+
+
+def default_shard_dir(scale: str | None = None, root: str | Path | None = None) -> Path:
+    """Where notebooks keep shards of a scale: ``<repo>/runs/shards-<scale>`` (``runs/`` is git-ignored).
+
+    ``root`` defaults to the labkit checkout, else the current folder. Notebook 03 writes there
+    and notebook 06 (training) reads from there.
+    """
+    if scale is None:
+        from labkit.config import load_config
+
+        scale = load_config().scale().name
+    base = Path(root) if root is not None else (repo_root() or Path.cwd())
+    return base / "runs" / f"shards-{scale}"

@@ -1,0 +1,97 @@
+"""Cleaning steps: normalisers, filters, exact and near-duplicate detection (own MinHash + LSH)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from labkit.data import clean as C
+from labkit.data.sources import Document
+
+
+def test_nfkc_control_and_whitespace():
+    assert C.nfkc("ﬁne ＡＢＣ x²") == "fine ABC x2"
+    assert C.strip_control("a\x00b\x1bc\u200bd\te\nf") == "abcd\te\nf"
+    assert C.normalise_whitespace("\n\na  \r\nb\t\r\n\n\n\n\nc  \n\n") == "a\nb\n\n\nc"
+
+
+def test_scrub_pii_keeps_version_numbers():
+    out = C.scrub_pii("Mail guido@python.org, host 10.0.0.255, v3.11.7, addr fe80:0:0:0:202:b3ff:fe1e:8329.")
+    assert out == "Mail <EMAIL>, host <IP>, v3.11.7, addr <IP>."
+    assert C.scrub_pii("999.1.1.1 is no IP") == "999.1.1.1 is no IP"
+
+
+def test_nontext_fraction_and_filters():
+    assert C.nontext_fraction("def f(x): return x + 1") == 0.0
+    assert C.nontext_fraction("█▓▒░" * 10 + "ok") > 0.9
+    q = C.quality_filter(0.3)
+    assert q("plain text, fine.") is None
+    assert "non-text" in q("▒" * 50 + "abc")
+    assert "U+FFFD" in q("\ufffd" * 5 + "a" * 100)
+    ln = C.length_filter(5, 10)
+    assert ln("abcdef") is None and "min_chars" in ln("abc") and "max_chars" in ln("a" * 11)
+
+
+def test_steps_count_docs_and_bytes_and_keep_examples():
+    docs = [Document(f"d{i}", t) for i, t in enumerate(["  a  ", "b", "\x00\x01", "c\r\n"])]
+    stats: list = []
+    out = C.apply_map("control", C.strip_control, docs, stats)
+    st = stats[0]
+    assert (st.docs_in, st.docs_out, st.removed, st.changed) == (4, 3, 1, 1)  # "\x00\x01" became empty; CR is kept here
+    assert st.bytes_in == 5 + 1 + 2 + 3 and st.bytes_out == 5 + 1 + 3
+    assert [d.id for d in out] == ["d0", "d1", "d3"] and st.examples[0]["id"] == "d2"
+    out = C.apply_filter("len", C.length_filter(2, 100), out, stats)
+    assert [d.id for d in out] == ["d0", "d3"] and stats[1].examples[0]["id"] == "d1"
+    assert st.dropped == [("d2", "empty after control")] and stats[1].dropped[0][0] == "d1"
+    assert "min_chars" in stats[1].examples[0]["reason"]
+
+
+def test_exact_duplicates_keep_the_first_copy():
+    hs = [C.content_hash(t) for t in ["x", "y", "x", "z", "y", "x"]]
+    assert C.exact_duplicates(hs) == {2: 0, 4: 1, 5: 0}
+
+
+def _words(rng, n):
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota",
+                                "kappa", "lambda", "mu", "nu", "xi", "pi", "rho", "sigma", "tau"])
+                    + str(rng.randrange(50)) for _ in range(n))
+
+
+def test_minhash_estimates_jaccard():
+    rng = random.Random(0)
+    a = _words(rng, 400)
+    words = a.split()
+    for k in (20, 80, 200):
+        b = " ".join(words[:-k] + _words(rng, k).split())
+        true = C.jaccard(a, b)
+        m = C.MinHasher(num_perm=256)
+        est = float(np.mean(m.signature(a) == m.signature(b)))
+        assert abs(est - true) < 0.1, (k, est, true)
+    # stable across calls and processes: CRC32 shingles + seeded parameters
+    assert np.array_equal(C.MinHasher(seed=3).signature(a), C.MinHasher(seed=3).signature(a))
+
+
+def test_lsh_params_and_threshold_validation():
+    b, r = C.lsh_params(0.8, 128)
+    assert b * r <= 128 and 0.6 < (1 / b) ** (1 / r) < 0.9
+    b2, r2 = C.lsh_params(0.3, 128)
+    assert (1 / b2) ** (1 / r2) < (1 / b) ** (1 / r)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        C.lsh_params(1.5, 128)
+
+
+def test_near_duplicates_found_and_threshold_matters():
+    rng = random.Random(1)
+    base = [_words(rng, 300) for _ in range(6)]
+    docs = list(base)
+    w = base[2].split()
+    docs.append(" ".join(w[:-15] + _words(rng, 15).split()))  # ~90% similar to doc 2
+    w = base[4].split()
+    docs.append(" ".join(w[:-100] + _words(rng, 100).split()))  # ~50% similar to doc 4
+    sigs = C.MinHasher(num_perm=128).signatures(docs)
+    hi = C.near_duplicates(sigs, 0.8)
+    assert set(hi) == {6} and hi[6][0] == 2 and hi[6][1] > 0.8
+    lo = C.near_duplicates(sigs, 0.3)
+    assert set(lo) == {6, 7} and lo[7][0] == 4
