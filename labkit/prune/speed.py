@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -115,7 +116,9 @@ class SparseLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().to_sparse_csr(), requires_grad=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.weight = nn.Parameter(linear.weight.detach().to_sparse_csr(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +205,9 @@ def sparse_kernel_study(out_features: int = 1024, in_features: int = 1024, token
         ws = w.clone().flatten()
         ws[order[: round(s * ws.numel())]] = 0
         dense = ws.view(out_features, in_features).to(dev)
-        csr = dense.to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = dense.to_sparse_csr()
         t = {"dense": [], "csr": []}
         with torch.inference_mode():
             for i in range(repeats + 1):
