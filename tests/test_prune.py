@@ -275,3 +275,11 @@ def test_sparse_linear_matches_dense_and_study_runs():
     assert [r.sparsity for r in study.rows] == [0.0, 0.99]
     assert all(r.dense_ms > 0 and r.sparse_ms > 0 for r in study.rows)
     assert "CSR" in study.table()
+
+
+def test_bench_gpt_speed_smoke():
+    from bench.prune import gpt_speed
+
+    g = gpt_speed(n_layer=2, n_head=4, n_embd=32, seq_len=16, batch=1, vocab=64, repeats=2)
+    assert g["speedup"]["dense"] == 1.0 and g["params"]["structured 50%"] < g["params"]["dense"]
+    assert g["sparsity_unstructured"] == pytest.approx(0.5, abs=1e-3)
