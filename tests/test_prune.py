@@ -283,3 +283,17 @@ def test_bench_gpt_speed_smoke():
     g = gpt_speed(n_layer=2, n_head=4, n_embd=32, seq_len=16, batch=1, vocab=64, repeats=2)
     assert g["speedup"]["dense"] == 1.0 and g["params"]["structured 50%"] < g["params"]["dense"]
     assert g["sparsity_unstructured"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_prune_config_presets_and_overrides(tmp_path, monkeypatch):
+    from labkit.prune.config import PruneConfig
+
+    tiny = PruneConfig.for_scale("tiny")
+    assert tiny.train_steps < PruneConfig.for_scale("binder").train_steps
+    user = tmp_path / "user.yaml"
+    user.write_text("scales:\n  tiny:\n    prune:\n      rounds: 5\n      amounts: [0, 0.9]\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    cfg = PruneConfig.for_scale("tiny", finetune_steps=1)
+    assert cfg.rounds == 5 and cfg.amounts == (0.0, 0.9) and cfg.finetune_steps == 1
+    with pytest.raises(ValueError, match="valid"):
+        PruneConfig.for_scale("tiny", bogus=1)
