@@ -46,8 +46,8 @@ class PruneConfig:
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(train_steps=15, amounts=(0.0, 0.5, 0.75), val_windows=4, finetune_steps=3, rounds=2,
-                 regularisation_steps=4, minilm_amounts=(0.0, 0.3, 0.6), minilm_sentences=6, minilm_draws=2,
-                 latency_repeats=2, sparse_size=256, sparse_sparsities=(0.0, 0.9, 0.99)),
+                 regularisation_steps=4, minilm_amounts=(0.0, 0.1, 0.3), minilm_sentences=6, minilm_draws=2,
+                 latency_repeats=5, sparse_size=256, sparse_sparsities=(0.0, 0.9, 0.99)),
     "binder": dict(train_steps=60, val_windows=8, finetune_steps=8, rounds=3, regularisation_steps=15,
                    minilm_draws=8, latency_repeats=5, sparse_size=512),
     "workshop": dict(train_steps=300, amounts=(0.0, 0.2, 0.4, 0.6, 0.8), val_windows=32, finetune_steps=30, rounds=4),

@@ -40,7 +40,7 @@ class SparsitySlider:
         """Prune a copy to ``amount`` and measure it against the dense model; returns the row."""
         method = method or self.method
         pruned = apply(self.model, method, amount)
-        t = time_models({"dense": self.model, "pruned": pruned}, self.x, repeats=self.repeats, warmup=1)
+        t = time_models({"dense": self.model, "pruned": pruned}, self.x, repeats=self.repeats, warmup=3)
         row = {"method": method, "amount": float(amount), "sparsity": removed_fraction(self.model, pruned),
                "perplexity": perplexity(pruned, self.val), "perplexity_dense": self.base_ppl,
                "ms": t["pruned"].ms, "ms_dense": t["dense"].ms, "speedup": speedups(t, "dense")["pruned"]}
@@ -119,14 +119,16 @@ def heatmap_text(scores: Sequence[torch.Tensor]) -> str:
     return "\n".join(lines)
 
 
-def curve_figure(rows: Sequence[Any], x: str = "sparsity", y: str = "perplexity", group: str = "method", title: str | None = None):
-    """Lines of ``y`` against ``x``, one per ``group`` value; rows are dicts or objects with ``as_dict``."""
+def curve_figure(rows: Sequence[Any], x: str = "sparsity", y: str = "perplexity", group: str | None = "method",
+                 title: str | None = None):
+    """Lines of ``y`` against ``x``, one per ``group`` value (one line when None); rows are dicts or
+    objects with ``as_dict``."""
     import plotly.graph_objects as go
 
     data = [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in rows]
     fig = go.Figure()
-    for g in dict.fromkeys(d.get(group) for d in data):
-        pts = sorted((d[x], d[y]) for d in data if d.get(group) == g)
+    for g in dict.fromkeys(d.get(group) if group else y for d in data):
+        pts = sorted((d[x], d[y]) for d in data if (d.get(group) if group else y) == g)
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=str(g)))
     fig.update_layout(title=title or f"{y} vs {x}", xaxis_title=x, yaxis_title=y, height=340,
                       margin=dict(l=50, r=20, t=50, b=40))
