@@ -26,6 +26,8 @@ _LAZY = {
     "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
     "load_bert": "labkit.pretrained:load_bert",
     "embed": "labkit.pretrained:embed",
+    "prune_heads": "labkit.prune:prune_heads",
+    "prune_ffn": "labkit.prune:prune_ffn",
     "preprocess": "labkit.data.pipeline:preprocess",
 }
 
