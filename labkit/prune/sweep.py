@@ -27,11 +27,12 @@ def _point_task(model: nn.Module, val: torch.Tensor, method: str, amount: float,
 
 def sweep(client: Any, model: nn.Module, val: torch.Tensor, amounts: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
           methods: Sequence[str] = ("unstructured", "structured"), importance: str = "magnitude",
-          sink: Callable[[dict], None] | None = None, threads: int | None = 1) -> list[CurvePoint]:
+          sink: Callable[[dict], None] | None = None, threads: int | None = None) -> list[CurvePoint]:
     """Evaluate every (method, amount) in parallel on the client's workers; results in input order.
 
     ``sink`` (e.g. a ``LivePlot``) also gets each point here as it completes, for front ends that
-    do not follow the Dask topic.
+    do not follow the Dask topic. ``threads`` sets torch's thread count on each worker process
+    (leave it None for in-process thread workers: it is a per-process setting).
     """
     from distributed import as_completed
 

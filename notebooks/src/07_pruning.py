@@ -208,15 +208,16 @@ from dask.distributed import Client, LocalCluster
 from labkit.prune.sweep import sweep
 from labkit.widgets.live_plot import LivePlot
 
-cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=scale_name != "tiny",
-                       dashboard_address="127.0.0.1:0")
+processes = scale_name != "tiny"   # thread workers start fastest for the tiny run
+cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address="127.0.0.1:0")
 client = Client(cluster)
 plot = LivePlot(metrics=("perplexity",), x="sparsity", group="method", kinds=["prune"], title="sweep")
 plot.attach(client)
 plot
 
 # %%
-points = sweep(client, model, val, amounts=cfg.amounts, methods=("unstructured", "heads", "ffn", "structured"))
+points = sweep(client, model, val, amounts=cfg.amounts, methods=("unstructured", "heads", "ffn", "structured"),
+               threads=1 if processes else None)
 for p in points:
     print(f"{p.method:<13} {p.amount:.2f}: removed {p.sparsity:.2f}, ppl {p.perplexity:.2f}")
 plot.detach()
