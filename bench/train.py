@@ -1,0 +1,267 @@
+"""Training speed of labkit's GPT, and time to the first optimizer step on warm Dask workers.
+
+    python -m bench.train            # both parts
+    python -m bench.train --part a   # (a) tokens/s vs a plain PyTorch GPT, MFU, loss agreement
+    python -m bench.train --part b   # (b) first step: warm Dask workers vs torchrun from cold
+
+(a) The same shape and hyper-parameters (4 layers, 4 heads, 128 dims, T=128, B=16, AdamW) on the
+same batches, timed interleaved in one process: a plain PyTorch GPT (float32, SDPA, AdamW with
+torch's defaults) against ``labkit.model.GPT`` with ``labkit.train.make_optimizer`` and
+``precision="auto"`` (bf16 autocast only where the CPU has AVX512-BF16/AMX). MFU is taken against
+a matmul peak measured in this run for the dtype used. Then 200 steps of labkit's path are
+compared with 200 float32 steps: the final losses must agree within 2%.
+
+(b) ``train_distributed`` on 2 already-running Dask workers (second run: imports and data warm)
+against ``torchrun --nproc_per_node=2`` launching the same training from a cold start; both timed
+from the call to the end of the first optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=128)
+BATCH = 16
+LR = 1e-3
+
+
+# ------------------------------------------------------------------ the baseline: a plain GPT
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.h = h
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        q, k, v = (t.reshape(B, T, self.h, D // self.h).permute(0, 2, 1, 3) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(a.permute(0, 2, 1, 3).reshape(B, T, D))
+        return x + self.down(F.gelu(self.up(self.norm2(x)), approximate="tanh"))
+
+
+class PlainGPT(nn.Module):
+    """What one writes from the paper with plain PyTorch: float32, SDPA, tied embeddings."""
+
+    def __init__(self, vocab: int, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, n_embd), nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(PlainBlock(n_embd, n_head) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for b in self.blocks:
+            x = b(x)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul in ``dtype`` on this CPU, best of a few timed bursts."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def batches(data_dir: Path, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from labkit.train import batch_rows, open_data
+
+    train, _ = open_data(data_dir)
+    return [batch_rows(train, SHAPE["block_size"], seed, s, BATCH, 0, BATCH) for s in range(n)]
+
+
+def step_plain(model, opt, x, y) -> float:
+    loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def step_labkit(model, opt, x, y) -> float:
+    _, loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def make_labkit(vocab: int, precision: str):
+    from labkit.model import GPT, GPTConfig
+    from labkit.train import TrainConfig, make_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=vocab, precision=precision, **SHAPE))
+    opt = make_optimizer(model, TrainConfig(lr=LR, min_lr=0.0, weight_decay=0.1, **SHAPE))
+    return model, opt
+
+
+def make_plain(vocab: int):
+    torch.manual_seed(0)
+    model = PlainGPT(vocab, **SHAPE)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.95))
+    return model, opt
+
+
+# ------------------------------------------------------------------------------- part (a)
+
+
+def part_a(data_dir: Path, rounds: int = 5, steps_per_round: int = 10, loss_steps: int = 200) -> dict:
+    from labkit.model import autocast_dtype
+
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    data = batches(data_dir, max(loss_steps, steps_per_round * rounds + 3))
+    dtype = autocast_dtype("auto", "cpu") or torch.float32
+    plain, popt = make_plain(vocab)
+    lab, lopt = make_labkit(vocab, "auto")
+    for i in range(3):  # warm both
+        step_plain(plain, popt, *data[i])
+        step_labkit(lab, lopt, *data[i])
+    times = {"plain": [], "labkit": []}
+    for r in range(rounds):  # interleaved, so load from other processes hits both alike
+        for name, (m, o, fn) in (("plain", (plain, popt, step_plain)), ("labkit", (lab, lopt, step_labkit))):
+            t0 = time.perf_counter()
+            for s in range(steps_per_round):
+                fn(m, o, *data[3 + r * steps_per_round + s])
+            times[name].append(time.perf_counter() - t0)
+    tokens = steps_per_round * BATCH * SHAPE["block_size"]
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    flops_per_token = lab.flops_per_token(SHAPE["block_size"])
+    peak32 = matmul_peak(torch.float32)
+    peak = matmul_peak(dtype) if dtype != torch.float32 else peak32
+    # loss agreement: labkit's path vs the same model in float32, same init and batches
+    curves = {}
+    for precision in ("auto", "float32"):
+        m, o = make_labkit(vocab, precision)
+        curves[precision] = [step_labkit(m, o, *data[s]) for s in range(loss_steps)]
+    tail = lambda c: statistics.fmean(c[-10:])  # noqa: E731 - mean of the last 10 steps
+    rel = abs(tail(curves["auto"]) - tail(curves["float32"])) / tail(curves["float32"])
+    return {
+        "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "vocab": vocab,
+        "plain_tokens_per_s": tps["plain"], "labkit_tokens_per_s": tps["labkit"],
+        "speedup": tps["labkit"] / tps["plain"], "goal_speedup": 1.10,
+        "matmul_peak_gflops": peak / 1e9, "matmul_peak_fp32_gflops": peak32 / 1e9,
+        "mfu_labkit": tps["labkit"] * flops_per_token / peak, "mfu_plain_fp32": tps["plain"] * flops_per_token / peak32,
+        "loss_first": curves["float32"][0], "loss_200_float32": tail(curves["float32"]),
+        "loss_200_labkit": tail(curves["auto"]), "loss_rel_diff": rel, "goal_loss_rel_diff": 0.02,
+    }
+
+
+# ------------------------------------------------------------------------------- part (b)
+
+
+def _first_step_config():
+    from labkit.train import TrainConfig
+
+    return TrainConfig(**SHAPE, batch_size=BATCH, max_steps=2, warmup_steps=1, eval_interval=0, sample_tokens=0,
+                       precision="float32", num_threads=1)
+
+
+def part_b(data_dir: Path, repeats: int = 3) -> dict:
+    import dataclasses
+
+    from dask.distributed import Client, LocalCluster
+
+    from labkit.train import train_distributed
+
+    config = _first_step_config()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
+                                                     + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])),
+               OMP_NUM_THREADS="1")
+    entry = Path(__file__).with_name("_torchrun_entry.py")
+    cold = []
+    for _ in range(repeats):
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(entry),
+                            str(data_dir), json.dumps(dataclasses.asdict(config))],
+                           capture_output=True, text=True, env=env, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"torchrun failed:\n{r.stderr[-3000:]}")
+        line = [l for l in r.stdout.splitlines() if l.startswith("{")][-1]
+        cold.append(json.loads(line)["first_step_time"] - t0)
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        train_distributed(client, config, data_dir)  # the workers are now warm: torch imported, code loaded
+        warm = []
+        for _ in range(repeats):
+            t0 = time.time()
+            res = train_distributed(client, config, data_dir)
+            warm.append(res.first_step_time - t0)
+    c, w = statistics.median(cold), statistics.median(warm)
+    return {"torchrun_cold_s": c, "dask_warm_s": w, "ratio": w / c, "goal_ratio": 0.2,
+            "cold_runs": cold, "warm_runs": warm}
+
+
+def len_steps(args) -> int:
+    return 6 if args.quick else args.loss_steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("a", "b", "all"), default="all")
+    p.add_argument("--quick", action="store_true", help="toy sizes (a smoke test, not a measurement)")
+    p.add_argument("--loss-steps", type=int, default=200, help="steps of the loss comparison (default 200)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of 10 steps each")
+    args = p.parse_args(argv)
+    from labkit.data.shards import make_tiny_shards
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="labkit-bench-") as tmp:
+        data_dir = Path(tmp) / "shards"
+        make_tiny_shards(data_dir)
+        if args.part in ("a", "all"):
+            kw = (dict(rounds=2, steps_per_round=2, loss_steps=6) if args.quick
+                  else dict(rounds=args.rounds, loss_steps=args.loss_steps))
+            out["a"] = part_a(data_dir, **kw)
+            a = out["a"]
+            print(f"(a) tokens/s: labkit {a['labkit_tokens_per_s']:,.0f} ({a['dtype']}) vs plain PyTorch "
+                  f"{a['plain_tokens_per_s']:,.0f} (float32): {a['speedup']:.2f}x (goal >= 1.10x)")
+            print(f"    MFU: labkit {a['mfu_labkit']:.1%} of a {a['matmul_peak_gflops']:.0f} GFLOP/s {a['dtype']} matmul "
+                  f"peak; plain {a['mfu_plain_fp32']:.1%} of {a['matmul_peak_fp32_gflops']:.0f} GFLOP/s float32")
+            print(f"    loss after {len_steps(args)} steps: {a['loss_200_labkit']:.4f} vs float32 {a['loss_200_float32']:.4f} "
+                  f"(from {a['loss_first']:.3f}): {a['loss_rel_diff']:.2%} apart (goal <= 2%)")
+        if args.part in ("b", "all"):
+            out["b"] = b = part_b(data_dir, repeats=1 if args.quick else 3)
+            print(f"(b) time to the first optimizer step: warm Dask workers {b['dask_warm_s']:.2f} s vs "
+                  f"torchrun --nproc_per_node=2 from cold {b['torchrun_cold_s']:.2f} s: {b['ratio']:.2f}x (goal <= 0.2x)")
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

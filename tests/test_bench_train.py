@@ -1,0 +1,24 @@
+"""A toy-size smoke run of bench.train (a): it runs end to end and reports sane numbers (no timing goals here)."""
+
+import torch
+
+from bench import train as bench
+
+
+def test_bench_part_a_smoke(tmp_path):
+    from labkit.data.shards import make_tiny_shards
+
+    torch.set_num_threads(1)
+    make_tiny_shards(tmp_path / "shards")
+    out = bench.part_a(tmp_path / "shards", rounds=1, steps_per_round=1, loss_steps=3)
+    assert out["plain_tokens_per_s"] > 0 and out["labkit_tokens_per_s"] > 0
+    assert 0 < out["mfu_labkit"] < 1 and 0 < out["mfu_plain_fp32"] < 1
+    assert out["loss_rel_diff"] < 0.05  # 3 steps in: the two precisions are still close
+
+
+def test_plain_gpt_has_the_same_shape_as_labkits():
+    from labkit.model import GPT, GPTConfig
+
+    plain = bench.PlainGPT(512, **bench.SHAPE)
+    lab = GPT(GPTConfig(vocab_size=512, **bench.SHAPE))
+    assert sum(p.numel() for p in plain.parameters()) == lab.num_params(non_embedding=False)
