@@ -180,8 +180,9 @@ class _Scratch:
         return self.bias[key]
 
 
-def _online_forward(q, k, v, causal: bool, scale: float, block: int):
-    """Flattened (N, T, d) forward; returns output and the log-sum-exp of each query row."""
+def _online_forward(q, k, v, causal: bool, scale: float, block: int, key_bias=None):
+    """Flattened (N, T, d) forward; returns output and the log-sum-exp of each query row.
+    ``key_bias``: optional (N, 1, T_k) additive 0 / -inf bias that hides padded keys."""
     n, t_q, _ = q.shape
     t_k, d_v = k.shape[1], v.shape[-1]
     out = torch.empty(n, t_q, d_v, device=q.device, dtype=q.dtype)
@@ -195,7 +196,9 @@ def _online_forward(q, k, v, causal: bool, scale: float, block: int):
         q1 = min(q0 + block, t_q)
         bq = q1 - q0
         qi = qs[:, q0:q1].contiguous()
-        m = buf.get("m", n, bq, 1).fill_(float("-inf"))  # running row maximum
+        # running row maximum; starts very low but finite, so that a row whose keys so far were all
+        # masked gives exp(-inf - m) = 0 instead of exp(-inf + inf) = nan
+        m = buf.get("m", n, bq, 1).fill_(torch.finfo(q.dtype).min)
         l = buf.get("l", n, bq, 1).zero_()  # running sum of exp(score - m)
         acc = buf.get("acc", n, bq, d_v).zero_()  # running sum of exp(score - m) * v
         m_new, alpha = buf.get("m_new", n, bq, 1), buf.get("alpha", n, bq, 1)
@@ -205,6 +208,8 @@ def _online_forward(q, k, v, causal: bool, scale: float, block: int):
                 bias = buf.causal_bias(q0, q1, k0, k1)
                 if bias is not None:
                     s += bias
+            if key_bias is not None:
+                s += key_bias[:, :, k0:k1]
             torch.amax(s, -1, keepdim=True, out=m_new)
             torch.maximum(m, m_new, out=m_new)
             torch.sub(m, m_new, out=alpha).exp_()  # rescales what was summed under the old maximum
@@ -212,12 +217,13 @@ def _online_forward(q, k, v, causal: bool, scale: float, block: int):
             l.mul_(alpha).add_(s.sum(-1, keepdim=True))
             acc.mul_(alpha).baddbmm_(s, v_blocks[k0][:, :k1 - k0])
             m.copy_(m_new)
-        torch.div(acc, l, out=out[:, q0:q1])
-        lse[:, q0:q1] = (m + torch.log(l)).squeeze(-1)
+        empty = l == 0  # every key masked: output 0 (as torch's SDPA), and p = exp(-inf - inf) = 0 in backward
+        torch.div(acc, l.masked_fill(empty, 1.0), out=out[:, q0:q1])
+        lse[:, q0:q1] = (m + torch.log(l)).masked_fill(empty, float("inf")).squeeze(-1)
     return out, lse
 
 
-def _online_backward(q, k, v, out, lse, dout, causal: bool, scale: float, block: int):
+def _online_backward(q, k, v, out, lse, dout, causal: bool, scale: float, block: int, key_bias=None):
     """Recompute each score block from q, k and the saved log-sum-exp; accumulate dq, dk, dv."""
     n, t_q, _ = q.shape
     t_k = k.shape[1]
@@ -239,6 +245,8 @@ def _online_backward(q, k, v, out, lse, dout, causal: bool, scale: float, block:
                 bias = buf.causal_bias(q0, q1, k0, k1)
                 if bias is not None:
                     s += bias
+            if key_bias is not None:
+                s += key_bias[:, :, k0:k1]
             p = s.sub_(lse_i).exp_()  # the probabilities of this block, recomputed
             dv[:, k0:k1].baddbmm_(p.transpose(1, 2), doi)
             dp = torch.bmm(doi, vj.transpose(1, 2), out=buf.get("dp", *shape))
@@ -253,22 +261,22 @@ class OnlineSoftmaxAttention(torch.autograd.Function):
     and recomputes the score blocks in backward instead of keeping the T x T probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, block: int):
+    def forward(ctx, q, k, v, causal: bool, scale: float, block: int, key_bias=None):
         shape = q.shape[:-1] + (v.shape[-1],)
         qf, kf, vf = _flatten(q.contiguous()), _flatten(k.contiguous()), _flatten(v.contiguous())
-        out, lse = _online_forward(qf, kf, vf, causal, scale, block)
-        ctx.save_for_backward(qf, kf, vf, out, lse)
+        out, lse = _online_forward(qf, kf, vf, causal, scale, block, key_bias)
+        ctx.save_for_backward(qf, kf, vf, out, lse, key_bias)
         ctx.causal, ctx.scale, ctx.block = causal, scale, block
         ctx.shapes = (q.shape, k.shape, v.shape)
         return out.view(shape)
 
     @staticmethod
     def backward(ctx, dout):
-        qf, kf, vf, out, lse = ctx.saved_tensors
+        qf, kf, vf, out, lse, key_bias = ctx.saved_tensors
         dof = _flatten(dout.contiguous())
-        dq, dk, dv = _online_backward(qf, kf, vf, out, lse, dof, ctx.causal, ctx.scale, ctx.block)
+        dq, dk, dv = _online_backward(qf, kf, vf, out, lse, dof, ctx.causal, ctx.scale, ctx.block, key_bias)
         sq, sk, sv = ctx.shapes
-        return dq.view(sq), dk.view(sk), dv.view(sv), None, None, None
+        return dq.view(sq), dk.view(sk), dv.view(sv), None, None, None, None
 
 
 def online_softmax_attention(
@@ -278,12 +286,15 @@ def online_softmax_attention(
     causal: bool = False,
     block_size: int = DEFAULT_BLOCK,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k)) V computed block by block with a running softmax; never builds
     T x T, and training memory stays O(T) because backward recomputes the blocks.
 
     q, k, v: (..., T, d) with the same leading dimensions (heads and batch are batched together,
     no Python loop over them). ``block_size``: queries and keys per block (bigger = faster, more memory).
+    ``key_padding_mask``: bool, True = real key, broadcastable to (..., T_k), e.g. (B, 1, T_k) for
+    (B, H, T, d) inputs; a (B, 1, 1, T_k) mask from :func:`padding_mask` works too.
     """
     _check_qkv(q, k, v)
     if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
@@ -292,7 +303,21 @@ def online_softmax_attention(
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return OnlineSoftmaxAttention.apply(q, k, v, bool(causal), scale, int(block_size))
+    key_bias = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        if kpm.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be bool (True = real key), got {kpm.dtype}")
+        if kpm.dim() == q.dim() and kpm.shape[-2] == 1:  # (..., 1, T_k), as padding_mask() makes
+            kpm = kpm.squeeze(-2)
+        try:
+            kpm = kpm.expand(q.shape[:-2] + (k.shape[-2],))
+        except RuntimeError as exc:
+            raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} does not broadcast to "
+                             f"{tuple(q.shape[:-2]) + (k.shape[-2],)} (leading dims, T_k)") from exc
+        key_bias = torch.zeros(kpm.shape, dtype=q.dtype, device=q.device).masked_fill_(~kpm, float("-inf"))
+        key_bias = key_bias.reshape(-1, 1, k.shape[-2])
+    return OnlineSoftmaxAttention.apply(q, k, v, bool(causal), scale, int(block_size), key_bias)
 
 
 # ---------------------------------------------------------------------------------------- module
@@ -300,7 +325,7 @@ class MultiHeadAttention(nn.Module):
     """Multi-head self-attention: project x to q, k, v, split into heads, attend, merge, project out.
 
     ``impl`` chooses the kernel: ``"sdpa"`` (torch's fused one), ``"naive"`` (the formula as written,
-    can return the weights), ``"online"`` (flash-style, O(T) memory; no mask or dropout).
+    can return the weights), ``"online"`` (flash-style, O(T) memory; key padding masks only, no dropout).
     """
 
     def __init__(
@@ -351,9 +376,11 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
             )
         else:
-            if mask is not None:
-                raise ValueError("impl='online' takes no mask (only causal=True); use impl='sdpa' for padding masks")
-            y = online_softmax_attention(q, k, v, causal=self.causal, block_size=self.block_size)
+            if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2] == 1):
+                raise ValueError("impl='online' takes only a key padding mask, bool (B, 1, 1, T) as padding_mask() "
+                                 "makes (plus causal=True); use impl='sdpa' for other masks")
+            y = online_softmax_attention(q, k, v, causal=self.causal, block_size=self.block_size,
+                                         key_padding_mask=mask)
         y = self.resid_dropout(self.out(merge_heads(y)))
         return (y, weights) if return_weights else y
 

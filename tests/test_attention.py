@@ -105,6 +105,24 @@ def test_online_matches_sdpa(t, block, causal):
     )
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_online_key_padding_mask_matches_sdpa(causal):
+    b, h, t = 3, 2, 19
+    q, k, v = _qkv(b, h, t, 8, seed=21)
+    lengths = torch.tensor([19, 7, 0])  # full, padded, and one with every key masked
+    kpm = torch.arange(t)[None, :] < lengths[:, None]  # (B, T_k), True = real token
+    full = kpm[:, None, None, :] & (A.causal_mask(t) if causal else True)
+    _assert_same(
+        lambda q, k, v: A.online_softmax_attention(q, k, v, causal=causal, block_size=4,
+                                                   key_padding_mask=kpm[:, None, :]),
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=full), q, k, v,
+    )
+    out = A.online_softmax_attention(q, k, v, causal=causal, block_size=4, key_padding_mask=A.padding_mask(kpm))
+    assert out[2].eq(0).all()  # nothing to attend to: zeros, as torch does, not nan
+    with pytest.raises(ValueError, match="does not broadcast"):
+        A.online_softmax_attention(q, k, v, key_padding_mask=kpm[:2, None, :])
+
+
 def test_online_cross_attention_and_value_dim():
     q, k, v = _qkv(3, 9, 8, seed=11, t_k=21)
     v2 = torch.randn(3, 21, 5, requires_grad=True)
@@ -164,8 +182,11 @@ def test_multihead_padding_mask_with_causal():
     torch.testing.assert_close(sdpa(x, mask=m), naive(x, mask=m), **TOL)
     fm = torch.zeros(m.shape).masked_fill(~m, float("-inf"))  # the same mask, additive
     torch.testing.assert_close(sdpa(x, mask=fm), naive(x, mask=m), **TOL)
+    online = A.MultiHeadAttention(8, 2, causal=True, impl="online", block_size=4)
+    online.load_state_dict(sdpa.state_dict())
+    torch.testing.assert_close(online(x, mask=m), naive(x, mask=m), **TOL)
     with pytest.raises(ValueError, match="impl='sdpa'"):
-        A.MultiHeadAttention(8, 2, impl="online")(x, mask=m)
+        online(x, mask=fm)
 
 
 def test_multihead_bad_arguments_say_what_to_do():

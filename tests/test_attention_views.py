@@ -108,6 +108,6 @@ def test_bench_smoke(capsys):
     from bench import attention as bench
 
     rc = bench.main(["--seq-len", "128", "--batch", "1", "--heads", "2", "--head-dim", "16",
-                     "--block-size", "32", "--repeat", "1"])
+                     "--block-size", "32", "--repeat", "1", "--threads", "0"])  # 0: leave threads as they are
     out = capsys.readouterr().out
     assert "fwd_mem_vs_naive" in out and "train_mem_vs_naive" in out and rc in (0, 1)
