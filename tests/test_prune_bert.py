@@ -54,7 +54,7 @@ def test_prune_heads_dispatches_to_bert_and_leaves_original(minilm):
 def test_head_curve_starts_at_one_and_degrades(minilm):
     model, tok = minilm
     pts = head_curve(model, tok, amounts=(0.0, 0.3, 0.7), importance="gradient",
-                     sentences=SENTENCES[:8], calibration=calibration_sentences()[:12], draws=4)
+                     sentences=SENTENCES[:6], calibration=calibration_sentences()[:6], draws=2)
     assert pts[0].cosine_mean == pytest.approx(1.0, abs=1e-5) and pts[0].heads_pruned == 0
     assert pts[1].heads_pruned == round(0.3 * 72) and pts[2].heads_left == 72 - round(0.7 * 72)
     assert pts[2].cosine_mean < pts[1].cosine_mean < 1.0
