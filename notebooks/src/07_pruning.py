@@ -165,7 +165,8 @@ from labkit.prune.speed import sparse_kernel_study, speedups, time_models
 
 x = val[:2, :-1]
 timings = time_models({"dense": model, "unstructured 50%": by_model, "structured 50%": prune_structured(model, 0.5)},
-                      x, repeats=cfg.latency_repeats, warmup=3)
+                      x, repeats=cfg.latency_repeats, warmup=3, device="auto")   # the GPU when there is one
+print("timed on", timings["dense"].device)
 for name, s in speedups(timings, "dense").items():
     print(f"{name:<17} {timings[name].ms:7.2f} ms  {timings[name].tokens_per_s:9.0f} tokens/s  {s:.2f}x")
 
