@@ -243,6 +243,18 @@ def test_finetune_reuses_train_and_keeps_zeros(tmp_path):
     res = iterative(tiny_gpt(vocab_size=reader.vocab_size), 0.6, 2, cfg, tmp_path, val, steps_per_round=3)
     assert [h["sparsity"] for h in res.history] == pytest.approx([0.0, cubic_schedule(0.6, 2)[0], 0.6], abs=0.01)
     assert all(h["ppl_finetuned"] > 1 for h in res.history)
+    small = iterative(tiny_gpt(vocab_size=reader.vocab_size), 0.5, 2, cfg, tmp_path, val, steps_per_round=2,
+                      method="structured")
+    assert small.model.config.layer_ffn is not None and sum(small.model.config.layer_ffn) < 2 * 128
+    assert 0.3 < small.history[-1]["sparsity"] <= 0.6
+
+
+def test_auto_device_follows_cuda(monkeypatch):
+    from labkit.prune.speed import pick_device
+
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as far as selection goes
+    assert pick_device("auto").type == "cuda" and pick_device("cuda:1") == torch.device("cuda", 1)
 
 
 # ---------------------------------------------------------------- speed

@@ -150,6 +150,9 @@ it = iterative(copy.deepcopy(model), 0.8, cfg.rounds, train_cfg, data_dir, val, 
 for h in it.history:
     print(f"round {h['round']}: sparsity {h['sparsity']:.2f}, ppl after cut {h['ppl_pruned']:.2f}, "
           f"after fine-tune {h['ppl_finetuned']:.2f}")
+st = iterative(model, 0.5, cfg.rounds, train_cfg, data_dir, val, steps_per_round=cfg.finetune_steps, method="structured")
+print(f"structured, {cfg.rounds} rounds to 50% of heads+neurons: heads {st.model.config.layer_heads}, "
+      f"ppl {st.history[-1]['ppl_pruned']:.2f} after the last cut -> {st.history[-1]['ppl_finetuned']:.2f} fine-tuned")
 for r in regularisation_study(model, train_cfg, data_dir, val, steps=cfg.regularisation_steps):
     print(f"{r['regularizer']:<5} near-zero weights {r['near_zero']:.1%}; cutting 50% costs x{r['ppl_cost']:.3f} perplexity")
 
