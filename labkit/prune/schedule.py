@@ -7,7 +7,6 @@ keeps pruned weights at zero (``hold_zeros``).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence

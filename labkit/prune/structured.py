@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .importance import Gates, batches_of, check_importance, gated, head_weight_norms, neuron_weight_norms
+from .importance import batches_of, check_importance, gated, head_weight_norms, neuron_weight_norms
 from .unstructured import SCOPES, check_amount
 
 
