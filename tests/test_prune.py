@@ -1,0 +1,311 @@
+"""labkit.prune on a GPT and on plain modules: masks, sparsity reports, structured shrinking, speed."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from labkit.model import GPT, GPTConfig, load, save
+from labkit.prune import (
+    ffn_importance, head_importance, hold_zeros, magnitude, penalty, prune_ffn, prune_heads, prune_structured,
+    select, shrink, sparsity,
+)
+from labkit.prune.evaluate import apply, perplexity, removed_fraction, sparsity_curve, val_windows
+from labkit.prune.speed import SparseLinear, sparse_kernel_study, speedups, time_models, to_sparse
+
+torch.set_num_threads(1)
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64, precision="float32")
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def windows(n=8, t=16, vocab=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t + 1), generator=g)
+
+
+# ---------------------------------------------------------------- unstructured
+
+
+def test_layer_scope_prunes_each_layer_by_magnitude():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    w0 = net[0].weight.detach().clone()
+    magnitude(net, 0.4, scope="layer")
+    rep = sparsity(net)
+    assert rep["0"].zeros == round(0.4 * 600) and rep["2"].zeros == round(0.4 * 300)
+    # the survivors are exactly the largest-magnitude weights, unchanged
+    kept = net[0].weight != 0
+    assert w0.abs()[~kept].max() <= w0.abs()[kept].min()
+    assert torch.equal(net[0].weight[kept], w0[kept])
+    # made permanent: plain parameters, no masks or hooks left behind
+    assert not any(n.endswith(("_orig", "_mask")) for n, _ in net.named_parameters())
+    assert not any(n.endswith("_mask") for n, _ in net.named_buffers())
+
+
+def test_global_scope_ranks_across_layers():
+    net = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        net[0].weight.fill_(0.01)
+        net[1].weight.fill_(1.0)
+    magnitude(net, 0.5, scope="global")
+    rep = sparsity(net)
+    assert rep.rows[0].sparsity == 1.0 and rep.rows[1].sparsity == 0.0
+    assert rep.total == pytest.approx(0.5) and float(rep) == rep.total
+
+
+def test_sparsity_report_counts_flops_and_skips_tied_embedding():
+    m = tiny_gpt()
+    names = [r.name for r in sparsity(m).rows]
+    assert "lm_head" not in names and len(names) == 2 * 4  # c_attn, c_proj, c_fc, c_proj per block
+    magnitude(m, 0.75)
+    rep = sparsity(m)
+    assert rep.total == pytest.approx(0.75, abs=1e-3)
+    assert rep.flops == 2 * rep.params and rep.flops_nonzero == 2 * (rep.params - rep.zeros)
+    assert torch.equal(m.lm_head.weight, m.transformer.wte.weight)  # tying intact
+    d = rep.as_dict()
+    assert d["total"] == rep.total and len(d["layers"]) == 8
+    assert "total" in rep.table()
+
+
+def test_repeated_pruning_is_monotone_and_output_still_finite():
+    m = tiny_gpt()
+    x = windows()
+    a = sparsity(magnitude(m, 0.3)).total
+    b = sparsity(magnitude(m, 0.6)).total
+    assert a < b and b == pytest.approx(0.6, abs=1e-3)
+    assert torch.isfinite(m(x[:, :-1])[0]).all()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, "half"])
+def test_bad_amount_is_a_clear_error(bad):
+    with pytest.raises((ValueError, TypeError), match="fraction"):
+        magnitude(nn.Linear(4, 4), bad)
+
+
+def test_bad_scope_lists_choices():
+    with pytest.raises(ValueError, match="global, layer"):
+        magnitude(nn.Linear(4, 4), 0.5, scope="model")
+
+
+def test_hold_zeros_keeps_pruned_weights_zero_through_training():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    magnitude(net, 0.5)
+    zeros = {n: (p == 0) for n, p in net.named_parameters() if n.endswith("weight")}
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1)
+    with hold_zeros(net):
+        for _ in range(5):
+            net(torch.randn(16, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for n, p in net.named_parameters():
+        if n in zeros:
+            assert (p[zeros[n]] == 0).all(), n
+            assert (p[~zeros[n]] != 0).any()
+
+
+def test_penalty_l1_l2():
+    net = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[3.0, -4.0]]))
+    assert penalty(net, "l1").item() == 7.0 and penalty(net, "l2").item() == 25.0
+    with pytest.raises(ValueError, match="'l1' or 'l2'"):
+        penalty(net, "l3")
+
+
+# ---------------------------------------------------------------- structured
+
+
+def test_shrink_keeping_everything_is_the_same_function():
+    m = tiny_gpt()
+    x = windows()[:, :-1]
+    same = shrink(m)
+    assert torch.allclose(same(x)[0], m(x)[0], atol=1e-5)
+
+
+def test_shrink_equals_masking_the_removed_heads_and_neurons():
+    """Removing heads/neurons physically gives the same outputs as zeroing their contribution."""
+    m = tiny_gpt()
+    x = windows()[:, :-1]
+    keep_h = [torch.tensor([0, 2]), torch.tensor([1, 2, 3])]
+    keep_f = [torch.arange(0, 128, 2), torch.arange(64)]
+    small = shrink(m, keep_h, keep_f)
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        for blk, kh, kf in zip(ref.transformer.h, keep_h, keep_f):
+            hd = blk.attn.head_dim
+            gone = [h for h in range(4) if h not in kh.tolist()]
+            for h in gone:
+                blk.attn.c_proj.weight[:, h * hd:(h + 1) * hd] = 0
+            drop = torch.ones(128, dtype=torch.bool)
+            drop[kf] = False
+            blk.mlp.c_proj.weight[:, drop] = 0
+    assert torch.allclose(small(x)[0], ref(x)[0], atol=1e-5)
+    assert small.config.layer_heads == (2, 3) and small.config.layer_ffn == (64, 64)
+    assert m.config.layer_heads is None  # the input model is untouched
+
+
+def test_pruned_gpt_saves_loads_and_generates(tmp_path):
+    m = tiny_gpt()
+    p = prune_ffn(prune_heads(m, 0.5), 0.5)
+    assert sum(p.config.layer_heads) == 4 and p.config.layer_ffn == (64, 64)
+    path = save(p, tmp_path / "pruned.pt")
+    q = load(path).model.eval()
+    x = windows()[:, :-1]
+    assert q.config == p.config
+    assert torch.equal(q(x)[0], p(x)[0])
+    out = q.generate(x[:1, :4], max_new_tokens=5)
+    assert out.shape == (1, 9)
+    assert sum(t.numel() for t in q.parameters()) < sum(t.numel() for t in m.parameters())
+
+
+def test_gradient_importance_finds_a_head_that_does_nothing():
+    m = tiny_gpt()
+    with torch.no_grad():
+        blk = m.transformer.h[1].attn
+        hd = blk.head_dim
+        blk.c_proj.weight[:, 3 * hd:4 * hd] = 0  # head 3 of layer 1 cannot affect the loss
+        m.transformer.h[0].mlp.c_proj.weight[:, 5] = 0  # neuron 5 of layer 0 neither
+    data = windows()
+    heads = head_importance(m, "gradient", data)
+    assert [len(h) for h in heads] == [4, 4]
+    assert heads[1][3] == 0 and (heads[1][:3] > 0).all()
+    assert ffn_importance(m, "gradient", data)[0][5] == 0
+    p = prune_heads(m, 1 / 8, importance="gradient", data=data)
+    assert p.config.layer_heads == (4, 3)
+    # the pruned model computes what the original did (the removed head contributed nothing)
+    assert torch.allclose(p(data[:, :-1])[0], m(data[:, :-1])[0], atol=1e-5)
+    assert all(q.grad is None for q in m.parameters())  # no gradients left behind
+
+
+def test_gradient_importance_needs_data():
+    with pytest.raises(ValueError, match="needs data"):
+        prune_heads(tiny_gpt(), 0.5, importance="gradient")
+    with pytest.raises(ValueError, match="magnitude, gradient"):
+        prune_heads(tiny_gpt(), 0.5, importance="random")
+
+
+def test_select_global_and_layer_keep_at_least_one():
+    scores = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])]
+    assert [k.tolist() for k in select(scores, 0.5, "global")] == [[2], [1, 2]]  # 3 dropped; layer 0 keeps one
+    assert [k.tolist() for k in select(scores, 2 / 3, "layer")] == [[2], [2]]
+    assert all(len(k) >= 1 for k in select(scores, 0.99, "global"))
+
+
+# ---------------------------------------------------------------- evaluation and schedule
+
+
+def test_perplexity_curve_and_apply():
+    m = tiny_gpt()
+    val = windows(8)
+    base = perplexity(m, val)
+    assert 1 < base < 200  # an untrained model is near the uniform 64
+    pts = sparsity_curve(m, val, amounts=(0.0, 0.5), methods=("unstructured", "structured"))
+    assert [(p.method, p.amount) for p in pts] == [("unstructured", 0.0), ("unstructured", 0.5),
+                                                  ("structured", 0.0), ("structured", 0.5)]
+    assert pts[0].perplexity == pytest.approx(base)
+    assert pts[1].sparsity == pytest.approx(0.5, abs=1e-3) and pts[1].params == pts[0].params
+    assert pts[3].params < pts[2].params and 0.4 < pts[3].sparsity < 0.6
+    with pytest.raises(ValueError, match="unstructured, heads, ffn, structured"):
+        apply(m, "channels", 0.5)
+    assert removed_fraction(m, m) == 0.0
+
+
+def test_val_windows_from_a_stream():
+    w = val_windows(torch.arange(100), block_size=16, max_windows=4)
+    assert w.shape == (4, 17) and w[1, 0] == 16
+    with pytest.raises(ValueError, match="too few"):
+        val_windows(torch.arange(10), block_size=16)
+
+
+def test_finetune_reuses_train_and_keeps_zeros(tmp_path):
+    from labkit.data.shards import make_tiny_shards
+    from labkit.prune.schedule import cubic_schedule, finetune, iterative
+    from labkit.train import TrainConfig
+
+    text = "\n\n".join(f"def f{i}(x):\n    return x * {i} + {i % 7}" for i in range(300))
+    reader = make_tiny_shards(tmp_path, text=text, vocab_size=300)
+    cfg = TrainConfig.for_scale("tiny", max_steps=6, precision="float32", lr=1e-2)
+    m = tiny_gpt(vocab_size=reader.vocab_size)
+    magnitude(m, 0.5)
+    losses = finetune(m, cfg, tmp_path, steps=6, regularizer="l1", strength=1e-4)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert sparsity(m).total >= 0.5
+    sched = cubic_schedule(0.8, 3)
+    assert sched[-1] == pytest.approx(0.8) and sched[0] < sched[1] < sched[2]
+    val = val_windows(reader, 16, 4)
+    res = iterative(tiny_gpt(vocab_size=reader.vocab_size), 0.6, 2, cfg, tmp_path, val, steps_per_round=3)
+    assert [h["sparsity"] for h in res.history] == pytest.approx([0.0, cubic_schedule(0.6, 2)[0], 0.6], abs=0.01)
+    assert all(h["ppl_finetuned"] > 1 for h in res.history)
+    small = iterative(tiny_gpt(vocab_size=reader.vocab_size), 0.5, 2, cfg, tmp_path, val, steps_per_round=2,
+                      method="structured")
+    assert small.model.config.layer_ffn is not None and sum(small.model.config.layer_ffn) < 2 * 128
+    assert 0.3 < small.history[-1]["sparsity"] <= 0.6
+
+
+def test_auto_device_follows_cuda(monkeypatch):
+    from labkit.prune.speed import pick_device
+
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as far as selection goes
+    assert pick_device("auto").type == "cuda" and pick_device("cuda:1") == torch.device("cuda", 1)
+
+
+# ---------------------------------------------------------------- speed
+
+
+def test_time_models_interleaves_and_reports_throughput():
+    m = tiny_gpt()
+    x = windows(2)[:, :-1]
+    t = time_models({"dense": m, "small": prune_structured(m, 0.5)}, x, repeats=3, warmup=1)
+    assert set(t) == {"dense", "small"} and t["dense"].tokens == x.numel()
+    assert t["dense"].tokens_per_s > 0 and t["dense"].ms >= t["dense"].ms_min
+    assert speedups(t, "dense")["dense"] == 1.0
+    with pytest.raises(RuntimeError, match="no GPU") if not torch.cuda.is_available() else pytest.raises(Exception):
+        time_models({"m": m}, x, device="cuda")
+
+
+def test_sparse_linear_matches_dense_and_study_runs():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    magnitude(lin, 0.9)
+    x = torch.randn(3, 5, 32)
+    assert torch.allclose(SparseLinear(lin)(x), lin(x), atol=1e-5)
+    m = tiny_gpt()
+    magnitude(m, 0.9)
+    sm = to_sparse(m, min_sparsity=0.5)
+    assert any(isinstance(mod, SparseLinear) for mod in sm.modules())
+    xx = windows(2)[:, :-1]
+    assert torch.allclose(sm(xx)[0], m(xx)[0], atol=1e-4)
+    study = sparse_kernel_study(64, 64, tokens=8, sparsities=(0.0, 0.99), repeats=2)
+    assert [r.sparsity for r in study.rows] == [0.0, 0.99]
+    assert all(r.dense_ms > 0 and r.sparse_ms > 0 for r in study.rows)
+    assert "CSR" in study.table()
+
+
+def test_bench_gpt_speed_smoke():
+    from bench.prune import gpt_speed
+
+    g = gpt_speed(n_layer=2, n_head=4, n_embd=32, seq_len=16, batch=1, vocab=64, repeats=2)
+    assert g["speedup"]["dense"] == 1.0 and g["params"]["structured 50%"] < g["params"]["dense"]
+    assert g["sparsity_unstructured"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_prune_config_presets_and_overrides(tmp_path, monkeypatch):
+    from labkit.prune.config import PruneConfig
+
+    tiny = PruneConfig.for_scale("tiny")
+    assert tiny.train_steps < PruneConfig.for_scale("binder").train_steps
+    user = tmp_path / "user.yaml"
+    user.write_text("scales:\n  tiny:\n    prune:\n      rounds: 5\n      amounts: [0, 0.9]\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    cfg = PruneConfig.for_scale("tiny", finetune_steps=1)
+    assert cfg.rounds == 5 and cfg.amounts == (0.0, 0.9) and cfg.finetune_steps == 1
+    with pytest.raises(ValueError, match="valid"):
+        PruneConfig.for_scale("tiny", bogus=1)
