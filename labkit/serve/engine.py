@@ -1,0 +1,247 @@
+"""Text generation behind a small interface, and dynamic batching of concurrent requests.
+
+Determinism: every request carries its own seed and gets its own ``torch.Generator``; a batch
+only stacks prompts of the same token length (no padding, so no mask is needed), and each row
+samples from its own logits with its own generator. A request therefore gives the same text
+alone or batched with others.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One generation request, already validated."""
+
+    prompt: str
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenResult:
+    """The continuation of one prompt (the prompt itself is not repeated)."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+class Generator(Protocol):
+    """What the server needs from a model: batch generation and a description of itself."""
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256): needs no training, so a demo model starts at once."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
+    """One token from a 1-D row of logits: greedy at temperature 0, else top-k sampling.
+
+    Works in float64 after subtracting the maximum, so tiny temperatures never overflow to NaN."""
+    logits = logits.detach().to("cpu", torch.float64)
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = (logits - logits.max()) / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _last_logits(out: Any) -> torch.Tensor:
+    """Logits of the last position from a model output: a tensor or a ``(logits, loss)`` tuple."""
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    return logits[:, -1, :] if logits.dim() == 3 else logits
+
+
+class ModelGenerator:
+    """Serves a causal language model (``model(idx) -> logits`` or ``(logits, loss)``) with a tokenizer.
+
+    Prompts longer than the model's context keep their last ``block_size`` tokens."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, block_size: int | None = None,
+                 device: str | torch.device = "cpu", name: str = "model"):
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        cfg = getattr(model, "config", None)
+        self.block_size = int(block_size or getattr(cfg, "block_size", 0) or 1024)
+        self.device = torch.device(device)
+        self.name = name
+        self._lock = threading.Lock()  # one forward pass at a time on this model
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens the prompt becomes."""
+        return len(self.tokenizer.encode(text))
+
+    def info(self) -> dict[str, Any]:
+        """Name, size and device of the model, for /health."""
+        return {
+            "model": self.name,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "block_size": self.block_size,
+            "vocab_size": getattr(self.tokenizer, "vocab_size", None),
+            "device": str(self.device),
+        }
+
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        """Generate for all requests; those whose prompts have the same token length share a batch."""
+        encoded = [self.tokenizer.encode(r.prompt) for r in requests]
+        groups: dict[int, list[int]] = {}
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"request {i}: the prompt encodes to no tokens; send some text")
+            groups.setdefault(len(ids), []).append(i)
+        results: list[GenResult | None] = [None] * len(requests)
+        with self._lock, torch.inference_mode():
+            for rows in groups.values():
+                texts = self._generate_group([requests[i] for i in rows], [encoded[i] for i in rows])
+                for i, res in zip(rows, texts):
+                    results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _generate_group(self, reqs: list[GenRequest], prompts: list[list[int]]) -> list[GenResult]:
+        """Generate for prompts of equal length in lockstep; finished rows leave the batch."""
+        gens = [torch.Generator().manual_seed(r.seed) for r in reqs]
+        seqs = [list(p) for p in prompts]
+        new: list[list[int]] = [[] for _ in reqs]
+        active = [i for i, r in enumerate(reqs) if r.max_new_tokens > 0]
+        while active:
+            ctx = torch.tensor([seqs[i][-self.block_size:] for i in active], dtype=torch.long, device=self.device)
+            logits = _last_logits(self.model(ctx))
+            for row, i in enumerate(active):
+                tok = sample_next(logits[row], reqs[i].temperature, reqs[i].top_k, gens[i])
+                seqs[i].append(tok)
+                new[i].append(tok)
+            active = [i for i in active if len(new[i]) < reqs[i].max_new_tokens]
+        return [GenResult(self.tokenizer.decode(n), len(p), len(n)) for p, n in zip(prompts, new)]
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the server accepts; retry later."""
+
+
+class ShuttingDown(RuntimeError):
+    """The server stopped before the request ran."""
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Collects concurrent requests into batches (up to ``max_batch_size``, waiting at most
+    ``max_wait_ms`` for companions) and runs them on one thread; ``max_batch_size=1`` = unbatched."""
+
+    def __init__(self, generator: Generator, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
+                 max_queue: int = 256, on_batch: Callable[[int, int, float], None] | None = None):
+        self.generator = generator
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch  # called with (batch size, new tokens, seconds)
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="labkit-serve-batcher", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting to run."""
+        return self._q.qsize()
+
+    def submit(self, request: GenRequest) -> Future:
+        """Queue one request; the future resolves to its ``GenResult``."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if self._q.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue); retry later")
+        fut: Future = Future()
+        self._q.put((request, fut))
+        return fut
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the batch in progress, fail the waiting ones with ``ShuttingDown``, end the thread."""
+        self._closed = True
+        self._q.put(_STOP)
+        self._thread.join(timeout)
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(ShuttingDown("the server stopped before this request ran"))
+
+    @property
+    def alive(self) -> bool:
+        """Whether the batching thread still runs."""
+        return self._thread.is_alive()
+
+    def _collect(self, first: tuple) -> tuple[list[tuple], bool]:
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            try:
+                item = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _loop(self) -> None:
+        while True:
+            first = self._q.get()
+            if first is _STOP:
+                return
+            batch, stop = self._collect(first)
+            batch = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
+            if stop:
+                return
+
+    def _run(self, batch: list[tuple]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = self.generator.generate([r for r, _ in batch])
+        except BaseException as exc:  # hand the error to every waiting request
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        seconds = time.perf_counter() - t0
+        for (_, fut), res in zip(batch, results):
+            fut.set_result(res)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), sum(r.new_tokens for r in results), seconds)
