@@ -18,6 +18,8 @@ _LAZY = {
     "get_profile": "labkit.config:get_profile",
     "get_scale": "labkit.config:get_scale",
     "run_doctor": "labkit.doctor:run_doctor",
+    "GPT": "labkit.model:GPT",
+    "GPTConfig": "labkit.model:GPTConfig",
 }
 
 

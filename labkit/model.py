@@ -1,0 +1,480 @@
+"""A small GPT in one readable file: config, model, sampling, and checkpoints that carry their tokenizer.
+
+Decoder-only, pre-LayerNorm, causal self-attention through ``torch.nn.functional.
+scaled_dot_product_attention`` (or labkit's own attention formula, ``attention="labkit"``), and the
+token embedding tied to the output head.
+
+Module names (other labkit modules, e.g. pruning, rely on them)::
+
+    transformer.wte, transformer.wpe            token and position embeddings
+    transformer.h[i].ln_1, .attn, .ln_2, .mlp    one block
+        .attn.c_attn  Linear(n_embd, 3 * n_head * head_dim); outputs are [q | k | v], each
+                      head a contiguous slice of head_dim inside q, k and v
+        .attn.c_proj  Linear(n_head * head_dim, n_embd)
+        .attn.n_head, .attn.head_dim
+        .mlp.c_fc     Linear(n_embd, ffn),  .mlp.c_proj Linear(ffn, n_embd)
+    transformer.ln_f, lm_head                   final norm and output head (weight tied to wte)
+
+A structurally pruned model stays a ``GPT``: ``GPTConfig.layer_heads`` and ``layer_ffn`` give the
+number of heads and the FFN width of each layer, so it saves, loads and generates like any other.
+
+Checkpoints (``save`` / ``load``) are one file: a header line with a SHA-256 checksum and the
+payload length, then the ``torch.save`` payload. They are written to a temporary file and renamed
+into place, so a process killed mid-save leaves either the old file or none, never a bad one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+ATTENTIONS = ("sdpa", "labkit")
+CHECKPOINT_MAGIC = b"LABKIT-CKPT 1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or not a labkit checkpoint."""
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT. ``head_dim``, ``layer_heads`` and ``layer_ffn`` are only needed for
+    non-standard (e.g. pruned) shapes; by default every layer has ``n_head`` heads of
+    ``n_embd // n_head`` dims and an FFN of ``4 * n_embd``."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    vocab_size: int = 512
+    dropout: float = 0.0
+    bias: bool = True
+    precision: str = "auto"          # auto | float32 | bfloat16
+    attention: str = "sdpa"          # sdpa | labkit
+    head_dim: int | None = None
+    layer_heads: tuple[int, ...] | None = None
+    layer_ffn: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision == "bf16":
+            self.precision = "bfloat16"
+        if self.layer_heads is not None:
+            self.layer_heads = tuple(int(h) for h in self.layer_heads)
+        if self.layer_ffn is not None:
+            self.layer_ffn = tuple(int(f) for f in self.layer_ffn)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix when the shape is impossible."""
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"GPTConfig.precision={self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"GPTConfig.attention={self.attention!r}; valid: {', '.join(ATTENTIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "change one of them or set head_dim explicitly"
+            )
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"GPTConfig.head_dim must be positive, got {self.head_dim}")
+        for name in ("layer_heads", "layer_ffn"):
+            per_layer = getattr(self, name)
+            if per_layer is not None:
+                if len(per_layer) != self.n_layer:
+                    raise ValueError(f"GPTConfig.{name} has {len(per_layer)} entries; need one per layer ({self.n_layer})")
+                if any(v < 0 for v in per_layer):
+                    raise ValueError(f"GPTConfig.{name} must be >= 0 per layer, got {per_layer}")
+
+    @property
+    def dim_per_head(self) -> int:
+        """Dimensions of one attention head."""
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    def heads(self, layer: int) -> int:
+        """Number of attention heads in ``layer``."""
+        return self.layer_heads[layer] if self.layer_heads is not None else self.n_head
+
+    def ffn(self, layer: int) -> int:
+        """Hidden width of the FFN in ``layer``."""
+        return self.layer_ffn[layer] if self.layer_ffn is not None else 4 * self.n_embd
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (tuples become lists); ``GPTConfig.from_dict`` reverses it."""
+        d = dataclasses.asdict(self)
+        for k in ("layer_heads", "layer_ffn"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        """Build a config from ``to_dict`` output; unknown keys are an error that lists valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - valid
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; valid: {sorted(valid)}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------ precision
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls in hardware: CUDA GPUs with bf16, or CPUs with
+    AVX512-BF16 or AMX (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype that ``precision`` means on ``device``; None means plain float32."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else None
+    raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention through labkit's own formula (issue 6), imported only when asked for."""
+    try:
+        from labkit.attention import scaled_dot_product_attention
+    except ImportError as err:  # pragma: no cover - depends on which modules are installed
+        raise ImportError(
+            "GPTConfig(attention='labkit') needs labkit.attention.scaled_dot_product_attention; "
+            "use attention='sdpa' or install a labkit that has it"
+        ) from err
+    return scaled_dot_product_attention(q, k, v, causal=True)
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+    """nn.Linear that accepts zero width quietly (a layer whose heads or neurons were all pruned)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return nn.Linear(n_in, n_out, bias=bias)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused q/k/v projection."""
+
+    def __init__(self, config: GPTConfig, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = config.dim_per_head
+        inner = n_head * self.head_dim
+        self.c_attn = _linear(config.n_embd, 3 * inner, config.bias)
+        self.c_proj = _linear(inner, config.n_embd, config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_labkit = config.attention == "labkit"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        inner = self.n_head * self.head_dim
+        if inner == 0:  # every head pruned away: the block adds only the projection bias
+            return self.c_proj(x.new_zeros(B, T, 0))
+        q, k, v = self.c_attn(x).split(inner, dim=2)
+        # (B, T, H*D) -> (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.use_labkit:
+            y = _labkit_attention(q, k, v)
+        else:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, inner)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: Linear, GELU, Linear."""
+
+    def __init__(self, config: GPTConfig, hidden: int) -> None:
+        super().__init__()
+        self.c_fc = _linear(config.n_embd, hidden, config.bias)
+        self.c_proj = _linear(hidden, config.n_embd, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """A pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, config.heads(layer))
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config, config.ffn(layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model (see the module docstring for its layout)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        # residual projections start smaller so the residual stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") and p.numel():
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.numel():
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters (tied weights counted once); without position embeddings by default."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward, ~6 per weight plus attention scores)."""
+        T = seq_len or self.config.block_size
+        attn = sum(12 * blk.attn.n_head * blk.attn.head_dim * T for blk in self.transformer.h)
+        return 6.0 * self.num_params() + attn
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) in float32, and the mean cross-entropy when ``targets`` is given.
+
+        Under ``precision="auto"`` the forward pass runs in bfloat16 autocast where the device has
+        fast bf16, so callers get the fast path without doing anything."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; crop the input")
+        dtype = autocast_dtype(self.config.precision, idx.device)
+        with torch.autocast(device_type=idx.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            pos = torch.arange(T, device=idx.device)
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+            for block in self.transformer.h:
+                x = block(x)
+            logits = self.lm_head(self.transformer.ln_f(x))
+        logits = logits.float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy."""
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                context = idx[:, -self.config.block_size:]
+                logits, _ = self(context)
+                logits = logits[:, -1, :]
+                if temperature <= 0:
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    probs = F.softmax(logits, dim=-1)
+                    nxt = torch.multinomial(probs, num_samples=1, generator=generator)
+                idx = torch.cat((idx, nxt), dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+
+def write_checked(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` (tensors and plain Python types) atomically with a SHA-256 checksum."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = buf.getvalue()
+    header = CHECKPOINT_MAGIC + b" sha256=%s length=%d\n" % (hashlib.sha256(payload).hexdigest().encode(), len(payload))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def read_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Read what ``write_checked`` wrote, after checking its length and checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        header = f.readline(256)
+        payload = f.read()
+    parts = header.strip().split(b" ")
+    if not header.startswith(CHECKPOINT_MAGIC) or len(parts) != 4:
+        raise CheckpointError(f"{path} is not a labkit checkpoint (bad header); save it with labkit.model.save")
+    fields = dict(p.split(b"=", 1) for p in parts[2:])
+    if int(fields[b"length"]) != len(payload):
+        raise CheckpointError(
+            f"{path} is truncated ({len(payload)} of {int(fields[b'length'])} bytes); use an earlier checkpoint"
+        )
+    if hashlib.sha256(payload).hexdigest().encode() != fields[b"sha256"]:
+        raise CheckpointError(f"{path} is corrupt (checksum mismatch); use an earlier checkpoint")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+
+
+def _tokenizer_json(tokenizer: Any) -> str | None:
+    """A tokenizer as JSON text: a ``tokenizers.Tokenizer``, an object with ``to_str()``, JSON text or a path."""
+    if tokenizer is None:
+        return None
+    if hasattr(tokenizer, "to_str"):
+        return tokenizer.to_str()
+    if hasattr(tokenizer, "backend_tokenizer"):  # transformers' fast tokenizers
+        return tokenizer.backend_tokenizer.to_str()
+    if isinstance(tokenizer, os.PathLike) or (isinstance(tokenizer, str) and not tokenizer.lstrip().startswith("{")):
+        return Path(tokenizer).read_text()
+    if isinstance(tokenizer, str):
+        return tokenizer
+    raise TypeError(f"cannot store a tokenizer of type {type(tokenizer).__name__}; pass a tokenizers.Tokenizer, JSON or a path")
+
+
+class Checkpoint(NamedTuple):
+    """What ``load`` returns; unpacks as ``model, extra = load(path)``."""
+
+    model: GPT
+    extra: dict[str, Any]
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    @property
+    def tokenizer_json(self) -> str | None:
+        return self.extra.get("tokenizer")
+
+    def tokenizer(self) -> Any:
+        """The tokenizer the model was trained with, as a ``tokenizers.Tokenizer`` (None if none was saved)."""
+        text = self.tokenizer_json
+        if text is None:
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(text)
+
+
+def save(model: GPT, path: str | os.PathLike, tokenizer: Any = None, **extra: Any) -> Path:
+    """Save ``model`` with its config, its tokenizer and ``extra`` (plain types, tensors) atomically."""
+    model = getattr(model, "module", model)  # accept a DDP-wrapped model
+    if not isinstance(model, GPT):
+        raise TypeError(f"labkit.model.save expects a GPT, got {type(model).__name__}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return write_checked(
+        path,
+        {
+            "format": "labkit.gpt",
+            "config": model.config.to_dict(),
+            "state_dict": state,
+            "tokenizer": _tokenizer_json(tokenizer),
+            "extra": extra,
+        },
+    )
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a checkpoint written by ``save``: ``(model, extra)``, with ``extra["tokenizer"]`` the JSON."""
+    obj = read_checked(path, map_location=map_location)
+    if not isinstance(obj, dict) or obj.get("format") != "labkit.gpt":
+        raise CheckpointError(f"{path} holds no GPT (format {obj.get('format') if isinstance(obj, dict) else None!r})")
+    model = GPT(GPTConfig.from_dict(obj["config"]))
+    missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: state does not fit the config (missing {missing}, unexpected {unexpected})")
+    model.to(map_location)
+    extra = dict(obj.get("extra") or {})
+    extra["tokenizer"] = obj.get("tokenizer")
+    return Checkpoint(model, extra)
