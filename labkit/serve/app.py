@@ -2,7 +2,6 @@
 
 
 import asyncio
-import json
 import secrets
 import time
 from typing import Any, Optional
@@ -212,7 +211,10 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
     async def embed(req: EmbedRequest) -> EmbedResponse:
         if embedder is None:
             raise HTTPException(503, "this server runs without the embedding model (started with embed=False)")
-        vecs = await run_in_threadpool(embedder.embed, req.texts)
+        try:
+            vecs = await run_in_threadpool(embedder.embed, req.texts)
+        except Exception as exc:  # a model that cannot load must not look like a server bug
+            raise HTTPException(503, f"the embedding model is unavailable: {exc}") from None
         return EmbedResponse(model=getattr(embedder, "name", "embedder"), dim=len(vecs[0]), embeddings=vecs)
 
     @app.get("/metrics", dependencies=auth, responses={401: errors[401]},
