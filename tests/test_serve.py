@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from labkit.serve import ServeConfig, demo_generator, demo_model, start
+from labkit.serve.embedder import MiniLMEmbedder
 from labkit.serve.checkpoints import NoCheckpoint, load_generator, newest_checkpoint
 from labkit.serve.engine import Batcher, ByteTokenizer, GenRequest, GenResult, ModelGenerator, QueueFull, ShuttingDown
 from labkit.serve.server import resolve_token
@@ -32,7 +33,7 @@ CONFIG = ServeConfig.for_scale("tiny").replace(max_prompt_chars=200, max_new_tok
 @pytest.fixture(scope="module")
 def server():
     torch.set_num_threads(1)
-    srv = start(demo_generator(), token=TOKEN, config=CONFIG)
+    srv = start(demo_generator(), token=TOKEN, config=CONFIG, embedder=MiniLMEmbedder())
     yield srv
     srv.stop()
 
@@ -120,6 +121,23 @@ def test_same_seed_same_text(client):
     free = client.post("/generate", json={"prompt": "The cluster", "max_new_tokens": 12}).json()
     again = client.post("/generate", json={**body, "seed": free["seed"]}).json()
     assert again["text"] == free["text"]
+
+
+def test_embed_with_minilm(client):
+    r = client.post("/embed", json={"texts": ["a cat sits on the mat", "a kitten sits on a rug", "Slurm GPU partition"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    v = torch.tensor(body["embeddings"])
+    assert body["dim"] == 384 and v.shape == (3, 384) and body["model"] == "all-MiniLM-L6-v2"
+    assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-4)
+    sims = v @ v.T
+    assert sims[0, 1] > sims[0, 2] + 0.3  # meaning, not letters, decides
+
+
+def test_embed_unavailable_is_503_not_500():
+    with start(demo_generator(), token=TOKEN, config=CONFIG) as srv, srv.client() as c:
+        r = c.post("/embed", json={"texts": ["x"]})
+    assert r.status_code == 503 and "embedding" in r.json()["error"]
 
 
 def _requests():
