@@ -263,6 +263,10 @@ def test_checkpoint_serves_like_the_model(tmp_path):
     new = save(model, runs / "b" / "ckpt.pt")
     os.utime(old, (time.time() - 100, time.time() - 100))
     assert newest_checkpoint(runs) == new
+    broken = runs / "c" / "step_00000009.pt"  # newest, but truncated: skipped
+    broken.parent.mkdir()
+    broken.write_bytes(new.read_bytes()[:-10])
+    assert newest_checkpoint(runs) == new
     gen = load_generator(runs)
     req = GenRequest("checkpoint", 6, 0.9, 20, 7)
     ref = ModelGenerator(model, ByteTokenizer())

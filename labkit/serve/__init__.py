@@ -16,6 +16,7 @@ _LAZY = {
     "ServeConfig": "config", "Batcher": "engine", "ByteTokenizer": "engine", "GenRequest": "engine",
     "GenResult": "engine", "Generator": "engine", "ModelGenerator": "engine", "demo_generator": "demo",
     "demo_model": "demo", "load_generator": "checkpoints", "newest_checkpoint": "checkpoints",
+    "pick_generator": "checkpoints", "LoadPreset": "load", "LoadResult": "load",
     "Server": "server", "start": "server", "resolve_token": "server", "self_signed": "tls",
     "MiniLMEmbedder": "embedder", "run_load": "load",
 }

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from labkit.model import load
+from labkit.model import CheckpointError, load, read_checked
 
 from .engine import ByteTokenizer, ModelGenerator
 
@@ -33,17 +33,28 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The most recently written checkpoint file under ``run_dir`` (searched recursively)."""
+def checkpoints_newest_first(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint files under ``run_dir`` (searched recursively), most recently written first."""
     root = Path(run_dir)
     found = [p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
              and not p.name.startswith(".")] if root.is_dir() else []
-    if not found:
-        raise NoCheckpoint(
-            f"no checkpoint (*{', *'.join(CHECKPOINT_SUFFIXES)}) under {root}; train one first "
-            "(notebook 06 or `labkit train`), pass a checkpoint path, or use --demo for a tiny random model"
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The most recently written checkpoint under ``run_dir`` that passes its checksum."""
+    found = checkpoints_newest_first(run_dir)
+    for path in found:
+        try:
+            read_checked(path)
+        except CheckpointError:
+            continue  # a broken or half-copied file: fall back to the one before
+        return path
+    what = f"{len(found)} checkpoint file(s), none intact," if found else f"no checkpoint (*{', *'.join(CHECKPOINT_SUFFIXES)})"
+    raise NoCheckpoint(
+        f"{what} under {Path(run_dir)}; train one first (notebook 06_distributed_training, or "
+        "labkit.train.train(..., checkpoint_dir=...)), pass a checkpoint path, or use --demo for a tiny random model"
+    )
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelGenerator:
@@ -65,3 +76,23 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
             "save it with labkit.model.save(model, path, tokenizer=...)"
         )
     return ModelGenerator(ckpt.model, tokenizer, device=device, name=path.name)
+
+
+def pick_generator(checkpoint: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
+                   device: str = "cpu") -> tuple[ModelGenerator, str]:
+    """What to serve and why: ``checkpoint`` if given, else the newest checkpoint under ``run_dir``,
+    else the demo model. Returns the generator and a one-line description of the choice."""
+    if checkpoint is not None:
+        gen = load_generator(checkpoint, device=device)
+        return gen, f"checkpoint {checkpoint}"
+    if run_dir is not None:
+        try:
+            path = newest_checkpoint(run_dir)
+        except NoCheckpoint:
+            pass
+        else:
+            return load_generator(path, device=device), f"newest checkpoint of {run_dir}: {path}"
+    from .demo import demo_generator
+
+    where = f"no checkpoint under {run_dir}" if run_dir is not None else "no checkpoint given"
+    return demo_generator(device=device), f"{where}: the demo model (tiny GPT, random weights, byte tokens)"

@@ -16,6 +16,24 @@ from labkit.events import emit
 from .metrics import percentile
 
 
+@dataclass(frozen=True)
+class LoadPreset:
+    """How much load the notebook sends per scale: requests per level, client counts, tokens each."""
+
+    requests: int = 16
+    clients: tuple[int, ...] = (1, 4)
+    max_new_tokens: int = 8
+
+    @classmethod
+    def for_scale(cls, name: str) -> "LoadPreset":
+        """The preset of a scale (tiny, binder, workshop, full)."""
+        presets = {"tiny": cls(12, (1, 4), 8), "binder": cls(32, (1, 4, 8), 16),
+                   "workshop": cls(64, (1, 4, 16), 32), "full": cls(256, (1, 4, 16, 64), 64)}
+        if name not in presets:
+            raise ValueError(f"unknown scale {name!r}; valid: {', '.join(presets)}")
+        return presets[name]
+
+
 @dataclass
 class LoadResult:
     """What a load run measured; latencies in seconds, in request order."""

@@ -93,9 +93,11 @@ def resolve_token(token: str | None = None, environ: dict | None = None) -> tupl
 
 
 def _public_host(host: str) -> str:
-    if host in ("0.0.0.0", "::", ""):
-        return socket.getfqdn()
-    return host
+    """The name other machines reach this one by, when listening on all interfaces."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    fqdn = socket.getfqdn()
+    return fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
 
 
 def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,

@@ -1,0 +1,55 @@
+"""The server as a Slurm job on the local GPU partition, through the slurm profile."""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+import httpx
+import pytest
+
+from labkit.config import ConfigError, load_config
+from labkit.serve.slurm import job_script, submit
+
+
+def test_job_script_follows_the_profile(tmp_path):
+    profile = load_config().profile("slurm").replace(
+        account="proj1", gpus_per_worker=1, memory="2GiB", memory_mode="mem-per-gpu",
+        prologue=["module load cuda/12.4", "source ~/venv/bin/activate"], job_extra=["--qos=normal"])
+    script = job_script(profile, ["python", "-m", "labkit", "serve", "--demo"], job_name="x", directory=tmp_path)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --gres=gpu:1",
+                 "#SBATCH --mem-per-gpu=2048M", "#SBATCH --qos=normal", "module load cuda/12.4",
+                 "exec python -m labkit serve --demo"):
+        assert line in script, line
+    assert script.index("module load") < script.index("exec python")
+    with pytest.raises(ConfigError, match="account"):
+        job_script(profile.replace(account=None, require_account=True), ["true"], job_name="x", directory=tmp_path)
+
+
+def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
+    profile = load_config().profile("slurm").replace(walltime="00:05:00", memory="1GiB", cores=1)
+    job = submit(profile, ["--demo", "--no-embed"], job_name="labkit-serve-test", directory=tmp_path)
+    try:
+        try:
+            url = job.wait_url(timeout=150)
+        except TimeoutError:
+            if job.state() == "PENDING":
+                pytest.skip(f"the local GPU partition is busy; job {job.job_id} never started")
+            raise
+        assert url.startswith("https://")  # the slurm profile asks for TLS
+        verify = ssl.create_default_context(cafile=str(job.certfile))
+        with httpx.Client(base_url=url, verify=verify, timeout=60) as c:
+            health = c.get("/health").json()
+            # Slurm gave the job one of the node's GPUs (fake here: torch still runs on the CPU)
+            assert health["cuda_visible_devices"] not in (None, "")
+            assert c.post("/generate", json={"prompt": "slurm"}).status_code == 401
+            r = c.post("/generate", json={"prompt": "slurm", "max_new_tokens": 4, "seed": 5},
+                       headers={"Authorization": f"Bearer {job.token}"})
+            assert r.status_code == 200 and r.json()["new_tokens"] == 4
+        assert job.token not in (tmp_path / job.directory.name / "job.sh").read_text()
+    finally:
+        job.cancel()
+    deadline = time.time() + 30
+    while job.state() != "GONE" and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.state() == "GONE"
