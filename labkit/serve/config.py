@@ -21,6 +21,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0            # how long the first request waits for companions
     max_queue: int = 256                # pending requests beyond this get 503
     request_timeout_s: float = 120.0    # a request waiting longer gets 504
+    torch_threads: int | None = None    # CPU threads for torch (process-wide); None leaves torch's choice
 
     @classmethod
     def for_scale(cls, name: str, overrides: Mapping[str, Any] | None = None) -> "ServeConfig":
@@ -38,14 +39,15 @@ class ServeConfig:
             raise ConfigError(f"unknown serve setting(s) {unknown}; valid: {', '.join(sorted(valid))}")
         new = dataclasses.replace(self, **changes)
         for f in dataclasses.fields(new):
-            if getattr(new, f.name) <= 0:
+            if getattr(new, f.name) is not None and getattr(new, f.name) <= 0:
                 raise ConfigError(f"serve setting {f.name}={getattr(new, f.name)!r} must be positive")
         return new
 
 
 _PRESETS = {
-    "tiny": ServeConfig(max_new_tokens=64, max_batch_size=8, max_wait_ms=5.0),
-    "binder": ServeConfig(max_new_tokens=128, max_batch_size=8),
+    # tiny models and 1-2 CPU machines answer fastest with one torch thread
+    "tiny": ServeConfig(max_new_tokens=64, max_batch_size=8, max_wait_ms=5.0, torch_threads=1),
+    "binder": ServeConfig(max_new_tokens=128, max_batch_size=8, torch_threads=1),
     "workshop": ServeConfig(max_new_tokens=512, max_batch_size=32),
     "full": ServeConfig(max_new_tokens=1024, max_batch_size=64, max_prompt_chars=8000),
 }

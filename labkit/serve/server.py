@@ -111,6 +111,10 @@ def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token
         if f is not None and not Path(f).is_file():
             raise FileNotFoundError(f"TLS file {f} does not exist; make one with labkit.serve.tls.self_signed()")
     token, generated = resolve_token(token)
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     metrics = Metrics()
     batcher = Batcher(generator, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
                       max_queue=config.max_queue, on_batch=metrics.record_batch)
