@@ -20,6 +20,7 @@ _LAZY = {
     "run_doctor": "labkit.doctor:run_doctor",
     "GPT": "labkit.model:GPT",
     "GPTConfig": "labkit.model:GPTConfig",
+    "start_server": "labkit.serve.server:start",
 }
 
 
