@@ -53,3 +53,31 @@ def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
     while job.state() != "GONE" and time.time() < deadline:
         time.sleep(0.5)
     assert job.state() == "GONE"
+
+
+def test_cli_slurm_prints_url_and_token(slurm, tmp_path, monkeypatch):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    user = tmp_path / "user.yaml"
+    user.write_text(f"profiles:\n  slurm:\n    log_directory: {tmp_path / 'jobs'}\n    walltime: '00:05:00'\n"
+                    "    memory: 1GiB\n    tls: false\n")
+    env = {**os.environ, "LABKIT_USER_CONFIG": str(user), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("LABKIT_SERVE_TOKEN", None)
+    r = subprocess.run([sys.executable, "-m", "labkit", "serve", "--slurm", "--demo", "--no-embed"], env=env,
+                       capture_output=True, text=True, timeout=240)
+    job_id = re.search(r"submitted Slurm job (\d+)", r.stdout)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        url = re.search(r"serving at (\S+)", r.stdout).group(1)
+        token = re.search(r"token \(shown once\): (\S+)", r.stdout).group(1)
+        assert url.startswith("http://") and f"scancel {job_id.group(1)}" in r.stdout
+        ok = httpx.post(url + "/generate", json={"prompt": "cli", "max_new_tokens": 2},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id.group(1)], capture_output=True)

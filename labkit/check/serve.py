@@ -57,6 +57,11 @@ def percentile(fn: Callable[[list[float], float], float]) -> Feedback:
             return Feedback(False, "sort the values first: a percentile reads positions in sorted order")
         if 0 < q < 100 and math.isclose(have, _reference(values, q / 100), rel_tol=1e-9):
             return Feedback(False, "q is in percent (0..100): use q / 100 of the way through the sorted values")
+        pos = (len(values) - 1) * q / 100
+        if pos != int(pos) and any(math.isclose(have, sorted(values)[i], rel_tol=1e-9)
+                                   for i in (math.floor(pos), math.ceil(pos))):
+            return Feedback(False, f"you picked one of the two neighbours; at position {pos:g} interpolate: "
+                                   "xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)")
         if math.isclose(have, _nearest_rank(values, q), rel_tol=1e-9):
             return Feedback(False, "that is the nearest-rank percentile; interpolate linearly between the two "
                                    "neighbours at position (n - 1) * q / 100")
