@@ -1,8 +1,11 @@
 """bench.serve at toy size: both servers run as processes, answer, and agree text for text."""
 
+import pytest
+
 from bench.serve import report, run
 
 
+@pytest.mark.slow
 def test_bench_serve_smoke():
     result = run(levels=(1, 3), requests=3, max_new_tokens=2, max_batch_size=4, max_wait_ms=20)
     assert [(r["mode"], r["concurrency"]) for r in result["rows"]] == [

@@ -254,6 +254,24 @@ def test_batcher_queue_limit_and_stop():
         b.submit(GenRequest("e"))
 
 
+class _Picky(_Slow):
+    def generate(self, requests):
+        if any(r.prompt == "bad" for r in requests):
+            raise ValueError("bad prompt")
+        return super().generate(requests)
+
+
+def test_one_bad_request_does_not_fail_its_batch():
+    gen = _Picky()
+    gen.release.set()
+    b = Batcher(gen, max_batch_size=4, max_wait_ms=200)
+    futures = [b.submit(GenRequest(p)) for p in ("ok1", "bad", "ok2")]
+    assert futures[0].result(5).text == "ok1" and futures[2].result(5).text == "ok2"
+    with pytest.raises(ValueError, match="bad prompt"):
+        futures[1].result(5)
+    b.stop()
+
+
 def test_checkpoint_serves_like_the_model(tmp_path):
     from labkit.model import save
 
@@ -308,3 +326,29 @@ def test_cli_without_checkpoint_explains(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "no checkpoint" in out and "--demo" in out and "train" in out
+
+
+def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from labkit.model import GPT, GPTConfig, save
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    corpus = ["the cluster runs the model", "a GPU node serves tokens", "the model answers the user"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["[UNK]"]))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=tok.get_vocab_size(),
+                          precision="float32"))
+    path = save(model, tmp_path / "runs" / "step_00000001.pt", tokenizer=tok)
+    with start(load_generator(path), token=TOKEN, config=CONFIG) as srv, srv.client() as c:
+        assert c.get("/health").json()["vocab_size"] == tok.get_vocab_size()
+        long_prompt = "the cluster runs the model " * 3  # longer than block_size 8: the last 8 tokens are kept
+        r = c.post("/generate", json={"prompt": long_prompt, "max_new_tokens": 5, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["prompt_tokens"] == len(tok.encode(long_prompt).ids) == 15
+        assert r.json()["new_tokens"] == 5 and r.json()["text"].strip()
+        # whitespace only: this tokenizer makes no tokens of it -> 422 that says so, not 500
+        r = c.post("/generate", json={"prompt": "   "})
+        assert r.status_code == 422 and "no tokens" in r.json()["error"]

@@ -15,6 +15,7 @@ from labkit.serve import MiniLMEmbedder, ServeConfig, demo_generator, start
 TOKEN = "schema-token"
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(tmp_path):
     st = shutil.which("st") or str(Path(sys.executable).with_name("st"))
     if not Path(st).exists():

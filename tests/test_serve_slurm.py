@@ -26,6 +26,7 @@ def test_job_script_follows_the_profile(tmp_path):
         job_script(profile.replace(account=None, require_account=True), ["true"], job_name="x", directory=tmp_path)
 
 
+@pytest.mark.slurm
 def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
     profile = load_config().profile("slurm").replace(walltime="00:05:00", memory="1GiB", cores=1)
     job = submit(profile, ["--demo", "--no-embed"], job_name="labkit-serve-test", directory=tmp_path)
@@ -55,6 +56,7 @@ def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
     assert job.state() == "GONE"
 
 
+@pytest.mark.slurm
 def test_cli_slurm_prints_url_and_token(slurm, tmp_path, monkeypatch):
     import os
     import re

@@ -190,6 +190,8 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
     @app.post("/generate", response_model=GenerateResponse, dependencies=auth, responses=errors,
               summary="continue a prompt; same seed, same text")
     async def generate(req: GenerateRequest) -> GenerateResponse:
+        if batcher.generator.count_tokens(req.prompt) == 0:
+            raise HTTPException(422, "the prompt encodes to no tokens with this model's tokenizer; send some text")
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
         greq = GenRequest(req.prompt, req.max_new_tokens, req.temperature, req.top_k, seed)
         try:

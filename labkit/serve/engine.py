@@ -236,9 +236,12 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             results = self.generator.generate([r for r, _ in batch])
-        except BaseException as exc:  # hand the error to every waiting request
-            for _, fut in batch:
-                fut.set_exception(exc)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for item in batch:  # one bad request must not fail its companions: run them one by one
+                self._run([item])
             return
         seconds = time.perf_counter() - t0
         for (_, fut), res in zip(batch, results):
