@@ -21,6 +21,9 @@ _LAZY = {
     "GPT": "labkit.model:GPT",
     "GPTConfig": "labkit.model:GPTConfig",
     "start_server": "labkit.serve.server:start",
+    "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
+    "load_bert": "labkit.pretrained:load_bert",
+    "embed": "labkit.pretrained:embed",
 }
 
 

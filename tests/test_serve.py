@@ -132,6 +132,10 @@ def test_embed_with_minilm(client):
     assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-4)
     sims = v @ v.T
     assert sims[0, 1] > sims[0, 2] + 0.3  # meaning, not letters, decides
+    from labkit.pretrained import embed
+
+    direct = embed(["a cat sits on the mat", "a kitten sits on a rug", "Slurm GPU partition"])
+    assert torch.allclose(v, direct, atol=1e-5)  # the API serves what labkit.pretrained computes
 
 
 def test_embed_unavailable_is_503_not_500():
