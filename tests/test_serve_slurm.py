@@ -14,10 +14,10 @@ from labkit.serve.slurm import job_script, submit
 
 def test_job_script_follows_the_profile(tmp_path):
     profile = load_config().profile("slurm").replace(
-        account="proj1", gpus_per_worker=1, memory="2GiB", memory_mode="mem-per-gpu",
+        account="proj1", gpus_per_worker=2, memory="4GiB", memory_mode="mem-per-gpu",
         prologue=["module load cuda/12.4", "source ~/venv/bin/activate"], job_extra=["--qos=normal"])
     script = job_script(profile, ["python", "-m", "labkit", "serve", "--demo"], job_name="x", directory=tmp_path)
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --gres=gpu:1",
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --gres=gpu:2",
                  "#SBATCH --mem-per-gpu=2048M", "#SBATCH --qos=normal", "module load cuda/12.4",
                  "exec python -m labkit serve --demo"):
         assert line in script, line

@@ -124,6 +124,9 @@ def cli(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"labkit serve: {generator.info()['model']} on {device} at {server.url}", flush=True)
+    if not certfile and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: listening beyond this machine without TLS: the token and texts travel in clear; "
+              "add --self-signed DIR or --cert/--key", flush=True)
     if server.token_generated:
         print(f"token (shown once, or set {'LABKIT_SERVE_TOKEN'}): {server.token}", flush=True)
     if args.url_file:

@@ -89,10 +89,12 @@ def job_script(profile: Profile, command: Sequence[str], *, job_name: str, direc
         lines.append(f"#SBATCH --account={profile.account}")
     if profile.gpus_per_worker:
         lines.append(f"#SBATCH --gres=gpu:{profile.gpus_per_worker}")
-    if profile.memory:
-        mem_mb = max(1, _megabytes(profile.memory))
-        flag = "--mem-per-gpu" if profile.memory_mode == "mem-per-gpu" and profile.gpus_per_worker else "--mem"
-        lines.append(f"#SBATCH {flag}={mem_mb}M")
+    if profile.memory:  # the job's total, as for a Dask worker; mem-per-gpu splits it over its GPUs
+        mem_mb = _megabytes(profile.memory)
+        if profile.memory_mode == "mem-per-gpu" and profile.gpus_per_worker:
+            lines.append(f"#SBATCH --mem-per-gpu={max(1, mem_mb // profile.gpus_per_worker)}M")
+        else:
+            lines.append(f"#SBATCH --mem={max(1, mem_mb)}M")
     if profile.walltime:
         lines.append(f"#SBATCH --time={profile.walltime}")
     if workdir:
