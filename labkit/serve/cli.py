@@ -128,13 +128,13 @@ def cli(args: argparse.Namespace) -> int:
         print("warning: listening beyond this machine without TLS: the token and texts travel in clear; "
               "add --self-signed DIR or --cert/--key", flush=True)
     if server.token_generated:
-        print(f"token (shown once, or set {'LABKIT_SERVE_TOKEN'}): {server.token}", flush=True)
+        print(f"token (shown once; set LABKIT_SERVE_TOKEN to choose it): {server.token}", flush=True)
     if args.url_file:
         tmp = Path(args.url_file).with_suffix(".tmp")
         tmp.write_text(server.url + "\n")
         tmp.replace(args.url_file)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: server._uvicorn.__setattr__("should_exit", True))
+        signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # scancel sends SIGTERM
     server.wait()
     print("labkit serve: stopped", flush=True)
     return 0

@@ -57,6 +57,10 @@ class Server:
             kwargs.setdefault("verify", ssl.create_default_context(cafile=self.certfile))
         return httpx.Client(base_url=self.url, headers=self.headers, **kwargs)
 
+    def request_stop(self) -> None:
+        """Ask the server to stop soon (safe from a signal handler); ``wait()`` returns after."""
+        self._uvicorn.should_exit = True
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let requests in flight finish, then stop the batching thread."""
         self._uvicorn.should_exit = True
