@@ -356,3 +356,13 @@ def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
         # whitespace only: this tokenizer makes no tokens of it -> 422 that says so, not 500
         r = c.post("/generate", json={"prompt": "   "})
         assert r.status_code == 422 and "no tokens" in r.json()["error"]
+
+
+def test_device_choice(monkeypatch):
+    from labkit.serve.cli import pick_device
+
+    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node (mocked: none here)
+    assert pick_device("auto") == "cuda"

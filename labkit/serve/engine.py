@@ -136,7 +136,7 @@ class ModelGenerator:
         active = [i for i, r in enumerate(reqs) if r.max_new_tokens > 0]
         while active:
             ctx = torch.tensor([seqs[i][-self.block_size:] for i in active], dtype=torch.long, device=self.device)
-            logits = _last_logits(self.model(ctx))
+            logits = _last_logits(self.model(ctx)).float().cpu()  # one transfer per step, then per-row sampling
             for row, i in enumerate(active):
                 tok = sample_next(logits[row], reqs[i].temperature, reqs[i].top_k, gens[i])
                 seqs[i].append(tok)
