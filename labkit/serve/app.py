@@ -168,7 +168,8 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
     )
     auth = [Depends(require_token)]
     errors = {401: {"description": "missing or wrong bearer token"},
-              413: {"description": "body too large"}, 422: {"description": "invalid input; names the limit"}}
+              413: {"description": "body too large"}, 422: {"description": "invalid input; names the limit"},
+              503: {"description": "queue full (retry later), shutting down, or model unavailable"}}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
