@@ -366,3 +366,21 @@ def test_device_choice(monkeypatch):
     assert pick_device("auto") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node (mocked: none here)
     assert pick_device("auto") == "cuda"
+
+
+def test_sample_rows_follows_the_distribution():
+    from labkit.serve.engine import sample_rows
+
+    probs = torch.tensor([0.6, 0.25, 0.1, 0.05])
+    logits = probs.log().repeat(3, 1)
+    g = [torch.Generator().manual_seed(s) for s in range(3)]
+    counts = torch.zeros(3, 4)
+    for _ in range(3000):
+        for row, tok in enumerate(sample_rows(logits, [1.0, 1.0, 0.0], [None, 2, None], g)):
+            counts[row, tok] += 1
+    freq = counts / 3000
+    assert torch.allclose(freq[0], probs, atol=0.03)                       # plain sampling
+    assert freq[1, 2:].sum() == 0 and abs(freq[1, 0] - 0.6 / 0.85) < 0.03  # top-2 renormalised
+    assert freq[2, 0] == 1.0                                               # temperature 0: greedy
+    hot = sample_rows(torch.tensor([[1e4, 0.0]]), [1e-300], [None], g[:1])  # no NaN at tiny temperatures
+    assert hot == [0]

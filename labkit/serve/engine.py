@@ -62,19 +62,32 @@ class ByteTokenizer:
         return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
-    """One token from a 1-D row of logits: greedy at temperature 0, else top-k sampling.
+def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int | None],
+                generators: Sequence[torch.Generator]) -> list[int]:
+    """One next token per row of ``logits`` (B, V): greedy where the temperature is 0, else top-k
+    sampling by inverse CDF with one uniform draw from that row's own generator.
 
-    Works in float64 after subtracting the maximum, so tiny temperatures never overflow to NaN."""
-    logits = logits.detach().to("cpu", torch.float64)
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = (logits - logits.max()) / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    Each row's token depends only on its own logits and generator, never on the other rows, so a
+    request samples the same token alone or in a batch. Works in float64 after subtracting the
+    row maximum, so tiny temperatures cannot overflow."""
+    x = logits.detach().to("cpu", torch.float64)
+    x = x - x.max(dim=-1, keepdim=True).values
+    out = x.argmax(dim=-1).tolist()  # greedy rows keep this
+    rows = [i for i, t in enumerate(temperatures) if t > 0]
+    if not rows:
+        return out
+    x = x[rows] / torch.tensor([float(temperatures[i]) for i in rows], dtype=torch.float64).unsqueeze(1)
+    for j, i in enumerate(rows):
+        k = top_ks[i]
+        if k is not None and k < x.shape[1]:
+            kth = torch.topk(x[j], k).values[-1]
+            x[j] = x[j].masked_fill(x[j] < kth, float("-inf"))
+    cdf = torch.cumsum(torch.softmax(x, dim=-1), dim=-1)
+    u = torch.stack([torch.rand((), dtype=torch.float64, generator=generators[i]) for i in rows])
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    for j, i in enumerate(rows):
+        out[i] = int(picked[j].clamp(max=x.shape[1] - 1))
+    return out
 
 
 def _last_logits(out: Any) -> torch.Tensor:
@@ -136,9 +149,10 @@ class ModelGenerator:
         active = [i for i, r in enumerate(reqs) if r.max_new_tokens > 0]
         while active:
             ctx = torch.tensor([seqs[i][-self.block_size:] for i in active], dtype=torch.long, device=self.device)
-            logits = _last_logits(self.model(ctx)).float().cpu()  # one transfer per step, then per-row sampling
-            for row, i in enumerate(active):
-                tok = sample_next(logits[row], reqs[i].temperature, reqs[i].top_k, gens[i])
+            logits = _last_logits(self.model(ctx))
+            toks = sample_rows(logits, [reqs[i].temperature for i in active], [reqs[i].top_k for i in active],
+                               [gens[i] for i in active])
+            for i, tok in zip(active, toks):
                 seqs[i].append(tok)
                 new[i].append(tok)
             active = [i for i in active if len(new[i]) < reqs[i].max_new_tokens]
