@@ -28,7 +28,7 @@ import httpx
 import torch
 
 from labkit.model import GPT, GPTConfig, save
-from labkit.serve import run_load
+from labkit.serve import GenRequest, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,25 +69,50 @@ def serve_process(args: list[str], workdir: Path, timeout: float = 120.0):
         proc.wait(30)
 
 
+def engine_only(target: list[str], n: int = 16, max_new_tokens: int = 16) -> dict:
+    """Without HTTP: ``n`` same-length requests generated as one batch versus one at a time."""
+    from labkit.serve import demo_generator, load_generator
+
+    torch.set_num_threads(1)
+    gen = demo_generator() if target == ["--demo"] else load_generator(target[0])
+    reqs = [GenRequest("Once upon a time", max_new_tokens, 1.0, None, s) for s in range(n)]
+    gen.generate(reqs[:2])  # warm up
+    t0 = time.perf_counter()
+    batched = gen.generate(reqs)
+    t1 = time.perf_counter()
+    single = [gen.generate([r])[0] for r in reqs]
+    t2 = time.perf_counter()
+    return {"requests": n, "batched_s": t1 - t0, "one_by_one_s": t2 - t1, "same_texts": batched == single}
+
+
 def run(levels=(1, 4, 16), requests: int = 64, max_new_tokens: int = 16, max_batch_size: int = 16,
         max_wait_ms: float = 5.0, model: str = "demo", checkpoint: str | None = None) -> dict:
-    """Measure both servers at every level; returns ``{"rows": [...], "same_texts": bool, "model": ...}``."""
+    """Measure both servers at every level; returns ``{"rows", "same_texts", "model", "engine"}``.
+
+    Both servers run at once and the modes alternate level by level, so a change in the machine's
+    load during the run hits both alike."""
     modes = {"unbatched": ["--max-batch-size", "1"],
              "batched": ["--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms)]}
-    rows, texts, info = [], {}, {}
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+    rows, texts = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, contextlib.ExitStack() as stack:
         target = model_args(model, checkpoint, Path(tmp))
-        for mode, flags in modes.items():
-            # binder limits: one torch thread, up to 128 new tokens
-            with serve_process([*target, "--scale", "binder", *flags], Path(tmp)) as (url, token, info):
-                run_load(url, token, requests=4, concurrency=2, max_new_tokens=2)  # warm up
-                for c in levels:
-                    res = run_load(url, token, requests=max(requests, c), concurrency=c,
-                                   max_new_tokens=max_new_tokens, first_seed=0)
-                    rows.append({"mode": mode, **res.summary()})
-                    texts[mode, c] = res.texts
-    same = all(texts["batched", c] == texts["unbatched", c] for c in levels)
-    return {"rows": rows, "same_texts": same, "model": info}
+        engine = engine_only(target, n=max(levels), max_new_tokens=max_new_tokens)
+        # binder limits: one torch thread, up to 128 new tokens
+        servers = {mode: stack.enter_context(serve_process([*target, "--scale", "binder", *flags], Path(tmp)))
+                   for mode, flags in modes.items()}
+        for url, token, _ in servers.values():
+            run_load(url, token, requests=4, concurrency=2, max_new_tokens=2)  # warm up
+        for n, c in enumerate(levels):
+            order = list(modes) if n % 2 == 0 else list(reversed(modes))
+            for mode in order:
+                url, token, _ = servers[mode]
+                res = run_load(url, token, requests=max(requests, c), concurrency=c,
+                               max_new_tokens=max_new_tokens, first_seed=0)
+                rows.append({"mode": mode, **res.summary()})
+                texts[mode, c] = res.texts
+        info = servers["batched"][2]
+    same = all(texts["batched", c] == texts["unbatched", c] for c in levels) and engine["same_texts"]
+    return {"rows": rows, "same_texts": same, "model": info, "engine": engine}
 
 
 def report(result: dict, levels) -> str:
@@ -106,6 +131,9 @@ def report(result: dict, levels) -> str:
         u, b = by["unbatched", c], by["batched", c]
         lines.append(f"  {c:>2} clients: throughput x{b['requests_per_s'] / u['requests_per_s']:.2f}, "
                      f"p50 x{b['p50_ms'] / u['p50_ms']:.2f}, p95 x{b['p95_ms'] / u['p95_ms']:.2f}")
+    e = result["engine"]
+    lines.append(f"  engine alone (no HTTP), {e['requests']} requests: one batch {1000 * e['batched_s']:.0f} ms, "
+                 f"one at a time {1000 * e['one_by_one_s']:.0f} ms: x{e['one_by_one_s'] / e['batched_s']:.2f}")
     lines.append(f"same texts batched and unbatched: {result['same_texts']}")
     return "\n".join(lines)
 
