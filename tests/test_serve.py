@@ -384,3 +384,15 @@ def test_sample_rows_follows_the_distribution():
     assert freq[2, 0] == 1.0                                               # temperature 0: greedy
     hot = sample_rows(torch.tensor([[1e4, 0.0]]), [1e-300], [None], g[:1])  # no NaN at tiny temperatures
     assert hot == [0]
+
+
+def test_pick_generator_prefers_the_newest_checkpoint_then_demo(tmp_path):
+    from labkit.model import save
+    from labkit.serve import pick_generator
+
+    gen, why = pick_generator(None, [tmp_path / "a", tmp_path / "b"])
+    assert "demo" in why and gen.info()["vocab_size"] == 256
+    save(demo_model(seed=1), tmp_path / "a" / "x" / "step_00000001.pt")
+    newest = save(demo_model(seed=2), tmp_path / "b" / "step_00000002.pt")
+    gen, why = pick_generator(None, [tmp_path / "a", tmp_path / "b"])
+    assert str(newest) in why and gen.name == newest.name

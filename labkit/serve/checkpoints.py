@@ -33,16 +33,16 @@ class HFTokenizer:
         return self.tokenizer.decode(list(ids))
 
 
-def checkpoints_newest_first(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint files under ``run_dir`` (searched recursively), most recently written first."""
-    root = Path(run_dir)
-    found = [p for p in root.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()
-             and not p.name.startswith(".")] if root.is_dir() else []
+def checkpoints_newest_first(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Checkpoint files under ``run_dir`` (one folder or several, searched recursively), newest first."""
+    roots = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
+    found = [p for root in map(Path, roots) if root.is_dir() for p in root.rglob("*")
+             if p.suffix in CHECKPOINT_SUFFIXES and p.is_file() and not p.name.startswith(".")]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The most recently written checkpoint under ``run_dir`` that passes its checksum."""
+def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> Path:
+    """The most recently written checkpoint under ``run_dir`` (or several folders) that passes its checksum."""
     found = checkpoints_newest_first(run_dir)
     for path in found:
         try:
@@ -50,9 +50,10 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
         except CheckpointError:
             continue  # a broken or half-copied file: fall back to the one before
         return path
+    where = run_dir if isinstance(run_dir, (str, os.PathLike)) else ", ".join(map(str, run_dir)) or "(no folder)"
     what = f"{len(found)} checkpoint file(s), none intact," if found else f"no checkpoint (*{', *'.join(CHECKPOINT_SUFFIXES)})"
     raise NoCheckpoint(
-        f"{what} under {Path(run_dir)}; train one first (notebook 06_distributed_training, or "
+        f"{what} under {where}; train one first (notebook 06_distributed_training, or "
         "labkit.train.train(..., checkpoint_dir=...)), pass a checkpoint path, or use --demo for a tiny random model"
     )
 
@@ -78,10 +79,12 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return ModelGenerator(ckpt.model, tokenizer, device=device, name=path.name)
 
 
-def pick_generator(checkpoint: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
+def pick_generator(checkpoint: str | os.PathLike | None = None,
+                   run_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                    device: str = "cpu") -> tuple[ModelGenerator, str]:
-    """What to serve and why: ``checkpoint`` if given, else the newest checkpoint under ``run_dir``,
-    else the demo model. Returns the generator and a one-line description of the choice."""
+    """What to serve and why: ``checkpoint`` if given, else the newest intact checkpoint under
+    ``run_dir`` (one folder or several), else the demo model. Returns the generator and a one-line
+    description of the choice."""
     if checkpoint is not None:
         gen = load_generator(checkpoint, device=device)
         return gen, f"checkpoint {checkpoint}"
@@ -91,8 +94,8 @@ def pick_generator(checkpoint: str | os.PathLike | None = None, run_dir: str | o
         except NoCheckpoint:
             pass
         else:
-            return load_generator(path, device=device), f"newest checkpoint of {run_dir}: {path}"
+            return load_generator(path, device=device), f"the newest checkpoint: {path}"
     from .demo import demo_generator
 
-    where = f"no checkpoint under {run_dir}" if run_dir is not None else "no checkpoint given"
+    where = "no checkpoint found" if run_dir is not None else "no checkpoint given"
     return demo_generator(device=device), f"{where}: the demo model (tiny GPT, random weights, byte tokens)"

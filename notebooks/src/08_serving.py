@@ -14,7 +14,7 @@
 
 # %% parameters
 scale = None          # None: the lab's setting; or "tiny", "binder", "workshop", "full"
-checkpoint = None     # a checkpoint file; None: the newest under run_dir, else the demo model
+checkpoint = None     # a checkpoint file; None: the newest from notebook 06 or run_dir, else the demo model
 run_dir = "runs"      # where training runs write checkpoints (LABKIT_RUN_DIR overrides)
 embed = True          # also serve MiniLM sentence embeddings on /embed (loads in a few seconds)
 run_on_slurm = False  # also submit the server as a Slurm job (needs a configured slurm profile)
@@ -28,14 +28,18 @@ run_on_slurm = False  # also submit the server as a Slurm job (needs a configure
 # it makes a random one. We keep it in `server.token` and never print it.
 
 # %%
+import glob
 import os
+import tempfile
 
 import labkit
 from labkit.serve import LoadPreset, MiniLMEmbedder, ServeConfig, pick_generator, start
 
 scale_name = labkit.load_config().scale(scale).name
 config = ServeConfig.for_scale(scale_name, labkit.load_config().scale(scale_name).section("serve"))
-generator, why = pick_generator(checkpoint, os.environ.get("LABKIT_RUN_DIR", run_dir))
+# notebook 06 keeps its checkpoints in a folder labkit-06-* of the temporary directory
+run_dirs = [os.environ.get("LABKIT_RUN_DIR", run_dir), *glob.glob(os.path.join(tempfile.gettempdir(), "labkit-06-*"))]
+generator, why = pick_generator(checkpoint, run_dirs)
 print("serving:", why)
 server = start(generator, config=config, embedder=MiniLMEmbedder() if embed else None)
 print(server, "| batches of up to", config.max_batch_size, "requests, waiting up to", config.max_wait_ms, "ms")
