@@ -20,6 +20,7 @@ class ServeConfig:
     max_batch_size: int = 16            # requests run together in one forward pass
     max_wait_ms: float = 5.0            # how long the first request waits for companions
     max_queue: int = 256                # pending requests beyond this get 503
+    max_connections: int = 1024         # concurrent connections beyond this get 503 (uvicorn)
     request_timeout_s: float = 120.0    # a request waiting longer gets 504
     torch_threads: int | None = None    # CPU threads for torch (process-wide); None leaves torch's choice
 

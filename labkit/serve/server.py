@@ -130,6 +130,7 @@ def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token
         wrap(app, config=config, metrics=metrics), host=host, port=port, log_level="warning",
         ssl_certfile=str(certfile) if certfile else None, ssl_keyfile=str(keyfile) if keyfile else None,
         timeout_graceful_shutdown=config.request_timeout_s, access_log=False,
+        limit_concurrency=config.max_connections,
     )
     uv = uvicorn.Server(uv_config)
     errors: list[BaseException] = []

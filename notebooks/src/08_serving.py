@@ -16,7 +16,7 @@
 scale = None          # None: the lab's setting; or "tiny", "binder", "workshop", "full"
 checkpoint = None     # a checkpoint file; None: the newest from notebook 06 or run_dir, else the demo model
 run_dir = "runs"      # where training runs write checkpoints (LABKIT_RUN_DIR overrides)
-embed = True          # also serve MiniLM sentence embeddings on /embed (loads in a few seconds)
+embed = None          # serve MiniLM sentence embeddings on /embed; None: yes, except at tiny scale (~10 s to load)
 run_on_slurm = False  # also submit the server as a Slurm job (needs a configured slurm profile)
 
 # %% [markdown]
@@ -37,6 +37,7 @@ from labkit.serve import LoadPreset, MiniLMEmbedder, ServeConfig, pick_generator
 
 scale_name = labkit.load_config().scale(scale).name
 config = ServeConfig.for_scale(scale_name, labkit.load_config().scale(scale_name).section("serve"))
+embed = scale_name != "tiny" if embed is None else embed
 # notebook 06 keeps its checkpoints in a folder labkit-06-* of the temporary directory
 run_dirs = [os.environ.get("LABKIT_RUN_DIR", run_dir), *glob.glob(os.path.join(tempfile.gettempdir(), "labkit-06-*"))]
 generator, why = pick_generator(checkpoint, run_dirs)
@@ -60,6 +61,18 @@ answer = client.post("/generate", json={"prompt": "The cluster", "max_new_tokens
 print(answer)
 print("without the token:", httpx.post(server.url + "/generate", json={"prompt": "hi"}).status_code)
 print("too many tokens:", client.post("/generate", json={"prompt": "hi", "max_new_tokens": 10**6}).json()["error"])
+
+# %% [markdown]
+# On a shared cluster the token and the texts must not travel in clear: give the server a
+# certificate and it speaks HTTPS only. Here a self-signed one, made on the spot; the client trusts
+# exactly that certificate.
+
+# %%
+from labkit.serve import self_signed
+
+cert, key = self_signed(tempfile.mkdtemp(prefix="labkit-08-tls-"))
+with start(generator, config=config, certfile=cert, keyfile=key) as tls_server, tls_server.client() as tls_client:
+    print(tls_server.url, "->", tls_client.post("/generate", json={"prompt": "secret", "max_new_tokens": 4}).json())
 
 # %% [markdown]
 # **Exercise 1.** Send the same request twice with the same `seed` and check that the texts match.
