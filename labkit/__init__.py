@@ -24,6 +24,7 @@ _LAZY = {
     "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
     "load_bert": "labkit.pretrained:load_bert",
     "embed": "labkit.pretrained:embed",
+    "start_cluster": "labkit.cluster:start_cluster",
 }
 
 

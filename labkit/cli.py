@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("labkit.doctor", "check this machine, Slurm and the active profile before a session"),
     "serve": ("labkit.serve.cli", "serve a checkpoint (or --demo) over an authenticated HTTP API"),
+    "cleanup": ("labkit.cluster.cleanup", "cancel your stale labkit Slurm jobs (owner notebook gone)"),
 }
 
 

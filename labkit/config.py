@@ -60,6 +60,8 @@ class Profile:
     lifetime: str | None = None
     lifetime_stagger: str | None = None
     log_directory: str | None = None
+    start_timeout: int = 300
+    fake_gpus: bool = False
 
     def replace(self, **changes: Any) -> "Profile":
         """Return a copy with some keys changed, validated like a file would be."""

@@ -2,7 +2,7 @@
 # Bring up / tear down a single-node Slurm on this machine, for labkit's tests and for
 # instructors rehearsing a workshop on a laptop or VM.
 #
-#   scripts/local-slurm.sh up       # munge + slurmctld + slurmd, partitions "gpu" (2 fake GPUs) and "cpu"
+#   scripts/local-slurm.sh up       # munge + slurmctld + slurmd, partitions "gpu" (2 fake GPUs) and "cpu" (no nodes)
 #   scripts/local-slurm.sh status   # sinfo
 #   scripts/local-slurm.sh down     # stop the daemons (the config stays)
 #
@@ -69,6 +69,9 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$MEM_MB Gres=gpu:$NGPU State=UNKNOWN
 PartitionName=gpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+# A partition without GPU nodes, so labkit's pre-flight check can refuse GPUs there. GRES are per
+# node and adding a node needs a daemon restart, so it has no nodes at all (jobs there would pend).
+PartitionName=cpu MaxTime=INFINITE State=UP
 EOF
     cat > "$CONF_DIR/gres.conf.new" <<EOF
 NodeName=$NODE Name=gpu File=/dev/labkit-gpu[0-$gpu_last]

@@ -1,0 +1,74 @@
+"""Checkers for notebook 01_cluster: pinning a task to a GPU worker with Dask resources."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable
+
+
+class CheckFailed(AssertionError):
+    """The learner's code ran but did the wrong thing; the message says what to change."""
+
+
+def _probe() -> str:
+    """Runs on a worker: the GPU ids it may use."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+class _RecordingClient:
+    """Forwards to a real Client and remembers the resources each submit/map asked for."""
+
+    def __init__(self, client: Any):
+        self._client = client
+        self.asked: list[dict] = []
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append(dict(kwargs.get("resources") or {}))
+        return self._client.submit(*args, **kwargs)
+
+    def map(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked.append(dict(kwargs.get("resources") or {}))
+        return self._client.map(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def _gpu_task(client: Any, fn: Callable[[], Any]) -> Any:
+    return client.submit(fn, resources={"GPU": 1}, pure=False)
+
+
+SOLUTIONS: dict[str, Callable[..., Any]] = {"gpu_task": _gpu_task}
+
+
+def solution(name: str) -> Callable[..., Any]:
+    """The reference solution of an exercise (call it, or print ``inspect.getsource`` of it)."""
+    if name not in SOLUTIONS:
+        raise KeyError(f"no solution named {name!r}; valid: {', '.join(SOLUTIONS)}")
+    return SOLUTIONS[name]
+
+
+def show_solution(name: str) -> str:
+    """The source of a solution, for when you are stuck."""
+    return inspect.getsource(solution(name))
+
+
+def check_gpu_task(handle: Any, submit_on_a_gpu: Callable[[Any, Callable[[], Any]], Any], timeout: float = 60) -> str:
+    """Call ``submit_on_a_gpu(client, fn)`` with a probe and check the task was pinned to a GPU worker."""
+    client = _RecordingClient(handle.client)
+    fut = submit_on_a_gpu(client, _probe)
+    if not hasattr(fut, "key") or not hasattr(fut, "result"):
+        raise CheckFailed(f"submit_on_a_gpu returned {type(fut).__name__}, not a Future: return client.submit(...)")
+    wanted = client.asked[-1] if client.asked else {}
+    if wanted.get("GPU", 0) < 1:
+        raise CheckFailed(
+            f"the task asked for resources {wanted or 'none'}, so Dask may run it on any worker, GPU or not; "
+            "pass resources={'GPU': 1} to client.submit"
+        )
+    seen = fut.result(timeout=timeout)
+    gpu_ids = {",".join(v) for v in handle.gpu_map().values() if v}
+    if seen not in gpu_ids:
+        raise CheckFailed(f"the task saw CUDA_VISIBLE_DEVICES={seen!r}, not one of the GPU workers' {sorted(gpu_ids)}; "
+                          "did your function call fn on the worker (client.submit(fn, ...), not fn())?")
+    return f"correct: the task ran on a worker that owns GPU {seen} (resources={wanted})"

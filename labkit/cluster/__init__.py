@@ -1,0 +1,15 @@
+"""The cluster layer: ``start_cluster`` gives a local or Slurm Dask cluster behind one handle.
+
+Modules: ``start`` (profile choice, start-up), ``handle`` (ClusterHandle), ``local`` (LocalCluster),
+``slurm`` (dask-jobqueue SLURMCluster), ``preflight`` (fail-fast checks), ``tls`` (per-session
+credentials), ``session`` (private directory, job-name tag), ``slurmcli`` (squeue/scancel),
+``cleanup`` (``labkit cleanup``), ``sidebar`` (the dask-labextension factory).
+"""
+
+from __future__ import annotations
+
+from .errors import ClusterConfigError, ClusterError, ClusterTimeout
+from .handle import ClusterHandle
+from .start import choose_profile, start_cluster
+
+__all__ = ["ClusterConfigError", "ClusterError", "ClusterHandle", "ClusterTimeout", "choose_profile", "start_cluster"]

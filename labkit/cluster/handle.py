@@ -1,0 +1,242 @@
+"""ClusterHandle: the one object a notebook holds: client, dashboard link, GPU map, scale, close."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from distributed import Client
+
+from ..config import Profile
+from . import slurmcli
+from .errors import ClusterError, ClusterTimeout
+from .session import Session, end_session
+from .status import ClusterStatus, WorkerRow
+from .tls import SessionCredentials
+
+TERMINAL = {"FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED", "GONE"}
+
+
+def _visible_gpus() -> list[str]:
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [g for g in (cvd or "").split(",") if g.strip()]
+
+
+@dataclass
+class ClusterHandle:
+    """A running Dask cluster (local or Slurm) with its client; close it (or use ``with``) when done."""
+
+    cluster: Any
+    client: Client
+    profile: Profile
+    kind: str
+    session: Session
+    credentials: SessionCredentials | None = None
+    gpus_per_worker: int = 0
+    note: str = ""
+    say: Callable[[str], None] = print
+    target: int = 0
+    _closed: bool = field(default=False, repr=False)
+    _job_ids: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ inspect
+    @property
+    def address(self) -> str:
+        return self.cluster.scheduler_address
+
+    @property
+    def dashboard_port(self) -> int | None:
+        server = getattr(getattr(self.cluster, "scheduler", None), "http_server", None)
+        return getattr(server, "port", None)
+
+    @property
+    def dashboard_link(self) -> str:
+        """The dashboard URL: through jupyter-server-proxy on JupyterHub, else on 127.0.0.1."""
+        port = self.dashboard_port
+        if port is None:
+            return ""
+        prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
+        if prefix:
+            return f"{prefix.rstrip('/')}/proxy/{port}/status"
+        return f"http://127.0.0.1:{port}/status"
+
+    def workers(self) -> dict[str, dict]:
+        """Worker address -> scheduler's info (name, nthreads, memory_limit, resources, metrics)."""
+        return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+
+    def gpu_map(self) -> dict[str, list[str]]:
+        """Worker name -> the GPU ids it sees (its CUDA_VISIBLE_DEVICES, as Slurm or labkit set it)."""
+        names = {addr: str(info.get("name", addr)) for addr, info in self.workers().items()}
+        seen = self.client.run(_visible_gpus)
+        return {names.get(addr, addr): ids for addr, ids in sorted(seen.items(), key=lambda kv: names.get(kv[0], kv[0]))}
+
+    def job_ids(self) -> list[str]:
+        """Slurm job ids of this cluster's current workers (empty for local)."""
+        ids = [str(getattr(w, "job_id", "") or "") for w in list(getattr(self.cluster, "workers", {}).values())]
+        ids = [i for i in ids if i]
+        self._job_ids.update(ids)
+        return ids
+
+    def jobs(self) -> list[slurmcli.JobInfo]:
+        """What squeue says about this session's jobs (state and reason), e.g. ``PENDING (Resources)``."""
+        if self.kind != "slurm":
+            return []
+        self.job_ids()
+        return [j for j in slurmcli.jobs(user=_user()) if j.name == self.session.job_name]
+
+    def pending(self) -> list[slurmcli.JobInfo]:
+        """Jobs not yet running, with their squeue reason."""
+        return [j for j in self.jobs() if j.state in ("PENDING", "CONFIGURING", "REQUEUED")]
+
+    def status(self, gpu_cache: dict[str, tuple[str, ...]] | None = None) -> ClusterStatus:
+        """A snapshot for panels: workers with GPUs, memory and tasks, plus pending jobs and reasons."""
+        if self._closed:
+            return ClusterStatus(self.kind, self.profile.name, "", "", self.target, closed=True)
+        info = self.workers()
+        cache = {} if gpu_cache is None else gpu_cache
+        missing = [a for a in info if a not in cache]
+        if missing:
+            cache.update({a: tuple(v) for a, v in self.client.run(_visible_gpus, workers=missing).items()})
+        rows = []
+        for addr, w in sorted(info.items(), key=lambda kv: str(kv[1].get("name"))):
+            m = w.get("metrics", {})
+            rows.append(WorkerRow(
+                name=str(w.get("name", addr)), address=addr, gpus=cache.get(addr, ()),
+                threads=int(w.get("nthreads", 0)), memory_used=int(m.get("memory", 0)),
+                memory_limit=int(w.get("memory_limit", 0) or 0), executing=int(m.get("executing", 0)),
+                ready=int(m.get("ready", 0)), in_memory=int(m.get("in_memory", 0)),
+            ))
+        pending = [j.describe() for j in self.pending()]
+        return ClusterStatus(self.kind, self.profile.name, self.address, self.dashboard_link, self.target, rows, pending)
+
+    def __repr__(self) -> str:
+        n = len(self.client.nthreads()) if not self._closed else 0
+        return (f"ClusterHandle({self.kind}, profile={self.profile.name!r}, workers={n}/{self.target}, "
+                f"address={self.address!r}, dashboard={self.dashboard_link!r})")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<pre>{html.escape(repr(self))}</pre>"
+
+    # ------------------------------------------------------------------ change
+    def scale(self, n: int, wait: bool = False, timeout: float | None = None) -> "ClusterHandle":
+        """Ask for ``n`` workers (Slurm: ``n`` jobs); with ``wait`` block until they joined."""
+        if n < 0:
+            raise ValueError(f"scale({n}): the number of workers must be >= 0")
+        self.target = n
+        self.cluster.scale(n)
+        if self.kind == "slurm":
+            self.cluster.sync(self.cluster._correct_state)  # sbatch errors surface here, not in a log
+            self.job_ids()
+        if wait:
+            self.wait(n, timeout)
+            deadline = time.monotonic() + 30
+            while len(self.client.nthreads()) > n and time.monotonic() < deadline:  # shrinking: retirements
+                time.sleep(0.1)
+        return self
+
+    def wait(self, n: int | None = None, timeout: float | None = None) -> "ClusterHandle":
+        """Block until ``n`` workers joined, reporting pending jobs; on timeout cancel and raise ClusterTimeout."""
+        n = self.target if n is None else n
+        timeout = float(self.profile.start_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + timeout
+        last = ""
+        next_poll = 0.0
+        while True:
+            have = len(self.client.nthreads())
+            if have >= n:
+                return self
+            now = time.monotonic()
+            if self.kind == "slurm" and now >= next_poll:
+                next_poll = now + 2.0
+                jobs = self.jobs()
+                line = ", ".join(j.describe() for j in jobs) or "submitting"
+                if line != last:
+                    self.say(f"labkit: {have}/{n} workers; jobs: {line}")
+                    last = line
+                dead = self._dead_jobs(jobs)
+                if dead:
+                    self._fail(f"worker job(s) {', '.join(dead)} ended before their worker joined", jobs)
+            if now >= deadline:
+                jobs = self.jobs()
+                self._fail(f"only {have} of {n} workers joined within {timeout:.0f} s", jobs, timed_out=True)
+            time.sleep(0.25)
+
+    def _dead_jobs(self, jobs: list[slurmcli.JobInfo]) -> list[str]:
+        live = {j.job_id for j in jobs if j.state not in TERMINAL}
+        joined = {str(info.get("name")) for info in self.workers().values()}
+        dead = []
+        for name, w in list(getattr(self.cluster, "workers", {}).items()):
+            jid = str(getattr(w, "job_id", "") or "")
+            if jid and jid not in live and str(name) not in joined:
+                dead.append(jid)
+        return dead
+
+    def _fail(self, what: str, jobs: list[slurmcli.JobInfo], timed_out: bool = False) -> None:
+        states = "; ".join(j.describe() for j in jobs) or "no job left in squeue"
+        ids = sorted(set(self.job_ids()) | {j.job_id for j in jobs})
+        tails = self.log_tails(ids)
+        msg = (f"{what}. Jobs {', '.join(ids) or '(none)'}: {states}.\n"
+               + (tails or "No worker log yet (the jobs never started).")
+               + "\nThe jobs were cancelled. Fix: look at the reason above (squeue), ask for fewer resources, "
+               "another partition, or a longer start_cluster(timeout=...)")
+        self.close()
+        if timed_out:
+            raise ClusterTimeout(msg, jobs)
+        raise ClusterError(msg)
+
+    def log_tails(self, job_ids: list[str], lines: int = 15) -> str:
+        """The last lines of each job's worker log (stderr), for error messages."""
+        log_dir = Path(self.profile.log_directory or self.session.path / "logs")
+        out = []
+        for jid in job_ids:
+            for path in sorted(log_dir.glob(f"*-{jid}.err")):
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- worker log of job {jid} ({path.name}), last lines:\n" + "\n".join(text))
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ end
+    def close(self) -> None:
+        """Close client and cluster, cancel every job of this session, delete its keys and logs."""
+        if self._closed:
+            return
+        self._closed = True
+        ids = self.job_ids() if self.kind == "slurm" else []
+        for fn in (self.client.close, self.cluster.close):
+            try:
+                fn()
+            except Exception:
+                pass
+        end_session(self.session, self.credentials, self.kind == "slurm", sorted(set(ids) | self._job_ids))
+        atexit.unregister(self._atexit)
+
+    def _atexit(self) -> None:
+        if self._closed:
+            return
+        if self.kind == "slurm":  # first the jobs, in case closing the cluster hangs at exit
+            end_session(self.session, None, True, sorted(self._job_ids | set(self.job_ids())))
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "ClusterHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()

@@ -1,0 +1,110 @@
+"""Pre-flight checks of a Slurm profile: fail within seconds, naming the fix, before any job is queued."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, Profile, parse_memory, parse_walltime
+from . import slurmcli
+from .errors import ClusterConfigError
+
+
+@dataclass
+class Partition:
+    """A partition with the GPUs its nodes carry as GRES."""
+
+    name: str
+    default: bool = False
+    state: str = "UP"
+    nodes: list[str] = field(default_factory=list)
+    gpus_per_node: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def max_gpus_per_node(self) -> int:
+        return max(self.gpus_per_node.values(), default=0)
+
+
+def _fields(line: str) -> dict[str, str]:
+    out = {}
+    for item in line.split():
+        key, sep, value = item.partition("=")
+        if sep:
+            out[key] = value
+    return out
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs in a GRES string: ``gpu:2``, ``gpu:a100:4(S:0-1)``, ``gpu:2,shard:8`` -> 2, 4, 2."""
+    total = 0
+    for item in (gres or "").split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def partitions(timeout: float = 8.0) -> dict[str, Partition]:
+    """Every partition with the GPUs per node of its nodes, from two scontrol calls."""
+    parts: dict[str, Partition] = {}
+    for line in slurmcli.run(["scontrol", "-o", "show", "partition"], timeout=timeout).splitlines():
+        f = _fields(line)
+        if "PartitionName" in f:
+            parts[f["PartitionName"]] = Partition(f["PartitionName"], f.get("Default") == "YES", f.get("State", "UP"))
+    for line in slurmcli.run(["scontrol", "-o", "show", "node"], timeout=timeout, check=False).splitlines():
+        f = _fields(line)
+        if "NodeName" not in f:
+            continue
+        for p in f.get("Partitions", "").split(","):
+            if p in parts:
+                parts[p].nodes.append(f["NodeName"])
+                parts[p].gpus_per_node[f["NodeName"]] = gres_gpus(f.get("Gres", ""))
+    return parts
+
+
+def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
+    """Raise ClusterConfigError (naming the fix) when Slurm cannot give what the profile asks."""
+    where = f"profile {profile.name!r} ({profile.source})"
+    if slurmcli.which("sbatch") is None:
+        raise ClusterConfigError(
+            f"sbatch not found on PATH but {where} submits Slurm jobs: load your site's Slurm module "
+            "(e.g. 'module load slurm'), run the lab on a login node, or use start_cluster(profile='local')"
+        )
+    try:
+        if profile.walltime is not None:
+            parse_walltime(profile.walltime)
+        if profile.memory is not None:
+            parse_memory(profile.memory)
+    except ConfigError as exc:
+        raise ClusterConfigError(f"{where}: {exc}") from exc
+    if profile.require_account and not profile.account:
+        raise ClusterConfigError(
+            f"{where}: this site requires a Slurm account; pass start_cluster(account='<project>') or set "
+            f"'account:' under profiles.{profile.name} in your user file (list yours with: sacctmgr show assoc user=$USER)"
+        )
+    parts = partitions()
+    if profile.partition:
+        part = parts.get(profile.partition)
+        if part is None:
+            raise ClusterConfigError(
+                f"{where}: unknown partition {profile.partition!r}; valid partitions: {', '.join(sorted(parts)) or 'none'}. "
+                f"Pass start_cluster(partition=...) or fix 'partition:' in your profile."
+            )
+    else:
+        defaults = [p for p in parts.values() if p.default]
+        if not defaults:
+            raise ClusterConfigError(f"{where}: no partition given and Slurm has no default one; set 'partition:' "
+                                     f"(valid: {', '.join(sorted(parts))})")
+        part = defaults[0]
+    if gpus_per_worker > 0:
+        gpu_parts = sorted(f"{p.name} ({p.max_gpus_per_node}/node)" for p in parts.values() if p.max_gpus_per_node)
+        if part.max_gpus_per_node == 0:
+            raise ClusterConfigError(
+                f"{where}: partition {part.name!r} has no GPU GRES on its nodes, but {gpus_per_worker} GPU(s) per worker "
+                f"were asked; use a GPU partition ({', '.join(gpu_parts) or 'none on this cluster'}) or gpus_per_worker=0"
+            )
+        if gpus_per_worker > part.max_gpus_per_node:
+            raise ClusterConfigError(
+                f"{where}: {gpus_per_worker} GPUs per worker asked, but the nodes of partition {part.name!r} have at most "
+                f"{part.max_gpus_per_node}; ask gpus_per_worker<={part.max_gpus_per_node} (more workers instead)"
+            )
+    return part

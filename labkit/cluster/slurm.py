@@ -1,0 +1,132 @@
+"""Slurm workers through dask-jobqueue: one job per worker, its own GPUs, TLS, a clean environment."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any, Callable
+
+from dask_jobqueue.slurm import SLURMCluster, SLURMJob
+
+from ..config import Profile, parse_memory, parse_walltime
+from . import slurmcli
+from .session import Session
+from .tls import SessionCredentials
+
+# Worker processes must be allowed children (torch DataLoader workers inside a task).
+NON_DAEMONIC = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
+DEATH_TIMEOUT_S = 30  # a worker whose scheduler is gone (kernel killed) exits after this
+
+
+class LabkitSLURMJob(SLURMJob):
+    """A SLURMJob submitted with the environment of an enclosing job stripped."""
+
+    async def _submit_job(self, script_filename: str) -> str:
+        return await self._call(shlex.split(self.submit_command) + [script_filename], env=slurmcli.submission_env())
+
+
+class LabkitSLURMCluster(SLURMCluster):
+    """SLURMCluster whose jobs use :class:`LabkitSLURMJob` and whose retired workers are replaced.
+
+    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it; every
+    2 s this cluster submits a new job for each worker it should have but does not.
+    ``on_close`` (if set) runs after the cluster closed: it cancels leftovers and deletes keys.
+    """
+
+    job_cls = LabkitSLURMJob
+    on_close: Callable[[], None] | None = None
+
+    async def _start(self) -> None:
+        from tornado.ioloop import PeriodicCallback
+
+        self.periodic_callbacks["labkit-replace-retired"] = PeriodicCallback(self._replace_retired, 2000)
+        await super()._start()
+
+    def _replace_retired(self) -> None:
+        if self.status.name == "running" and set(self.worker_spec) - set(self.workers):
+            self.loop.add_callback(self._correct_state)
+
+    async def _close(self) -> None:
+        await super()._close()
+        if self.on_close is not None:
+            self.on_close()
+
+
+def _seconds_text(seconds: int) -> str:
+    return f"{max(1, int(seconds))}s"
+
+
+def lifetime_args(profile: Profile) -> list[str]:
+    """``--lifetime``/``--lifetime-stagger`` so workers retire before walltime (replaced by new jobs).
+
+    Without an explicit ``lifetime`` a worker retires 5 minutes (or 10 %, for short walltimes)
+    before its walltime, staggered so that not all leave at once.
+    """
+    lifetime = profile.lifetime
+    stagger = profile.lifetime_stagger
+    if lifetime is None and profile.walltime:
+        wall = parse_walltime(profile.walltime)
+        margin = min(300, max(10, wall // 10))
+        lifetime = _seconds_text(wall - margin)
+        stagger_s = parse_walltime_like(stagger) if stagger else 0
+        stagger = _seconds_text(min(stagger_s, margin // 2)) if stagger_s else None
+    if lifetime is None:
+        return []
+    args = ["--lifetime", lifetime]
+    if stagger:
+        args += ["--lifetime-stagger", stagger]
+    return args
+
+
+def parse_walltime_like(text: str) -> int:
+    """Seconds in ``"4m"``, ``"30s"``, ``"1h"`` or a walltime ``"00:04:00"``."""
+    from dask.utils import parse_timedelta
+
+    text = str(text).strip()
+    if ":" in text:
+        return parse_walltime(text)
+    return int(parse_timedelta(text))
+
+
+def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCredentials | None,
+                        gpus_per_worker: int, **extra: Any) -> LabkitSLURMCluster:
+    """A not-yet-scaled SLURMCluster for this profile (scheduler running here, no jobs queued)."""
+    directives = [f"--comment={session.owner_comment}"]
+    skip: list[str] = []
+    if gpus_per_worker > 0:
+        directives.append(f"--gres=gpu:{gpus_per_worker}")
+    memory = profile.memory or "4GiB"
+    if profile.memory_mode == "mem-per-gpu" and gpus_per_worker > 0:
+        per_gpu = parse_memory(memory) // gpus_per_worker
+        directives.append(f"--mem-per-gpu={max(1, per_gpu // 2**20)}M")
+        skip.append("--mem")
+    directives += list(profile.job_extra)
+    worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
+    if gpus_per_worker > 0:
+        worker_args += ["--resources", f"GPU={gpus_per_worker}"]
+    scheduler_options = {"dashboard_address": profile.dashboard_address or "127.0.0.1:0"}
+    kwargs: dict[str, Any] = dict(
+        queue=profile.partition,
+        account=profile.account,
+        walltime=profile.walltime,
+        cores=profile.cores,
+        processes=1,
+        memory=memory,
+        job_name=session.job_name,
+        job_extra_directives=directives,
+        job_directives_skip=skip,
+        job_script_prologue=list(profile.prologue) + [NON_DAEMONIC],
+        worker_extra_args=worker_args,
+        python=sys.executable,
+        death_timeout=DEATH_TIMEOUT_S,
+        log_directory=str(session.log_dir if profile.log_directory is None else profile.log_directory),
+        interface=profile.interface,
+        scheduler_options=scheduler_options,
+        shared_temp_directory=str(session.path),
+        name=session.job_name,
+    )
+    if creds is not None:
+        kwargs["security"] = creds.security()
+        kwargs["protocol"] = "tls://"
+    kwargs.update(extra)
+    return LabkitSLURMCluster(**kwargs)

@@ -1,0 +1,146 @@
+"""The cluster layer without Slurm: profile choice, local workers with GPU slots, the panel, lifetimes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from labkit.cluster import ClusterConfigError, choose_profile, start_cluster
+from labkit.config import load_config
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    lines: list[str] = []
+    with start_cluster("local", workers=2, gpus_per_worker=1, say=lines.append) as h:
+        h.lines = lines
+        yield h
+
+
+def test_local_fake_gpu_slots_and_gpu_task(local_cluster):
+    h = local_cluster
+    assert any("fake GPU slots 0,1" in line for line in h.lines)  # said out loud, not hidden
+    gmap = h.gpu_map()
+    assert sorted(tuple(v) for v in gmap.values()) == [("0",), ("1",)]
+    cvd = h.client.submit(lambda: os.environ["CUDA_VISIBLE_DEVICES"], resources={"GPU": 1}).result(timeout=30)
+    assert cvd in ("0", "1")
+    h.scale(3, wait=True, timeout=60)  # a third worker finds no free slot: no GPU resource, no CUDA id
+    assert sorted(len(v) for v in h.gpu_map().values()) == [0, 1, 1]
+    h.scale(2, wait=True)
+    assert len(h.client.nthreads()) == 2
+
+
+def test_local_workers_may_start_processes(local_cluster):
+    def child_ok():
+        import multiprocessing
+
+        p = multiprocessing.get_context("spawn").Process(target=abs, args=(-1,))
+        p.start()
+        p.join()
+        return p.exitcode
+
+    assert set(local_cluster.client.run(child_ok).values()) == {0}
+
+
+def test_dashboard_link_behind_jupyterhub(local_cluster, monkeypatch):
+    port = local_cluster.dashboard_port
+    assert local_cluster.dashboard_link == f"http://127.0.0.1:{port}/status"
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+    assert local_cluster.dashboard_link == f"/user/ada/proxy/{port}/status"
+
+
+def test_cluster_panel_text_and_live_refresh(local_cluster):
+    import time
+
+    from labkit.widgets.cluster_panel import ClusterPanel, status_html
+
+    panel = ClusterPanel(local_cluster, interval=0.2).start()
+    deadline = time.monotonic() + 20
+    while panel.updates < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    panel.stop()
+    assert panel.updates >= 3
+    text = panel.text()
+    assert "local cluster" in text and "GPUs" in text and "GiB" in text
+    assert len(panel.last.workers) >= 2 and {w.gpus for w in panel.last.workers} >= {("0",), ("1",)}
+    assert "<table>" in status_html(panel.last)
+
+
+def test_no_gpus_without_fake_slots_is_an_error():
+    with pytest.raises(ClusterConfigError, match="fake_gpus"):
+        start_cluster("local", workers=1, gpus_per_worker=1, fake_gpus=False, say=lambda s: None)
+
+
+def test_unknown_override_names_valid_keys():
+    with pytest.raises(ClusterConfigError, match="valid keys"):
+        start_cluster("local", partiton="gpu", say=lambda s: None)
+
+
+def test_auto_profile_choice(tmp_path, monkeypatch):
+    prof, why = choose_profile(load_config(), None)
+    assert prof.name == "local" and "no Slurm profile configured" in why
+    user = tmp_path / "user.yaml"
+    user.write_text("profiles:\n  slurm:\n    partition: gpu\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    prof, why = choose_profile(load_config(), None)
+    assert prof.name == "local" and "sbatch is not on PATH" in why
+
+
+def test_auto_profile_picks_configured_slurm(slurm, tmp_path, monkeypatch):
+    user = tmp_path / "user.yaml"
+    user.write_text("profiles:\n  slurm:\n    partition: gpu\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    prof, why = choose_profile(load_config(), None)
+    assert prof.name == "slurm" and "answer" in why
+
+
+def test_lifetime_defaults_from_walltime():
+    from labkit.cluster.slurm import lifetime_args
+
+    prof = load_config().profile("slurm")
+    assert lifetime_args(prof.replace(walltime="01:00:00")) == ["--lifetime", "3300s", "--lifetime-stagger", "150s"]
+    assert lifetime_args(prof.replace(walltime="00:10:00", lifetime_stagger=None)) == ["--lifetime", "540s"]
+    assert lifetime_args(prof.replace(lifetime="20m", lifetime_stagger="1m")) == [
+        "--lifetime", "20m", "--lifetime-stagger", "1m"]
+
+
+def test_gpu_task_checker(local_cluster):
+    from labkit.check.cluster import CheckFailed, check_gpu_task, show_solution, solution
+
+    assert "correct" in check_gpu_task(local_cluster, solution("gpu_task"))
+    assert "resources" in show_solution("gpu_task")
+    with pytest.raises(CheckFailed, match=r"resources=\{'GPU': 1\}"):
+        check_gpu_task(local_cluster, lambda client, fn: client.submit(fn, pure=False))
+    with pytest.raises(CheckFailed, match="not a Future"):
+        check_gpu_task(local_cluster, lambda client, fn: fn())
+
+
+def test_sidebar_factory_through_dask_labextension():
+    """The JupyterLab Dask sidebar's own make_cluster builds, scales and closes a labkit cluster."""
+    import asyncio
+
+    import dask
+    import yaml
+    from dask_labextension.manager import make_cluster
+
+    from labkit.cluster.session import state_root
+    from labkit.cluster.sidebar import CONFIG_FILE
+
+    factory = yaml.safe_load(CONFIG_FILE.read_text())["labextension"]["factory"]
+
+    async def run():
+        with dask.config.set({"labextension.factory": factory}):
+            cluster, _ = await make_cluster({"workers": 1})
+        session_dir = state_root() / cluster.name.removeprefix("labkit-")
+        try:
+            while len(cluster.scheduler_info["workers"]) < 1:
+                await asyncio.sleep(0.1)
+            assert session_dir.is_dir() and cluster.dashboard_link
+        finally:
+            await cluster.close()
+        return session_dir
+
+    session_dir = asyncio.run(asyncio.wait_for(run(), 60))
+    assert not session_dir.exists()  # closing from the sidebar ends the session too
