@@ -83,3 +83,15 @@ def test_cli_slurm_prints_url_and_token(slurm, tmp_path, monkeypatch):
     finally:
         if job_id:
             subprocess.run(["scancel", job_id.group(1)], capture_output=True)
+
+
+@pytest.mark.slurm
+def test_submit_fails_fast_on_a_wrong_profile(slurm, tmp_path):
+    profile = load_config().profile("slurm")
+    with pytest.raises(ConfigError, match="unknown partition 'nope'"):
+        submit(profile.replace(partition="nope"), directory=tmp_path)
+    with pytest.raises(ConfigError, match="at most 2"):
+        submit(profile.replace(gpus_per_worker=3), directory=tmp_path)
+    with pytest.raises(ConfigError, match="slurm profile"):
+        submit(load_config().profile("local"), directory=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing was submitted or written

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from labkit.cluster import slurmcli
+from labkit.cluster.preflight import check_slurm_profile
 from labkit.config import ConfigError, Profile
 
 from .server import TOKEN_ENV, resolve_token
@@ -48,8 +50,8 @@ class ServeJob:
 
     def state(self) -> str:
         """Slurm's state of the job (PENDING, RUNNING, ...), or GONE once it left the queue."""
-        r = subprocess.run(["squeue", "-h", "-j", self.job_id, "-o", "%T"], capture_output=True, text=True)
-        return r.stdout.strip() or "GONE"
+        found = slurmcli.jobs([self.job_id])
+        return found[0].state if found else "GONE"
 
     def wait_url(self, timeout: float = 300.0) -> str:
         """Block until the server in the job answers and return its URL; raises with the job log if it died."""
@@ -69,7 +71,7 @@ class ServeJob:
 
     def cancel(self) -> None:
         """Cancel the job (only this one)."""
-        subprocess.run(["scancel", self.job_id], capture_output=True, text=True)
+        slurmcli.cancel([self.job_id])
 
 
 def job_script(profile: Profile, command: Sequence[str], *, job_name: str, directory: Path,
@@ -119,6 +121,7 @@ def submit(profile: Profile, serve_args: Sequence[str] = ("--demo",), *, job_nam
     unless ``tls`` says otherwise."""
     if profile.kind != "slurm":
         raise ConfigError(f"profile {profile.name!r} is {profile.kind!r}; serving as a job needs a slurm profile")
+    check_slurm_profile(profile, profile.gpus_per_worker)  # unknown partition, too many GPUs... fail now
     token, _ = resolve_token(token)
     tls = profile.tls if tls is None else tls
     base = Path(directory or profile.log_directory or Path.home() / ".labkit" / "serve-jobs").expanduser()
@@ -132,8 +135,10 @@ def submit(profile: Profile, serve_args: Sequence[str] = ("--demo",), *, job_nam
         command += ["--self-signed", str(jobdir / "tls")]
     script = job_script(profile, command, job_name=job_name, directory=jobdir, workdir=workdir or os.getcwd())
     (jobdir / "job.sh").write_text(script)
-    env = dict(os.environ, **{TOKEN_ENV: token})
-    r = subprocess.run(["sbatch", "--parsable", str(jobdir / "job.sh")], capture_output=True, text=True, env=env)
+    # the notebook may itself run inside a Slurm job: its SLURM_* variables must not leak into this one
+    env = dict(slurmcli.submission_env(), **{TOKEN_ENV: token})
+    r = subprocess.run(["sbatch", "--parsable", str(jobdir / "job.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
     if r.returncode != 0:
         raise RuntimeError(f"sbatch refused the serving job: {r.stderr.strip()} (script: {jobdir / 'job.sh'})")
     job_id = re.split(r"[;\s]", r.stdout.strip())[0]
