@@ -395,3 +395,16 @@ def test_pick_generator_prefers_the_newest_checkpoint_then_demo(tmp_path):
     newest = save(demo_model(seed=2), tmp_path / "b" / "step_00000002.pt")
     gen, why = pick_generator(None, [tmp_path / "a", tmp_path / "b"])
     assert str(newest) in why and gen.name == newest.name
+
+
+def test_pruned_shape_checkpoint_serves(tmp_path):
+    from labkit.model import GPT, GPTConfig, save
+
+    torch.manual_seed(0)  # a structurally pruned GPT: fewer heads and a narrower FFN per layer
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, precision="float32",
+                    layer_heads=(1, 2), layer_ffn=(40, 96))
+    path = save(GPT(cfg), tmp_path / "pruned.pt")
+    with start(load_generator(path), token=TOKEN, config=CONFIG) as srv, srv.client() as c:
+        body = {"prompt": "pruned", "max_new_tokens": 6, "seed": 3}
+        first, second = (c.post("/generate", json=body).json() for _ in range(2))
+    assert first["new_tokens"] == 6 and first["text"] == second["text"]
