@@ -408,3 +408,27 @@ def test_pruned_shape_checkpoint_serves(tmp_path):
         body = {"prompt": "pruned", "max_new_tokens": 6, "seed": 3}
         first, second = (c.post("/generate", json=body).json() for _ in range(2))
     assert first["new_tokens"] == 6 and first["text"] == second["text"]
+
+
+class _CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.shapes = model, model.config, []
+
+    def forward(self, idx):
+        self.shapes.append(tuple(idx.shape))
+        return self.inner(idx)
+
+
+def test_rows_of_different_lengths_catch_up_and_share_passes():
+    counting = _CountingModel(demo_model())
+    gen = ModelGenerator(counting, ByteTokenizer())
+    reqs = [GenRequest("ab", 8, 1.0, None, 1), GenRequest("abcde", 5, 0.8, 4, 2), GenRequest("x" * 30, 1, 1.0, None, 3)]
+    together = gen.generate(reqs)
+    shapes = list(counting.shapes)
+    alone = [gen.generate([r])[0] for r in reqs]
+    assert together == alone  # catching up changes no text
+    # "ab" runs alone for 3 steps until it is as long as "abcde"; then both share 5 passes.
+    # The 30-byte prompt cannot be reached before "ab" finishes, so it runs in the first pass.
+    assert shapes[:4] == [(1, 2), (1, 30), (1, 3), (1, 4)]
+    assert shapes[4:] == [(2, 5), (2, 6), (2, 7), (2, 8), (2, 9)]

@@ -126,37 +126,41 @@ class ModelGenerator:
         }
 
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
-        """Generate for all requests; those whose prompts have the same token length share a batch."""
+        """Generate for all requests together; rows whose contexts have the same length share a
+        forward pass (see ``_steps``)."""
         encoded = [self.tokenizer.encode(r.prompt) for r in requests]
-        groups: dict[int, list[int]] = {}
         for i, ids in enumerate(encoded):
             if not ids:
                 raise ValueError(f"request {i}: the prompt encodes to no tokens; send some text")
-            groups.setdefault(len(ids), []).append(i)
-        results: list[GenResult | None] = [None] * len(requests)
+        gens = [torch.Generator().manual_seed(r.seed) for r in requests]
+        seqs = [list(p) for p in encoded]
+        new: list[list[int]] = [[] for _ in requests]
+        active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
         with self._lock, torch.inference_mode():
-            for rows in groups.values():
-                texts = self._generate_group([requests[i] for i in rows], [encoded[i] for i in rows])
-                for i, res in zip(rows, texts):
-                    results[i] = res
-        return results  # type: ignore[return-value]
+            while active:
+                for rows in self._steps(active, seqs, new, requests):
+                    ctx = torch.tensor([seqs[i][-self.block_size:] for i in rows], dtype=torch.long,
+                                       device=self.device)
+                    logits = _last_logits(self.model(ctx))
+                    toks = sample_rows(logits, [requests[i].temperature for i in rows],
+                                       [requests[i].top_k for i in rows], [gens[i] for i in rows])
+                    for i, tok in zip(rows, toks):
+                        seqs[i].append(tok)
+                        new[i].append(tok)
+                active = [i for i in active if len(new[i]) < requests[i].max_new_tokens]
+        return [GenResult(self.tokenizer.decode(n), len(p), len(n)) for p, n in zip(encoded, new)]
 
-    def _generate_group(self, reqs: list[GenRequest], prompts: list[list[int]]) -> list[GenResult]:
-        """Generate for prompts of equal length in lockstep; finished rows leave the batch."""
-        gens = [torch.Generator().manual_seed(r.seed) for r in reqs]
-        seqs = [list(p) for p in prompts]
-        new: list[list[int]] = [[] for _ in reqs]
-        active = [i for i, r in enumerate(reqs) if r.max_new_tokens > 0]
-        while active:
-            ctx = torch.tensor([seqs[i][-self.block_size:] for i in active], dtype=torch.long, device=self.device)
-            logits = _last_logits(self.model(ctx))
-            toks = sample_rows(logits, [reqs[i].temperature for i in active], [reqs[i].top_k for i in active],
-                               [gens[i] for i in active])
-            for i, tok in zip(active, toks):
-                seqs[i].append(tok)
-                new[i].append(tok)
-            active = [i for i in active if len(new[i]) < reqs[i].max_new_tokens]
-        return [GenResult(self.tokenizer.decode(n), len(p), len(n)) for p, n in zip(prompts, new)]
+    def _steps(self, active: list[int], seqs: list[list[int]], new: list[list[int]],
+               requests: Sequence[GenRequest]) -> list[list[int]]:
+        """The row groups to advance by one token now. Without padding only rows of equal context
+        length can share a pass; so a group waits while some shorter group can still catch up with
+        it before finishing, and every other group (the shortest always) advances."""
+        by_len: dict[int, list[int]] = {}
+        for i in active:
+            by_len.setdefault(min(len(seqs[i]), self.block_size), []).append(i)
+        left = {n: max(requests[i].max_new_tokens - len(new[i]) for i in rows) for n, rows in by_len.items()}
+        lengths = sorted(by_len)
+        return [by_len[n] for n in lengths if not any(left[m] > n - m for m in lengths if m < n)]
 
 
 class QueueFull(RuntimeError):
