@@ -1,9 +1,9 @@
 """Text generation behind a small interface, and dynamic batching of concurrent requests.
 
-Determinism: every request carries its own seed and gets its own ``torch.Generator``; a batch
-only stacks prompts of the same token length (no padding, so no mask is needed), and each row
-samples from its own logits with its own generator. A request therefore gives the same text
-alone or batched with others.
+Determinism: every request carries its own seed and gets its own ``torch.Generator``; a forward
+pass only stacks contexts of the same length (no padding, so no mask is needed; shorter prompts
+catch up first), and each row samples from its own logits with its own generator. A request
+therefore gives the same text alone or batched with others.
 """
 
 from __future__ import annotations
