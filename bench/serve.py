@@ -69,13 +69,15 @@ def serve_process(args: list[str], workdir: Path, timeout: float = 120.0):
         proc.wait(30)
 
 
-def engine_only(target: list[str], n: int = 16, max_new_tokens: int = 16) -> dict:
-    """Without HTTP: ``n`` same-length requests generated as one batch versus one at a time."""
+def engine_only(target: list[str], n: int = 16, max_new_tokens: int = 16, varied: bool = False) -> dict:
+    """Without HTTP: ``n`` requests generated as one batch versus one at a time; ``varied`` gives
+    the prompts lengths of 5 to 20 bytes (rows then catch up before sharing passes)."""
     from labkit.serve import demo_generator, load_generator
 
     torch.set_num_threads(1)
     gen = demo_generator() if target == ["--demo"] else load_generator(target[0])
-    reqs = [GenRequest("Once upon a time", max_new_tokens, 1.0, None, s) for s in range(n)]
+    prompts = [("Once upon a time, " * 2)[: 5 + (7 * s) % 16] if varied else "Once upon a time" for s in range(n)]
+    reqs = [GenRequest(p, max_new_tokens, 1.0, None, s) for s, p in enumerate(prompts)]
     gen.generate(reqs[:2])  # warm up
     t0 = time.perf_counter()
     batched = gen.generate(reqs)
@@ -97,6 +99,7 @@ def run(levels=(1, 4, 16), requests: int = 64, max_new_tokens: int = 16, max_bat
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp, contextlib.ExitStack() as stack:
         target = model_args(model, checkpoint, Path(tmp))
         engine = engine_only(target, n=max(levels), max_new_tokens=max_new_tokens)
+        varied = engine_only(target, n=max(levels), max_new_tokens=max_new_tokens, varied=True)
         # binder limits: one torch thread, up to 128 new tokens
         servers = {mode: stack.enter_context(serve_process([*target, "--scale", "binder", *flags], Path(tmp)))
                    for mode, flags in modes.items()}
@@ -111,8 +114,9 @@ def run(levels=(1, 4, 16), requests: int = 64, max_new_tokens: int = 16, max_bat
                 rows.append({"mode": mode, **res.summary()})
                 texts[mode, c] = res.texts
         info = servers["batched"][2]
-    same = all(texts["batched", c] == texts["unbatched", c] for c in levels) and engine["same_texts"]
-    return {"rows": rows, "same_texts": same, "model": info, "engine": engine}
+    same = all(texts["batched", c] == texts["unbatched", c] for c in levels) and engine["same_texts"] \
+        and varied["same_texts"]
+    return {"rows": rows, "same_texts": same, "model": info, "engine": engine, "engine_varied": varied}
 
 
 def report(result: dict, levels) -> str:
@@ -131,9 +135,11 @@ def report(result: dict, levels) -> str:
         u, b = by["unbatched", c], by["batched", c]
         lines.append(f"  {c:>2} clients: throughput x{b['requests_per_s'] / u['requests_per_s']:.2f}, "
                      f"p50 x{b['p50_ms'] / u['p50_ms']:.2f}, p95 x{b['p95_ms'] / u['p95_ms']:.2f}")
-    e = result["engine"]
-    lines.append(f"  engine alone (no HTTP), {e['requests']} requests: one batch {1000 * e['batched_s']:.0f} ms, "
-                 f"one at a time {1000 * e['one_by_one_s']:.0f} ms: x{e['one_by_one_s'] / e['batched_s']:.2f}")
+    for key, what in (("engine", "same prompt"), ("engine_varied", "prompts of 5-20 bytes")):
+        e = result[key]
+        lines.append(f"  engine alone (no HTTP), {e['requests']} requests, {what}: one batch "
+                     f"{1000 * e['batched_s']:.0f} ms, one at a time {1000 * e['one_by_one_s']:.0f} ms: "
+                     f"x{e['one_by_one_s'] / e['batched_s']:.2f}")
     lines.append(f"same texts batched and unbatched: {result['same_texts']}")
     return "\n".join(lines)
 

@@ -309,7 +309,7 @@ def test_cli_demo_serves_and_stops_on_sigterm(tmp_path):
             if line.startswith("token"):
                 break
         token = lines[-1].rsplit(" ", 1)[1].strip()
-        assert url_file.exists()
+        assert url_file.exists()  # written before the server announces itself
         url = url_file.read_text().strip()
         assert httpx.post(url + "/generate", json={"prompt": "cli"}).status_code == 401
         r = httpx.post(url + "/generate", json={"prompt": "cli", "max_new_tokens": 3},

@@ -123,18 +123,18 @@ def cli(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # scancel sends SIGTERM
+    if args.url_file:
+        tmp = Path(args.url_file).with_suffix(".tmp")
+        tmp.write_text(server.url + "\n")
+        tmp.replace(args.url_file)
     print(f"labkit serve: {generator.info()['model']} on {device} at {server.url}", flush=True)
     if not certfile and args.host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: listening beyond this machine without TLS: the token and texts travel in clear; "
               "add --self-signed DIR or --cert/--key", flush=True)
     if server.token_generated:
         print(f"token (shown once; set LABKIT_SERVE_TOKEN to choose it): {server.token}", flush=True)
-    if args.url_file:
-        tmp = Path(args.url_file).with_suffix(".tmp")
-        tmp.write_text(server.url + "\n")
-        tmp.replace(args.url_file)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # scancel sends SIGTERM
     server.wait()
     print("labkit serve: stopped", flush=True)
     return 0

@@ -176,7 +176,8 @@ _STOP = object()
 
 class Batcher:
     """Collects concurrent requests into batches (up to ``max_batch_size``, waiting at most
-    ``max_wait_ms`` for companions) and runs them on one thread; ``max_batch_size=1`` = unbatched."""
+    ``max_wait_ms`` for companions while traffic overlaps) and runs them on one thread;
+    ``max_batch_size=1`` = unbatched."""
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
                  max_queue: int = 256, on_batch: Callable[[int, int, float], None] | None = None):
@@ -188,6 +189,7 @@ class Batcher:
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="labkit-serve-batcher", daemon=True)
         self._closed = False
+        self._last_size = 0
         self._thread.start()
 
     @property
@@ -225,7 +227,10 @@ class Batcher:
 
     def _collect(self, first: tuple) -> tuple[list[tuple], bool]:
         batch, stop = [first], False
-        deadline = time.monotonic() + self.max_wait
+        # a lone request after a lone batch (sparse traffic) does not wait for companions that are
+        # unlikely to come; as soon as requests overlap, batches grow and the wait applies again
+        wait = 0.0 if self._last_size <= 1 and self._q.empty() else self.max_wait
+        deadline = time.monotonic() + wait
         while len(batch) < self.max_batch_size:
             left = deadline - time.monotonic()
             try:
@@ -245,6 +250,7 @@ class Batcher:
                 return
             batch, stop = self._collect(first)
             batch = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+            self._last_size = len(batch)
             if batch:
                 self._run(batch)
             if stop:
