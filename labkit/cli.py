@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("labkit.doctor", "check this machine, Slurm and the active profile before a session"),
     "preprocess": ("labkit.data.cli", "raw text -> cleaned, deduplicated, tokenized shards (labkit.data)"),
+    "serve": ("labkit.serve.cli", "serve a checkpoint (or --demo) over an authenticated HTTP API"),
     "cleanup": ("labkit.cluster.cleanup", "cancel your stale labkit Slurm jobs (owner notebook gone)"),
     "hardware": ("labkit.hardware.cli", "the hardware catalog, and the memory/time/energy plan of a training run"),
 }

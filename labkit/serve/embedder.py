@@ -1,0 +1,32 @@
+"""Sentence embeddings for ``POST /embed``: the packaged all-MiniLM-L6-v2 via ``labkit.pretrained``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import torch
+
+
+class MiniLMEmbedder:
+    """Loads MiniLM on first use (that call pays a few seconds) and embeds one call at a time."""
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._lock = threading.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """One unit-length vector per text (mean pooling, as sentence-transformers does)."""
+        from labkit.pretrained import embed, load_bert
+
+        with self._lock, torch.inference_mode():
+            if self._model is None:
+                # sdpa: serving needs no attention probabilities, so the fused kernel may run
+                model, self._tokenizer = load_bert(attn_implementation="sdpa")
+                self._model = model.to(self.device)
+            vecs = embed(list(texts), model=self._model, tokenizer=self._tokenizer)
+        return [[float(x) for x in row] for row in vecs]

@@ -1,0 +1,145 @@
+"""Run the server as a Slurm job on a GPU node, with the cluster profile's partition, GRES and prologue.
+
+The job runs ``python -m labkit serve ... --host 0.0.0.0 --port 0 --url-file F``; the server writes
+its URL to ``F`` (on the shared file system) once it answers, and ``ServeJob.wait_url()`` reads it.
+The bearer token travels in the job's environment (``LABKIT_SERVE_TOKEN``), never in the script.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from labkit.cluster import slurmcli
+from labkit.cluster.preflight import check_slurm_profile
+from labkit.config import ConfigError, Profile
+
+from .server import TOKEN_ENV, resolve_token
+
+
+@dataclass
+class ServeJob:
+    """A submitted serving job: ``wait_url()``, ``state()``, ``cancel()``; ``token`` authenticates."""
+
+    job_id: str
+    name: str
+    directory: Path
+    token: str
+    tls: bool
+
+    @property
+    def url_file(self) -> Path:
+        return self.directory / "url"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "job.log"
+
+    @property
+    def certfile(self) -> Path | None:
+        """The job's self-signed certificate (to verify TLS), once it wrote it."""
+        return self.directory / "tls" / "cert.pem" if self.tls else None
+
+    def state(self) -> str:
+        """Slurm's state of the job (PENDING, RUNNING, ...), or GONE once it left the queue."""
+        found = slurmcli.jobs([self.job_id])
+        return found[0].state if found else "GONE"
+
+    def wait_url(self, timeout: float = 300.0) -> str:
+        """Block until the server in the job answers and return its URL; raises with the job log if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.url_file.is_file() and self.url_file.read_text().strip():
+                return self.url_file.read_text().strip()
+            state = self.state()
+            if state in ("GONE", "FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "OUT_OF_MEMORY"):
+                log = self.log_file.read_text()[-2000:] if self.log_file.is_file() else "(no log)"
+                raise RuntimeError(f"serving job {self.job_id} ended ({state}) before it answered; log:\n{log}")
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"serving job {self.job_id} gave no URL within {timeout:.0f} s (state {self.state()}); "
+            f"see squeue -j {self.job_id} and {self.log_file}"
+        )
+
+    def cancel(self) -> None:
+        """Cancel the job (only this one)."""
+        slurmcli.cancel([self.job_id])
+
+
+def job_script(profile: Profile, command: Sequence[str], *, job_name: str, directory: Path,
+               workdir: str | os.PathLike | None = None) -> str:
+    """The sbatch script: the profile's partition, account, GPUs, cores, memory, walltime, extra
+    directives and prologue, then ``command``."""
+    if profile.require_account and not profile.account:
+        raise ConfigError(
+            f"profile {profile.name!r} requires an account (require_account: true) but sets none; "
+            f"add 'account: <project>' to it in {profile.source}"
+        )
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --output={directory / 'job.log'}",
+             "#SBATCH --nodes=1", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={profile.cores}"]
+    if profile.partition:
+        lines.append(f"#SBATCH --partition={profile.partition}")
+    if profile.account:
+        lines.append(f"#SBATCH --account={profile.account}")
+    if profile.gpus_per_worker:
+        lines.append(f"#SBATCH --gres=gpu:{profile.gpus_per_worker}")
+    if profile.memory:  # the job's total, as for a Dask worker; mem-per-gpu splits it over its GPUs
+        mem_mb = _megabytes(profile.memory)
+        if profile.memory_mode == "mem-per-gpu" and profile.gpus_per_worker:
+            lines.append(f"#SBATCH --mem-per-gpu={max(1, mem_mb // profile.gpus_per_worker)}M")
+        else:
+            lines.append(f"#SBATCH --mem={max(1, mem_mb)}M")
+    if profile.walltime:
+        lines.append(f"#SBATCH --time={profile.walltime}")
+    if workdir:
+        lines.append(f"#SBATCH --chdir={workdir}")
+    lines += [f"#SBATCH {extra}" for extra in profile.job_extra]
+    lines += ["", "set -e", *profile.prologue, "", "exec " + shlex.join(command), ""]
+    return "\n".join(lines)
+
+
+def _megabytes(memory: str) -> int:
+    from labkit.config import parse_memory
+
+    return parse_memory(memory) // 2**20
+
+
+def submit(profile: Profile, serve_args: Sequence[str] = ("--demo",), *, job_name: str = "labkit-serve",
+           token: str | None = None, directory: str | os.PathLike | None = None, tls: bool | None = None,
+           python: str | None = None, workdir: str | os.PathLike | None = None) -> ServeJob:
+    """Submit ``labkit serve <serve_args>`` as a Slurm job through ``profile``; returns at once.
+
+    TLS (a self-signed certificate made in the job for its own host name) follows ``profile.tls``
+    unless ``tls`` says otherwise."""
+    if profile.kind != "slurm":
+        raise ConfigError(f"profile {profile.name!r} is {profile.kind!r}; serving as a job needs a slurm profile")
+    check_slurm_profile(profile, profile.gpus_per_worker)  # unknown partition, too many GPUs... fail now
+    token, _ = resolve_token(token)
+    tls = profile.tls if tls is None else tls
+    base = Path(directory or profile.log_directory or Path.home() / ".labkit" / "serve-jobs").expanduser()
+    jobdir = (base / f"{job_name}-{uuid.uuid4().hex[:8]}").resolve()
+    jobdir.mkdir(parents=True, mode=0o700)
+    # with a prologue (module load / venv activate) the job's own python is the right one
+    python = python or ("python" if profile.prologue else sys.executable)
+    command = [python, "-m", "labkit", "serve", *serve_args, "--host", "0.0.0.0", "--port", "0",
+               "--url-file", str(jobdir / "url")]
+    if tls:
+        command += ["--self-signed", str(jobdir / "tls")]
+    script = job_script(profile, command, job_name=job_name, directory=jobdir, workdir=workdir or os.getcwd())
+    (jobdir / "job.sh").write_text(script)
+    # the notebook may itself run inside a Slurm job: its SLURM_* variables must not leak into this one
+    env = dict(slurmcli.submission_env(), **{TOKEN_ENV: token})
+    r = subprocess.run(["sbatch", "--parsable", str(jobdir / "job.sh")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"sbatch refused the serving job: {r.stderr.strip()} (script: {jobdir / 'job.sh'})")
+    job_id = re.split(r"[;\s]", r.stdout.strip())[0]
+    return ServeJob(job_id, job_name, jobdir, token, tls)

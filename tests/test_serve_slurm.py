@@ -1,0 +1,97 @@
+"""The server as a Slurm job on the local GPU partition, through the slurm profile."""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+import httpx
+import pytest
+
+from labkit.config import ConfigError, load_config
+from labkit.serve.slurm import job_script, submit
+
+
+def test_job_script_follows_the_profile(tmp_path):
+    profile = load_config().profile("slurm").replace(
+        account="proj1", gpus_per_worker=2, memory="4GiB", memory_mode="mem-per-gpu",
+        prologue=["module load cuda/12.4", "source ~/venv/bin/activate"], job_extra=["--qos=normal"])
+    script = job_script(profile, ["python", "-m", "labkit", "serve", "--demo"], job_name="x", directory=tmp_path)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --gres=gpu:2",
+                 "#SBATCH --mem-per-gpu=2048M", "#SBATCH --qos=normal", "module load cuda/12.4",
+                 "exec python -m labkit serve --demo"):
+        assert line in script, line
+    assert script.index("module load") < script.index("exec python")
+    with pytest.raises(ConfigError, match="account"):
+        job_script(profile.replace(account=None, require_account=True), ["true"], job_name="x", directory=tmp_path)
+
+
+@pytest.mark.slurm
+def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
+    profile = load_config().profile("slurm").replace(walltime="00:05:00", memory="1GiB", cores=1)
+    job = submit(profile, ["--demo", "--no-embed"], job_name="labkit-serve-test", directory=tmp_path)
+    try:
+        try:
+            url = job.wait_url(timeout=150)
+        except TimeoutError:
+            if job.state() == "PENDING":
+                pytest.skip(f"the local GPU partition is busy; job {job.job_id} never started")
+            raise
+        assert url.startswith("https://")  # the slurm profile asks for TLS
+        verify = ssl.create_default_context(cafile=str(job.certfile))
+        with httpx.Client(base_url=url, verify=verify, timeout=60) as c:
+            health = c.get("/health").json()
+            # Slurm gave the job one of the node's GPUs (fake here: torch still runs on the CPU)
+            assert health["cuda_visible_devices"] not in (None, "")
+            assert c.post("/generate", json={"prompt": "slurm"}).status_code == 401
+            r = c.post("/generate", json={"prompt": "slurm", "max_new_tokens": 4, "seed": 5},
+                       headers={"Authorization": f"Bearer {job.token}"})
+            assert r.status_code == 200 and r.json()["new_tokens"] == 4
+        assert job.token not in (tmp_path / job.directory.name / "job.sh").read_text()
+    finally:
+        job.cancel()
+    deadline = time.time() + 30
+    while job.state() != "GONE" and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.state() == "GONE"
+
+
+@pytest.mark.slurm
+def test_cli_slurm_prints_url_and_token(slurm, tmp_path, monkeypatch):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    user = tmp_path / "user.yaml"
+    user.write_text(f"profiles:\n  slurm:\n    log_directory: {tmp_path / 'jobs'}\n    walltime: '00:05:00'\n"
+                    "    memory: 1GiB\n    tls: false\n")
+    env = {**os.environ, "LABKIT_USER_CONFIG": str(user), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("LABKIT_SERVE_TOKEN", None)
+    r = subprocess.run([sys.executable, "-m", "labkit", "serve", "--slurm", "--demo", "--no-embed"], env=env,
+                       capture_output=True, text=True, timeout=240)
+    job_id = re.search(r"submitted Slurm job (\d+)", r.stdout)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        url = re.search(r"serving at (\S+)", r.stdout).group(1)
+        token = re.search(r"token \(shown once\): (\S+)", r.stdout).group(1)
+        assert url.startswith("http://") and f"scancel {job_id.group(1)}" in r.stdout
+        ok = httpx.post(url + "/generate", json={"prompt": "cli", "max_new_tokens": 2},
+                        headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id.group(1)], capture_output=True)
+
+
+@pytest.mark.slurm
+def test_submit_fails_fast_on_a_wrong_profile(slurm, tmp_path):
+    profile = load_config().profile("slurm")
+    with pytest.raises(ConfigError, match="unknown partition 'nope'"):
+        submit(profile.replace(partition="nope"), directory=tmp_path)
+    with pytest.raises(ConfigError, match="at most 2"):
+        submit(profile.replace(gpus_per_worker=3), directory=tmp_path)
+    with pytest.raises(ConfigError, match="slurm profile"):
+        submit(load_config().profile("local"), directory=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing was submitted or written
