@@ -25,8 +25,6 @@ _LAZY = {
     "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
     "load_bert": "labkit.pretrained:load_bert",
     "embed": "labkit.pretrained:embed",
-    "GPT": "labkit.model:GPT",
-    "GPTConfig": "labkit.model:GPTConfig",
     "TrainConfig": "labkit.train:TrainConfig",
     "train": "labkit.train:train",
     "train_distributed": "labkit.train:train_distributed",
@@ -34,12 +32,8 @@ _LAZY = {
     "plan_run": "labkit.hardware.estimate:plan_run",
     "inspect_cluster": "labkit.hardware.inspect:inspect_cluster",
     "measure_cluster": "labkit.hardware.measure:measure_cluster",
-    "MultiHeadAttention": "labkit.attention:MultiHeadAttention",
-    "load_bert": "labkit.pretrained:load_bert",
-    "embed": "labkit.pretrained:embed",
     "prune_heads": "labkit.prune:prune_heads",
     "prune_ffn": "labkit.prune:prune_ffn",
-    "preprocess": "labkit.data.pipeline:preprocess",
 }
 
 
