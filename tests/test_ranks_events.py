@@ -1,0 +1,133 @@
+"""labkit.ranks (torch.distributed ranks on Dask workers) and labkit.events (the metrics stream)."""
+
+import os
+import signal
+import time
+
+import pytest
+from dask.distributed import Client, LocalCluster
+
+from labkit.events import Recorder, emit, subscribe
+from labkit.ranks import RankError, RankLost, RankProbe, choose_backend, run_ranks
+from labkit.widgets.live_plot import LivePlot
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def _allreduce(ctx, value):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value * (ctx.rank + 1))])
+    dist.all_reduce(t)
+    emit("test", rank=ctx.rank, step=1, loss=float(t.item()))
+    return {"rank": ctx.rank, "sum": t.item(), "backend": ctx.backend, "device": ctx.device,
+            "master": ctx.master, "world": ctx.world_size, "pid": os.getpid()}
+
+
+def test_allreduce_over_two_workers(client):
+    rec = Recorder()
+    sub = subscribe(client, rec, kinds=["test"])
+    out = run_ranks(client, _allreduce, 2.0, timeout=60)
+    assert [o["rank"] for o in out] == [0, 1]
+    assert all(o["sum"] == 2.0 + 4.0 for o in out)
+    assert {o["backend"] for o in out} == {"gloo"} and {o["device"] for o in out} == {"cpu"}
+    assert len({o["pid"] for o in out}) == 2, "each rank is pinned to its own worker process"
+    # the metrics the ranks emitted reach the notebook through the Dask topic
+    deadline = time.time() + 10
+    while len(rec.of("test")) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert sorted(e["rank"] for e in rec.of("test")) == [0, 1]
+    sub.close()
+    # a second run chooses its own port (never a fixed one)
+    again = run_ranks(client, _allreduce, 1.0, timeout=60)
+    assert again[0]["sum"] == 3.0
+    ports = {out[0]["master"], again[0]["master"]}
+    assert all(":" in m and int(m.rsplit(":", 1)[1]) > 0 for m in ports)
+
+
+def _fail_on_rank_one(ctx):
+    import torch
+    import torch.distributed as dist
+
+    if ctx.rank == 1:
+        raise ValueError("bad batch on rank one")
+    t = torch.ones(1)
+    dist.all_reduce(t)  # blocks: rank 1 never joins, so this must end by error or timeout
+    return t.item()
+
+
+def test_error_on_one_rank_names_it_and_cluster_survives(client):
+    start = time.monotonic()
+    with pytest.raises(RankError) as e:
+        run_ranks(client, _fail_on_rank_one, timeout=20)
+    assert e.value.rank == 1
+    assert "bad batch on rank one" in str(e.value) and "Traceback" in e.value.remote_traceback
+    assert time.monotonic() - start < 45
+    out = run_ranks(client, _allreduce, 1.0, timeout=60)
+    assert out[1]["sum"] == 3.0
+
+
+def _die_on_rank_one(ctx):
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    if ctx.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def test_lost_worker_is_named(client):
+    start = time.monotonic()
+    with pytest.raises((RankLost, RankError)) as e:
+        run_ranks(client, _die_on_rank_one, timeout=20)
+    assert e.value.rank == 1 or "rank 1" in str(e.value)
+    assert time.monotonic() - start < 30
+    client.wait_for_workers(2, timeout=60)
+    out = run_ranks(client, _allreduce, 1.0, timeout=60)
+    assert [o["rank"] for o in out] == [0, 1]
+
+
+def test_backend_choice():
+    gpu = lambda w, i: RankProbe(w, "node1", True, (f"GPU-{i}",))
+    assert choose_backend([gpu("a", 0), gpu("b", 1)]) == "nccl"
+    assert choose_backend([gpu("a", 0), gpu("b", 0)]) == "gloo", "two ranks on one GPU cannot use nccl"
+    cpu = [RankProbe("a", "h", False, ()), RankProbe("b", "h", False, ())]
+    assert choose_backend(cpu) == "gloo"
+    with pytest.raises(ValueError, match="one distinct GPU per rank"):
+        choose_backend(cpu, "nccl")
+    with pytest.raises(ValueError, match="auto"):
+        choose_backend(cpu, "mpi")
+
+
+def test_emit_to_sink_and_liveplot_text(capsys):
+    plot = LivePlot(metrics=("loss", "lr"), mode="text", min_interval=0.0, text_every=0.0)
+    for step in range(5):
+        ev = emit("train", plot, rank=0, step=step, loss=5.0 - step, lr=1e-3)
+        assert ev["kind"] == "train" and ev["time"] > 0
+    emit("train", plot, rank=1, step=0, loss=9.0)
+    emit("other", plot, rank=0, step=9, loss=1.0)  # no kind filter: drawn too
+    assert plot.points("loss", 0)[-1] == (9, 1.0)
+    assert plot.groups() == [0, 1]
+    plot.close()
+    assert "loss=" in capsys.readouterr().out
+
+
+def test_liveplot_widget_mode_updates_figure():
+    plot = LivePlot(metrics=("loss",), mode="widget", kinds=["train"], min_interval=0.0)
+    emit("train", plot, rank=0, step=0, loss=3.0)
+    emit("train", plot, rank=0, step=1, loss=2.0)
+    emit("val", plot, rank=0, step=1, loss=99.0)  # filtered out
+    plot.draw()
+    ys = list(plot.widget.data[0].y)
+    assert ys == [3.0, 2.0]
