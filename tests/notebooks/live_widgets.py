@@ -39,3 +39,19 @@ for step in range(steps):
         fig.data[0].y = tuple(fig.data[0].y) + (1.0 / (1 + step) ** slider.value,)
     time.sleep(0.15)
 print("points:", len(fig.data[0].x))
+
+# %% [markdown]
+# The lab's own `LivePlot`, fed events the way a training run's ranks emit them.
+
+# %%
+from labkit.events import emit
+from labkit.widgets.live_plot import LivePlot
+
+plot = LivePlot(metrics=("loss",), x="step", group="rank", title="training (simulated)")
+display(plot)
+for step in range(30):
+    for rank in (0, 1):
+        emit("train", sink=plot, step=step, rank=rank, loss=1.0 / (1 + step) + 0.1 * rank)
+    time.sleep(0.15)
+plot.close()
+print("events:", len(plot.events))
