@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("labkit.doctor", "check this machine, Slurm and the active profile before a session"),
+    "install-kernel": ("labkit.kernel", "register this environment as a Jupyter kernel (LABKIT_* settings passed through)"),
     "run": ("labkit.runner", "execute notebooks headless with a scale/profile; write executed copies and an HTML report"),
 }
 
