@@ -69,7 +69,9 @@ PAGE_STATE_JS = """() => {
     plots: plots.length,
     points: points.reduce((a, b) => a + b, 0),
     points_each: points,
-    widgets: panel.querySelectorAll('.jupyter-widgets, .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.widget-view+json"] > *').length,
+    // ipywidgets views carry .jupyter-widgets; anywidget views (plotly's FigureWidget) sit directly in a
+    // widget output, which JupyterLab leaves without a data-mime-type
+    widgets: panel.querySelectorAll('.jupyter-widgets, .jp-OutputArea-output:not([data-mime-type]) > .lm-Widget').length,
     widget_errors: [...panel.querySelectorAll('.jp-OutputArea-output')].filter(o => /Error displaying widget|Failed to load model class/.test(o.textContent)).length,
     outputs: panel.querySelectorAll('.jp-OutputArea-output').length,
   };
