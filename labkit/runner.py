@@ -14,6 +14,7 @@ import html
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from labkit.memwatch import TreeMemoryWatch
 from labkit.notebooks import NOTEBOOK_DIR, execute_notebook, list_notebooks
 
 MiB = 1024 * 1024
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @dataclass
@@ -105,7 +107,7 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
     result = RunResult(
         name=path.stem, source=str(path), executed=str(executed), seconds=round(run.seconds, 2),
         peak_bytes=watch.peak, peak_rss_bytes=watch.peak_rss, memory_measure=watch.measure,
-        processes=watch.peak_processes, error=run.error,
+        processes=watch.peak_processes, error=ANSI_RE.sub("", run.error) if run.error else None,
     )
     if opts.max_seconds is not None and result.seconds > opts.max_seconds:
         result.over_budget.append(f"took {result.seconds:.0f} s > {opts.max_seconds:.0f} s")

@@ -76,6 +76,7 @@ def test_labkit_run_writes_copies_and_report(tmp_path, capsys):
     assert report["context"]["scale"] == "tiny"
     assert by_name["01_good"]["ok"] and not by_name["02_bad"]["ok"]
     assert "boom in cell 3" in by_name["02_bad"]["error"]
+    assert "\x1b[" not in by_name["02_bad"]["error"], "colour codes must not reach the report"
     # the kernel's child process (300 MiB) is part of the peak
     assert by_name["01_good"]["peak_bytes"] >= 300 * MiB
     assert by_name["01_good"]["processes"] >= 2
