@@ -60,7 +60,7 @@ def baseline(opts: RunOptions) -> RunResult:
 def table(results: Sequence[RunResult], base: RunResult) -> str:
     """The benchmark table: time and peak memory, against the budget and the empty-kernel baseline."""
     head = (
-        f"{'notebook':<26} {'status':<7} {'time s':>7} {'/5 min':>7} {'x base':>7} "
+        f"{'notebook':<26} {'status':<7} {'time s':>7} {'/5 min':>7} {'x base':>7} {'cpu s':>7} {'/5 min':>7} "
         f"{'peak MiB':>9} {'/1.5 GB':>8} {'x base':>7} {'procs':>5}"
     )
     lines = [head, "-" * len(head)]
@@ -68,7 +68,8 @@ def table(results: Sequence[RunResult], base: RunResult) -> str:
         status = "base" if r is base else ("ok" if r.ok else ("error" if r.error else "over"))
         lines.append(
             f"{r.name:<26} {status:<7} {r.seconds:>7.1f} {r.seconds / BUDGET_SECONDS:>7.2f} "
-            f"{r.seconds / max(base.seconds, 1e-9):>7.1f} {r.peak_mib:>9.0f} {r.peak_bytes / BUDGET_MEMORY:>8.2f} "
+            f"{r.seconds / max(base.seconds, 1e-9):>7.1f} {r.cpu_seconds:>7.1f} {r.cpu_seconds / BUDGET_SECONDS:>7.2f} "
+            f"{r.peak_mib:>9.0f} {r.peak_bytes / BUDGET_MEMORY:>8.2f} "
             f"{r.peak_bytes / max(base.peak_bytes, 1):>7.1f} {r.processes:>5}"
         )
     return "\n".join(lines)
@@ -95,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = baseline(opts)
     results = run_notebooks(paths, opts, progress=lambda r: print(f"  ran {r.name}: {r.seconds:.0f} s", flush=True))
     print(table(results, base))
-    print(f"memory measure: {base.memory_measure.upper()} summed over the kernel and its child processes")
+    print(f"memory: {base.memory_measure.upper()} summed over the kernel and its child processes; "
+          "cpu s: user + system CPU time of the same processes (what a CPU of its own would need)")
     print(f"report: {Path(output) / 'report.html'}")
     failed = [r.name for r in results if not r.ok]
     if failed:

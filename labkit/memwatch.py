@@ -1,16 +1,18 @@
-"""Watch the memory of a process tree (a kernel and the Dask workers it starts) from a thread.
+"""Watch the memory (and CPU time) of a process tree (a kernel and the Dask workers it starts) from a thread.
 
 Binder and JupyterHub limit the memory of the whole session, so what counts is the sum over
 the kernel and every child it spawned, sampled while it runs; the peak of that sum is kept.
 On Linux the sum uses PSS (shared pages split between the processes that share them), which is
 what a cgroup limit sees; elsewhere it falls back to RSS, which over-counts shared libraries.
+CPU time (user + system, summed over the tree) is kept too: on a busy machine it says what a run
+would take on a CPU of its own better than the wall time does.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -22,6 +24,7 @@ class MemorySample:
     rss: int
     pss: int | None
     processes: int
+    cpu: dict[int, float] = field(default_factory=dict)
 
     @property
     def best(self) -> int:
@@ -37,8 +40,11 @@ def tree_memory(pid: int) -> MemorySample:
     except psutil.NoSuchProcess:
         return MemorySample(0, None, 0)
     rss, pss, have_pss, alive = 0, 0, True, 0
+    cpu: dict[int, float] = {}
     for proc in procs:
         try:
+            times = proc.cpu_times()
+            cpu[proc.pid] = times.user + times.system
             if have_pss:
                 info = proc.memory_full_info()
                 if getattr(info, "pss", None) is None:
@@ -58,7 +64,7 @@ def tree_memory(pid: int) -> MemorySample:
                 alive += 1
             except psutil.Error:
                 continue
-    return MemorySample(rss, pss if have_pss else None, alive)
+    return MemorySample(rss, pss if have_pss else None, alive, cpu)
 
 
 class TreeMemoryWatch:
@@ -80,11 +86,18 @@ class TreeMemoryWatch:
         self.peak_pss: int | None = None
         self.peak_processes = 0
         self.samples = 0
+        self._cpu: dict[int, float] = {}
 
     @property
     def peak(self) -> int:
         """Peak summed memory in bytes (PSS when available, else RSS)."""
         return self.peak_pss if self.peak_pss is not None else self.peak_rss
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of every process seen in the tree, up to its last sample."""
+        with self._lock:
+            return sum(self._cpu.values())
 
     @property
     def measure(self) -> str:
@@ -110,6 +123,8 @@ class TreeMemoryWatch:
             if s.pss is not None:
                 self.peak_pss = max(self.peak_pss or 0, s.pss)
             self.peak_processes = max(self.peak_processes, s.processes)
+            for pid, seconds in s.cpu.items():
+                self._cpu[pid] = max(self._cpu.get(pid, 0.0), seconds)
         return s
 
     def _loop(self) -> None:

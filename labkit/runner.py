@@ -42,6 +42,7 @@ class RunResult:
     peak_rss_bytes: int
     memory_measure: str
     processes: int
+    cpu_seconds: float = 0.0
     error: str | None = None
     over_budget: list[str] = field(default_factory=list)
 
@@ -107,7 +108,7 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
     result = RunResult(
         name=path.stem, source=str(path), executed=str(executed), seconds=round(run.seconds, 2),
         peak_bytes=watch.peak, peak_rss_bytes=watch.peak_rss, memory_measure=watch.measure,
-        processes=watch.peak_processes, error=ANSI_RE.sub("", run.error) if run.error else None,
+        processes=watch.peak_processes, cpu_seconds=round(watch.cpu_seconds, 2), error=ANSI_RE.sub("", run.error) if run.error else None,
     )
     if opts.max_seconds is not None and result.seconds > opts.max_seconds:
         result.over_budget.append(f"took {result.seconds:.0f} s > {opts.max_seconds:.0f} s")
@@ -170,11 +171,12 @@ def render_html(results: Sequence[RunResult], ctx: dict[str, str]) -> str:
         rows.append(
             f'<tr class="{status.replace(" ", "-")}"><td><a href="{e(Path(r.executed).name)}">{e(r.name)}</a></td>'
             f"<td>{status}</td><td>{r.seconds:.1f}</td><td>{r.peak_mib:.0f}</td>"
-            f"<td>{r.processes}</td><td>{problems}</td></tr>"
+            f"<td>{r.cpu_seconds:.1f}</td><td>{r.processes}</td><td>{problems}</td></tr>"
         )
     measure = results[0].memory_measure.upper() if results else "PSS"
     total = sum(r.seconds for r in results)
     peak = max((r.peak_mib for r in results), default=0.0)
+    cpu = sum(r.cpu_seconds for r in results)
     meta = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in ctx.items())
     verdict = "all notebooks passed" if not failed else f"{failed} of {len(results)} notebooks failed"
     return f"""<!DOCTYPE html>
@@ -182,7 +184,7 @@ def render_html(results: Sequence[RunResult], ctx: dict[str, str]) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .3em .6em; vertical-align: top; }}
-td:nth-child(3), td:nth-child(4), td:nth-child(5) {{ text-align: right; }}
+td:nth-child(3), td:nth-child(4), td:nth-child(5), td:nth-child(6) {{ text-align: right; }}
 tr.ok td:nth-child(2) {{ color: #1a7f37; }} tr.error td:nth-child(2), tr.over-budget td:nth-child(2) {{ color: #cf222e; font-weight: bold; }}
 pre {{ max-width: 60em; white-space: pre-wrap; font-size: .85em; }}
 dl {{ display: grid; grid-template-columns: max-content auto; gap: .2em 1em; }} dt {{ font-weight: bold; }}
@@ -190,11 +192,11 @@ dl {{ display: grid; grid-template-columns: max-content auto; gap: .2em 1em; }} 
 <h1>labkit run: {e(verdict)}</h1>
 <dl>{meta}</dl>
 <table>
-<thead><tr><th>notebook</th><th>status</th><th>time (s)</th><th>peak memory, kernel + children ({measure}, MiB)</th><th>processes</th><th>problems</th></tr></thead>
+<thead><tr><th>notebook</th><th>status</th><th>time (s)</th><th>peak memory, kernel + children ({measure}, MiB)</th><th>CPU time (s)</th><th>processes</th><th>problems</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody>
-<tfoot><tr><th>total</th><th></th><th>{total:.1f}</th><th>{peak:.0f} (max)</th><th></th><th></th></tr></tfoot>
+<tfoot><tr><th>total</th><th></th><th>{total:.1f}</th><th>{peak:.0f} (max)</th><th>{cpu:.1f}</th><th></th><th></th></tr></tfoot>
 </table>
 </body></html>
 """
@@ -202,10 +204,10 @@ dl {{ display: grid; grid-template-columns: max-content auto; gap: .2em 1em; }} 
 
 def format_table(results: Sequence[RunResult]) -> str:
     """A plain-text table of the results, for terminals and benchmarks."""
-    lines = [f"{'notebook':<28} {'status':<11} {'time s':>8} {'peak MiB':>9} {'procs':>5}"]
+    lines = [f"{'notebook':<28} {'status':<11} {'time s':>8} {'cpu s':>8} {'peak MiB':>9} {'procs':>5}"]
     for r in results:
         status = "ok" if r.ok else ("error" if r.error else "over budget")
-        lines.append(f"{r.name:<28} {status:<11} {r.seconds:>8.1f} {r.peak_mib:>9.0f} {r.processes:>5}")
+        lines.append(f"{r.name:<28} {status:<11} {r.seconds:>8.1f} {r.cpu_seconds:>8.1f} {r.peak_mib:>9.0f} {r.processes:>5}")
     return "\n".join(lines)
 
 
@@ -257,6 +259,7 @@ def cli(args: argparse.Namespace) -> int:
 
     results = run_notebooks(paths, opts, progress)
     failed = [r for r in results if not r.ok]
+    print(format_table(results))
     print(f"report: {Path(opts.output) / 'report.html'}")
     for r in failed:
         if r.error:

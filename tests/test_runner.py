@@ -17,10 +17,13 @@ from labkit.runner import RunOptions, resolve_notebooks, run_notebooks
 
 MiB = 1024 * 1024
 
-# The kernel starts a child process that holds 300 MiB for 3 s: the peak must include it.
+# The kernel starts a child process that holds 300 MiB, spins 1 s of CPU and sleeps 3 s: the peak
+# memory and the CPU time must include it.
 CHILD_HOG = """
 import subprocess, sys
-code = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(3)"
+code = ("b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time\\n"
+        "while time.process_time() < 1.0: pass\\n"
+        "time.sleep(3)")
 subprocess.run([sys.executable, "-c", code], check=True)
 print("scale in kernel:", scale)
 """
@@ -81,6 +84,7 @@ def test_labkit_run_writes_copies_and_report(tmp_path, capsys):
     assert by_name["01_good"]["peak_bytes"] >= 300 * MiB
     assert by_name["01_good"]["processes"] >= 2
     assert by_name["01_good"]["seconds"] >= 3
+    assert by_name["01_good"]["cpu_seconds"] >= 1.0
 
     executed = nbformat.read(out / "01_good.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
