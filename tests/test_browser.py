@@ -119,11 +119,22 @@ class Lab:
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def api(self, path: str, method: str = "GET") -> object:
+    def api(self, path: str, method: str = "GET", tries: int = 3) -> object:
+        """Call the server's REST API with the token; a GET is retried when a busy machine makes it time out."""
         sep = "&" if "?" in path else "?"
-        req = urllib.request.Request(f"{self.base}{path}{sep}token={TOKEN}", method=method)
-        with urllib.request.urlopen(req, timeout=15) as r:
-            body = r.read()
+        tries = tries if method == "GET" else 1
+        for attempt in range(1, tries + 1):
+            req = urllib.request.Request(f"{self.base}{path}{sep}token={TOKEN}", method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    body = r.read()
+                break
+            except urllib.error.HTTPError:
+                raise
+            except (urllib.error.URLError, TimeoutError):
+                if attempt == tries:
+                    raise
+                time.sleep(1)
         return json.loads(body) if body else None
 
     def start(self) -> None:
@@ -161,7 +172,7 @@ class Lab:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"JupyterLab exited early:\n{(self.root / 'server.log').read_text()[-3000:]}")
             try:
-                self.api("/api/status")
+                self.api("/api/status", tries=1)
                 return
             except OSError:
                 time.sleep(0.5)
@@ -269,16 +280,22 @@ def run_all_and_watch(page, lab: Lab, name: str, sample_every: float = 0.15) -> 
 
 
 def saved_notebook(page, lab: Lab, name: str) -> nbformat.NotebookNode:
-    """Save from the browser (File > Save) and read back what JupyterLab wrote."""
+    """Save from the browser (File > Save, then Ctrl+S if that did not take) and read back what JupyterLab wrote."""
     before = lab.api(f"/api/contents/{name}?content=0")["last_modified"]
-    click_menu(page, "File", "Save( Notebook)?")
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        model = lab.api(f"/api/contents/{name}?content=0")
-        if model["last_modified"] != before:
-            break
-        time.sleep(0.25)
-    return nbformat.from_dict(lab.api(f"/api/contents/{name}")["content"])
+    for attempt in range(3):
+        page.keyboard.press("Escape")
+        if attempt == 0:
+            click_menu(page, "File", "Save( Notebook)?")
+        else:
+            page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook").first.click(position={"x": 5, "y": 5})
+            page.keyboard.press("Control+s")
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if lab.api(f"/api/contents/{name}?content=0")["last_modified"] != before:
+                return nbformat.from_dict(lab.api(f"/api/contents/{name}")["content"])
+            time.sleep(0.25)
+    page.screenshot(path=str(SHOTS / f"{Path(name).stem}-unsaved.png"))
+    raise AssertionError(f"{name}: JupyterLab did not save the notebook after 3 tries")
 
 
 def growth(samples: list[dict], plot: int) -> list[int]:
@@ -327,6 +344,20 @@ def open_and_run(page, lab: Lab, name: str) -> tuple[dict, list[dict], nbformat.
     return final, samples, saved_notebook(page, lab, name)
 
 
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def sent_outputs(saved: nbformat.NotebookNode) -> dict[str, int]:
+    """How many outputs of each rich type the kernel sent (plotly figures, widget views)."""
+    counts = {PLOTLY_MIME: 0, WIDGET_MIME: 0}
+    for c in saved.cells:
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            for mime in counts:
+                counts[mime] += mime in o.get("data", {})
+    return counts
+
+
 def problems(saved: nbformat.NotebookNode) -> list[str]:
     """Error outputs and cells that never ran (Run All stops at the first error)."""
     code = [(i, c) for i, c in enumerate(saved.cells) if c.cell_type == "code"]
@@ -364,6 +395,13 @@ def test_notebook_in_jupyterlab(name, lab, page):
     assert not problems(saved), f"{name}: in the browser: {problems(saved)}"
     assert not any("*" in p for p in final["prompts"])
     assert not final["widget_errors"], f"{name}: a widget failed to render in the page"
+    # every plotly figure the kernel sent must be drawn, and some widget view if widgets were sent
+    sent = sent_outputs(saved)
+    assert final["plots"] >= sent[PLOTLY_MIME], (
+        f"{name}: {sent[PLOTLY_MIME]} plotly figures in the outputs, {final['plots']} drawn (.js-plotly-plot)"
+    )
+    if sent[WIDGET_MIME]:
+        assert final["widgets"] > 0, f"{name}: {sent[WIDGET_MIME]} widget outputs, none rendered"
     if expect.plotly:
         assert final["plots"] > 0, f"{name}: the code makes a plotly figure, but none rendered (.js-plotly-plot)"
         page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
