@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("labkit.serve.cli", "serve a checkpoint (or --demo) over an authenticated HTTP API"),
     "cleanup": ("labkit.cluster.cleanup", "cancel your stale labkit Slurm jobs (owner notebook gone)"),
     "hardware": ("labkit.hardware.cli", "the hardware catalog, and the memory/time/energy plan of a training run"),
+    "install-kernel": ("labkit.kernel", "register this environment as a Jupyter kernel (LABKIT_* settings passed through)"),
+    "run": ("labkit.runner", "execute notebooks headless with a scale/profile; write executed copies and an HTML report"),
 }
 
 

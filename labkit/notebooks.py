@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import nbformat
 
@@ -62,8 +62,12 @@ def execute_notebook(
     timeout: int = 600,
     env: Mapping[str, str] | None = None,
     kernel_name: str = "python3",
+    on_kernel_start: Callable[[int], None] | None = None,
 ) -> NotebookRun:
-    """Execute one notebook in its own folder with ``params`` injected; never raises for a cell error."""
+    """Execute one notebook in its own folder with ``params`` injected; never raises for a cell error.
+
+    ``on_kernel_start(pid)`` is called with the kernel's process id once it is up (to watch its memory).
+    """
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -84,6 +88,8 @@ def execute_notebook(
         nb, timeout=timeout, kernel_name=kernel_name,
         resources={"metadata": {"path": str(path.parent)}},
     )
+    if on_kernel_start is not None:
+        client.on_notebook_start = lambda notebook: on_kernel_start(client.km.provisioner.pid)
     start = time.monotonic()
     error = None
     try:

@@ -1,0 +1,130 @@
+"""`labkit run`: executed copies, an HTML report with time, peak memory (kernel + children) and errors."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+
+from labkit.cli import main
+from labkit.memwatch import TreeMemoryWatch, tree_memory
+from labkit.notebooks import NOTEBOOK_DIR
+from labkit.runner import RunOptions, resolve_notebooks, run_notebooks
+
+MiB = 1024 * 1024
+
+# The kernel starts a child process that holds 300 MiB, spins 1 s of CPU and sleeps 3 s: the peak
+# memory and the CPU time must include it.
+CHILD_HOG = """
+import subprocess, sys
+code = ("b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time\\n"
+        "while time.process_time() < 1.0: pass\\n"
+        "time.sleep(3)")
+subprocess.run([sys.executable, "-c", code], check=True)
+print("scale in kernel:", scale)
+"""
+
+
+def make_notebook(path: Path, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("scale = None\nprofile = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_tree_memory_counts_children():
+    code = "b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(30)"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"]
+    )
+    try:
+        with TreeMemoryWatch(parent.pid, interval=0.1) as watch:
+            deadline = time.time() + 20
+            while time.time() < deadline and watch.peak < 200 * MiB:
+                time.sleep(0.2)
+        assert watch.peak >= 200 * MiB, f"peak {watch.peak / MiB:.0f} MiB misses the child's 200 MiB"
+        assert watch.peak_processes == 2
+        assert watch.samples >= 2
+    finally:
+        children = psutil.Process(parent.pid).children(recursive=True)
+        for proc in children:
+            proc.kill()
+        parent.kill()
+        parent.wait()
+        psutil.wait_procs(children, timeout=10)
+    gone = tree_memory(parent.pid)
+    assert gone.processes == 0
+
+
+def test_labkit_run_writes_copies_and_report(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = make_notebook(src / "01_good.ipynb", CHILD_HOG)
+    bad = make_notebook(src / "02_bad.ipynb", "print('before')", "raise RuntimeError('boom in cell 3')")
+    out = tmp_path / "out"
+    rc = main(["run", "--scale", "tiny", "--output", str(out), str(good), str(bad)])
+    assert rc == 1, "a failing notebook must make `labkit run` exit non-zero"
+    printed = capsys.readouterr()
+    assert "boom in cell 3" in printed.err
+
+    report = json.loads((out / "report.json").read_text())
+    by_name = {r["name"]: r for r in report["results"]}
+    assert report["context"]["scale"] == "tiny"
+    assert by_name["01_good"]["ok"] and not by_name["02_bad"]["ok"]
+    assert "boom in cell 3" in by_name["02_bad"]["error"]
+    assert "\x1b[" not in by_name["02_bad"]["error"], "colour codes must not reach the report"
+    # the kernel's child process (300 MiB) is part of the peak
+    assert by_name["01_good"]["peak_bytes"] >= 300 * MiB
+    assert by_name["01_good"]["processes"] >= 2
+    assert by_name["01_good"]["seconds"] >= 3
+    assert by_name["01_good"]["cpu_seconds"] >= 1.0
+
+    executed = nbformat.read(out / "01_good.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "scale = 'tiny'" in injected[0].source
+    text = json.dumps([c.get("outputs", []) for c in executed.cells])
+    assert "scale in kernel: tiny" in text
+    # the source notebook stays clean
+    assert not any(c.get("outputs") for c in nbformat.read(good, as_version=4).cells if c.cell_type == "code")
+
+    page = (out / "report.html").read_text()
+    assert "1 of 2 notebooks failed" in page
+    assert "01_good" in page and "02_bad" in page and "boom in cell 3" in page
+    assert 'href="01_good.ipynb"' in page
+
+
+def test_memory_budget_fails_the_run(tmp_path):
+    nb = make_notebook(tmp_path / "hog.ipynb", CHILD_HOG)
+    opts = RunOptions(scale="tiny", output=tmp_path / "out", max_memory=150 * MiB, max_seconds=600)
+    [result] = run_notebooks([nb], opts)
+    assert result.error is None
+    assert not result.ok
+    assert any("peak memory" in p for p in result.over_budget)
+    assert "over budget" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_bad_scale_fails_fast_with_choices(tmp_path, capsys):
+    start = time.monotonic()
+    rc = main(["run", "--scale", "huge", "--output", str(tmp_path), "00"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "huge" in err and "tiny" in err and "binder" in err
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_resolve_notebooks_by_number_name_and_path():
+    first = resolve_notebooks([])[0]
+    assert first.name == "00_welcome.ipynb"
+    assert resolve_notebooks(["00"]) == [first]
+    assert resolve_notebooks(["00_welcome"]) == [first]
+    assert resolve_notebooks([str(NOTEBOOK_DIR / "00_welcome.ipynb")]) == [first]
+    with pytest.raises(SystemExit, match="choose from: 00_welcome"):
+        resolve_notebooks(["99_nothing"])
