@@ -349,3 +349,18 @@ def get_profile(name: str | None = None) -> Profile:
 def get_scale(name: str | None = None) -> Scale:
     """The named scale or the active one (``LABKIT_SCALE`` or the files)."""
     return load_config().scale(name)
+
+
+def runs_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where the lab keeps what it makes (shards, checkpoints, reports), shared by every notebook.
+
+    ``$LABKIT_RUN_DIR`` when set; else ``runs/`` in the labkit checkout (git-ignored) when labkit
+    runs from one; else ``./runs`` in the current folder.
+    """
+    env = os.environ if env is None else env
+    if env.get("LABKIT_RUN_DIR"):
+        return Path(env["LABKIT_RUN_DIR"]).expanduser()
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "labkit").is_dir():
+        return root / "runs"
+    return Path.cwd() / "runs"

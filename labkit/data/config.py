@@ -83,14 +83,15 @@ def repo_root() -> Path | None:
 
 
 def default_shard_dir(scale: str | None = None, root: str | Path | None = None) -> Path:
-    """Where notebooks keep shards of a scale: ``<repo>/runs/shards-<scale>`` (``runs/`` is git-ignored).
+    """Where notebooks keep shards of a scale: ``<runs>/shards-<scale>``.
 
-    ``root`` defaults to the labkit checkout, else the current folder. Notebook 03 writes there
-    and notebook 06 (training) reads from there.
+    ``<runs>`` is ``root/runs`` when ``root`` is given, else ``labkit.config.runs_dir()``
+    (``$LABKIT_RUN_DIR``, else ``runs/`` of the labkit checkout). Notebook 03 writes there and
+    notebook 06 (training) reads from there.
     """
-    if scale is None:
-        from labkit.config import load_config
+    from labkit.config import load_config, runs_dir
 
+    if scale is None:
         scale = load_config().scale().name
-    base = Path(root) if root is not None else (repo_root() or Path.cwd())
-    return base / "runs" / f"shards-{scale}"
+    base = Path(root) / "runs" if root is not None else runs_dir()
+    return base / f"shards-{scale}"

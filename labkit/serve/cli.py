@@ -13,14 +13,16 @@ RUN_DIR_ENV = "LABKIT_RUN_DIR"
 
 
 def default_run_dir() -> Path:
-    """Where training writes runs: ``$LABKIT_RUN_DIR``, else ``runs/`` in the current directory."""
-    return Path(os.environ.get(RUN_DIR_ENV) or "runs")
+    """Where training writes runs: ``labkit.config.runs_dir()`` (``$LABKIT_RUN_DIR``, else the lab's ``runs/``)."""
+    from labkit.config import runs_dir
+
+    return runs_dir()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``labkit serve``."""
     p.add_argument("checkpoint", nargs="?", help="checkpoint file or run directory "
-                   f"(default: the newest checkpoint under ${RUN_DIR_ENV} or ./runs)")
+                   f"(default: the newest checkpoint under ${RUN_DIR_ENV}, else the lab's runs/ folder)")
     p.add_argument("--demo", action="store_true", help="serve a tiny random GPT with a byte tokenizer (no checkpoint)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
