@@ -72,7 +72,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="bench/results/data.json")
     args = ap.parse_args(argv)
 
-    import numpy as np
     from distributed import Client, LocalCluster, wait
 
     from labkit.data.pipeline import encode_packed, preprocess

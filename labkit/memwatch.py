@@ -11,7 +11,6 @@ would take on a CPU of its own better than the wall time does.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 
 import psutil

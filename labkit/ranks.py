@@ -12,7 +12,6 @@ cancelled). The other ranks are ended too, so the cluster stays usable for the n
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import time
 import traceback

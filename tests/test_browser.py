@@ -129,8 +129,13 @@ class Lab:
                 with urllib.request.urlopen(req, timeout=30) as r:
                     body = r.read()
                 break
-            except urllib.error.HTTPError:
-                raise
+            except urllib.error.HTTPError as exc:
+                # a GET racing a save can meet a half-written file ("Unreadable Notebook", 400)
+                detail = exc.read().decode(errors="replace")[:500]
+                if exc.code != 400 or attempt == tries:
+                    raise AssertionError(f"{method} {path}: HTTP {exc.code}: {detail}") from exc
+                time.sleep(1)
+                continue
             except (urllib.error.URLError, TimeoutError):
                 if attempt == tries:
                     raise

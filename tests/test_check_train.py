@@ -1,6 +1,5 @@
 """labkit.check.train: the checkers accept right answers and say what is wrong with wrong ones."""
 
-import math
 
 from labkit.check import train as check
 

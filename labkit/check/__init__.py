@@ -12,8 +12,30 @@ from __future__ import annotations
 import html
 import inspect
 import textwrap
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+
+@dataclass
+class Result:
+    """A checker's verdict: ``ok``, a message that says what to fix, and a short ``problem`` tag
+    (None when ok) that tests and instructors can match on. Truthy when ok."""
+
+    ok: bool
+    message: str
+    problem: str | None = None
+    details: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        return ("✅ " if self.ok else "❌ ") + self.message
+
+    __repr__ = __str__
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
 
 
 class UnknownExercise(KeyError, ValueError):

@@ -11,34 +11,18 @@ from __future__ import annotations
 import inspect
 import math
 import textwrap
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from labkit import attention as A
 
+from labkit.check import Result
+
 EXERCISES = ("softmax", "attention", "causal_mask", "split_heads")
 TOL = 1e-5
 
 
-@dataclass
-class Result:
-    """The verdict of a checker: ``ok``, a short ``problem`` tag (None when ok) and a message."""
-
-    ok: bool
-    message: str
-    problem: str | None = None
-    details: dict = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __str__(self) -> str:
-        return ("✅ " if self.ok else "❌ ") + self.message
-
-    def _repr_markdown_(self) -> str:
-        return str(self)
 
 
 def _fail(problem: str, message: str, **details) -> Result:

@@ -10,32 +10,16 @@ from __future__ import annotations
 
 import inspect
 import textwrap
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from labkit.check import Result
+
 EXERCISES = ("magnitude_mask", "layer_sparsity")
 
 
-@dataclass
-class Result:
-    """A checker's verdict: ``ok``, a short ``problem`` tag (None when ok) and a message."""
-
-    ok: bool
-    message: str
-    problem: str | None = None
-    details: dict = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __str__(self) -> str:
-        return ("✅ " if self.ok else "❌ ") + self.message
-
-    def _repr_markdown_(self) -> str:
-        return str(self)
 
 
 def _fail(problem: str, message: str, **details) -> Result:

@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Any, Callable
 
+from labkit.check import Result
 from labkit.train import TrainConfig, lr_at
 
 
-@dataclass
-class Feedback:
-    """The outcome of a check: ``ok`` and a message that says what to fix."""
-
-    ok: bool
-    message: str
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __repr__(self) -> str:
-        return ("✅ " if self.ok else "❌ ") + self.message
+Feedback = Result  # the shared verdict type of labkit.check
 
 
 

@@ -7,7 +7,6 @@ empty file, a dangling symlink and a symlink loop. Built in well under a second.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path

@@ -7,12 +7,11 @@ Everything renders as a widget in Jupyter and as plain text elsewhere (terminal,
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from labkit.hardware.catalog import catalog, gpu as find_gpu, network as find_network, networks
-from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, allreduce_time, human_bytes, plan_run
+from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, allreduce_time, plan_run
 from labkit.hardware.inspect import WorkerHardware
 from labkit.hardware.measure import AllReducePoint, ClusterMeasurement, DeviceBench
 
