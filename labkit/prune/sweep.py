@@ -6,6 +6,7 @@ Each finished point is emitted as a ``prune`` event (to the Dask topic on the wo
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Sequence
 
 import torch
@@ -14,12 +15,22 @@ from torch import nn
 from .evaluate import METHODS, CurvePoint, evaluate_point
 
 
-def _point_task(model: nn.Module, val: torch.Tensor, method: str, amount: float, importance: str,
+def _model_bytes(model: nn.Module) -> bytes:
+    """The whole model, serialised once on the client."""
+    buf = io.BytesIO()
+    torch.save(model.cpu(), buf)
+    return buf.getvalue()
+
+
+def _point_task(blob: bytes, val: torch.Tensor, method: str, amount: float, importance: str,
                 threads: int | None) -> dict:
     from labkit.events import emit
 
     if threads:
         torch.set_num_threads(threads)
+    # every task rebuilds its own model: tasks sharing one object on a worker (threads, or one
+    # after another) must never see each other's pruning
+    model = torch.load(io.BytesIO(blob), weights_only=False)
     point = evaluate_point(model, method, amount, val, importance)
     emit("prune", **point.as_dict())
     return point.as_dict()
@@ -41,7 +52,7 @@ def sweep(client: Any, model: nn.Module, val: torch.Tensor, amounts: Sequence[fl
             raise ValueError(f"method={m!r}: choose from {', '.join(METHODS)}")
     if not amounts:
         raise ValueError("give at least one amount, e.g. amounts=(0.0, 0.5)")
-    model_f, val_f = client.scatter([model.cpu(), val], broadcast=True)
+    model_f, val_f = client.scatter([_model_bytes(model), val], broadcast=True)
     jobs = [(m, float(a)) for m in methods for a in amounts]
     futures = [client.submit(_point_task, model_f, val_f, m, a, importance, threads, pure=False) for m, a in jobs]
     index = {f.key: i for i, f in enumerate(futures)}
