@@ -118,7 +118,9 @@ up() {
     write_config
     start_munge
     if ! pgrep -x slurmctld >/dev/null; then
-        /usr/sbin/slurmctld -i
+        # a cold start clears jobs left by an earlier run (a killed session, a rebooted VM):
+        # stale jobs would hold the fake GPUs and keep new ones pending
+        /usr/sbin/slurmctld -c -i
     else
         scontrol reconfigure >/dev/null 2>&1 || true
     fi
