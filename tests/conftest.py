@@ -27,6 +27,25 @@ def _isolated_config(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def client():
+    """A real local Dask cluster of 2 worker processes (one thread each), shared by a test module."""
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip outside CI; in CI a missing install or service is a failure, never a silent skip."""
+    if IN_CI:
+        pytest.fail(f"must run in CI, but: {reason} (.ci/run installs and starts what the tests need)")
+    pytest.skip(reason)
+
+
 def slurm_answers() -> tuple[bool, str]:
     """Whether the local Slurm answers, and why not."""
     if not shutil.which("sinfo"):
@@ -42,7 +61,5 @@ def slurm():
     """The live local Slurm; skips (outside CI only) when it cannot be reached."""
     ok, info = slurm_answers()
     if not ok:
-        if IN_CI:
-            pytest.fail(f"Slurm must run in CI: {info}")
-        pytest.skip(info)
+        skip_unless_ci(info)
     return info

@@ -29,6 +29,7 @@ import nbformat
 import pytest
 
 from labkit.notebooks import list_notebooks
+from conftest import skip_unless_ci
 
 pytestmark = pytest.mark.browser
 
@@ -228,9 +229,7 @@ def chromium_browser():
     except ImportError:
         reason = "playwright not installed: pip install -c constraints.txt '.[test]'"
     if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser tests must run in CI: {reason}")
-        pytest.skip(reason)
+        skip_unless_ci(reason)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield browser

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dask.distributed import Client, LocalCluster
+from dask.distributed import Client
 
 from labkit.hardware.inspect import WorkerHardware, inspect_cluster, probe
 from labkit.hardware.measure import (
@@ -24,19 +24,13 @@ from labkit.hardware.measure import (
     ratios,
     supported_dtypes,
 )
+from conftest import skip_unless_ci
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = MeasureConfig(matmul_n=64, copy_bytes=1 << 20, host_device_bytes=1 << 20,
                       allreduce_sizes=(1024, 64 * 1024, 1 << 20), warmup=1, repeats=3)
 
 
-@pytest.fixture(scope="module")
-def client():
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def test_probe_reports_this_process(monkeypatch):
@@ -194,7 +188,7 @@ def test_inspect_and_measure_dask_workers_in_slurm_jobs(slurm, tmp_path):
                 queue = subprocess.run(["squeue", "-h", "-n", "labkit-hw-test", "-u", getpass.getuser(), "-o", "%T %R"],
                                        capture_output=True, text=True).stdout
                 if "PENDING" in queue:
-                    pytest.skip(f"the shared Slurm node is busy, jobs still pending: {queue.strip()}")
+                    skip_unless_ci(f"the shared Slurm node is busy, jobs still pending: {queue.strip()}")
                 raise
             rows = inspect_cluster(client)
             assert len(rows) == 2 and len({r.slurm_job_id for r in rows}) == 2

@@ -173,7 +173,6 @@ def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
 
 
 def test_labkit_attention_option_matches_sdpa():
-    pytest.importorskip("labkit.attention", reason="labkit.attention (issue 6) is not merged on this branch yet")
     torch.manual_seed(0)
     m = GPT(tiny())
     x = torch.randint(0, 50, (2, 16))

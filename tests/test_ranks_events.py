@@ -5,20 +5,12 @@ import signal
 import time
 
 import pytest
-from dask.distributed import Client, LocalCluster
 
 from labkit.events import Recorder, emit, subscribe
 from labkit.ranks import RankError, RankLost, RankProbe, choose_backend, run_ranks
 from labkit.widgets.live_plot import LivePlot
 
 
-@pytest.fixture(scope="module")
-def client():
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def _allreduce(ctx, value):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from labkit.serve import MiniLMEmbedder, ServeConfig, demo_generator, start
+from conftest import skip_unless_ci
 
 TOKEN = "schema-token"
 
@@ -19,7 +20,7 @@ TOKEN = "schema-token"
 def test_schemathesis_finds_no_server_error(tmp_path):
     st = shutil.which("st") or str(Path(sys.executable).with_name("st"))
     if not Path(st).exists():
-        pytest.skip("schemathesis' st command is not installed (pip install schemathesis)")
+        skip_unless_ci("schemathesis' st command is not installed (pip install schemathesis)")
     config = ServeConfig.for_scale("tiny").replace(max_new_tokens=8, max_prompt_chars=64, max_embed_texts=4)
     embedder = MiniLMEmbedder()
     embedder.embed(["warm up"])  # load MiniLM before the clock of the fuzzer starts

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from dask.distributed import Client, LocalCluster
 
 from labkit.events import Recorder, subscribe
 from labkit.ranks import RankError, RankLost
@@ -26,13 +25,6 @@ def shards(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def client():
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
 
 
 def cfg(**kw) -> TrainConfig:

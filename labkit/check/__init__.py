@@ -96,3 +96,10 @@ def solution_book(topic: str, solutions: Mapping[str, str | Callable[..., Any]])
     solution.__doc__ = f"The reference solution of a {topic} exercise, folded until you open it."
     solution.__qualname__ = solution.__name__ = "solution"
     return solution
+
+
+def defined_function(source: str) -> Callable[..., Any]:
+    """The public function a reference solution's source defines, ready to call (tests, demos)."""
+    space: dict[str, Any] = {}
+    exec(source, space)  # labkit's own constant solution source, never learner input
+    return next(v for k, v in space.items() if callable(v) and not k.startswith("_") and inspect.isfunction(v))

@@ -10,7 +10,7 @@ import math
 import random
 from typing import Any, Callable
 
-from labkit.check import Result
+from labkit.check import Result, defined_function, solution_book
 from labkit.serve.metrics import percentile as _reference
 
 
@@ -89,15 +89,9 @@ def my_percentile(values, q):
 }
 
 
-def solution(name: str) -> str:
-    """The reference solution of an exercise, as code to read (or ``exec``)."""
-    if name not in _SOLUTIONS:
-        raise KeyError(f"no exercise {name!r}; valid: {', '.join(_SOLUTIONS)}")
-    return _SOLUTIONS[name]
+solution = solution_book("serving", _SOLUTIONS)
 
 
 def solved(name: str) -> Any:
     """The reference solution as a function (what ``solution(name)`` defines)."""
-    space: dict[str, Any] = {}
-    exec(solution(name), space)  # our own constant source, not user input
-    return next(v for k, v in space.items() if callable(v) and not k.startswith("_"))
+    return defined_function(solution(name))

@@ -12,7 +12,7 @@ import math
 import random
 from typing import Any, Callable
 
-from labkit.check import Result
+from labkit.check import Result, defined_function, solution_book
 from labkit.train import TrainConfig, lr_at
 
 
@@ -117,15 +117,9 @@ def tokens_per_step(batch_size, grad_accum, world_size, block_size):
 }
 
 
-def solution(name: str) -> str:
-    """The reference solution of an exercise, as code to read (or ``exec``)."""
-    if name not in _SOLUTIONS:
-        raise KeyError(f"no exercise {name!r}; valid: {', '.join(_SOLUTIONS)}")
-    return _SOLUTIONS[name]
+solution = solution_book("training", _SOLUTIONS)
 
 
 def solved(name: str) -> Any:
     """The reference solution as a function (what ``solution(name)`` defines)."""
-    space: dict[str, Any] = {}
-    exec(solution(name), space)  # our own constant source, not user input
-    return next(v for k, v in space.items() if callable(v) and not k.startswith("_") and k != "math")
+    return defined_function(solution(name))
