@@ -15,7 +15,7 @@ mask is added to the scores (use ``-inf`` to forbid).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,15 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     e = torch.exp(x - m.detach())
     s = e.sum(dim=dim, keepdim=True)
     return e / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def softmax_at_scales(scores: torch.Tensor, d_k: int, factors: Sequence[float]) -> list[tuple[float, torch.Tensor]]:
+    """Softmax of one row of raw scores q.k scaled by ``factor / sqrt(d_k)`` for each factor.
+
+    Factor 1 is the model's own 1/sqrt(d_k); factor sqrt(d_k) is no scaling at all. Shows why the
+    scale is there: as it grows, the weights saturate towards one-hot and gradients vanish."""
+    s = scores.detach().float().cpu().flatten()
+    return [(float(f), softmax(s * f / math.sqrt(d_k))) for f in factors]
 
 
 # ------------------------------------------------------------------------------------------ masks

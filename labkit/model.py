@@ -192,6 +192,17 @@ def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return scaled_dot_product_attention(q, k, v, causal=True)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal SDPA. On CPU it runs in float32 even under bf16 autocast: torch's CPU flash-attention
+    kernel is ~2.6x slower in bf16 than in fp32 (forward + backward, measured by ``bench.train``),
+    while the matmuls around it gain from bf16. On GPUs the bf16 kernels are the fast ones."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
 def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
     """nn.Linear that accepts zero width quietly (a layer whose heads or neurons were all pruned)."""
     with warnings.catch_warnings():
@@ -224,8 +235,7 @@ class CausalSelfAttention(nn.Module):
         if self.use_labkit:
             y = _labkit_attention(q, k, v)
         else:
-            p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = _sdpa(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, inner)
         return self.resid_dropout(self.c_proj(y))
 

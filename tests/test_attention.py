@@ -202,3 +202,16 @@ def test_scale_default_is_inverse_sqrt_dk():
     q, k, _ = _qkv(1, 4, 9, seed=13)
     w = A.attention_weights(q, k)
     torch.testing.assert_close(w, torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(9), -1), **TOL)
+
+
+def test_softmax_at_scales_saturates_as_the_scale_grows():
+    from labkit.attention import softmax_at_scales
+
+    scores = torch.randn(40, generator=torch.Generator().manual_seed(3)) * 8.0
+    rows = softmax_at_scales(scores, 64, (0.5, 1.0, 8.0))
+    assert [f for f, _ in rows] == [0.5, 1.0, 8.0]
+    for _, p in rows:
+        assert torch.allclose(p.sum(), torch.tensor(1.0), atol=1e-6)
+    torch.testing.assert_close(rows[1][1], torch.softmax(scores / 8.0, -1))
+    peaks = [float(p.max()) for _, p in rows]
+    assert peaks[0] < peaks[1] < peaks[2] and peaks[2] > 0.9  # sqrt(d_k) = no scaling: close to one-hot

@@ -181,3 +181,29 @@ def test_labkit_attention_option_matches_sdpa():
     m2.load_state_dict(m.state_dict())
     b, _ = m2(x)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_cpu_attention_runs_in_float32_under_bf16_autocast(monkeypatch):
+    """The CPU flash-attention kernel is slow in bf16, so the model keeps attention in fp32 there
+    while the matmuls around it run in bf16; the output keeps the autocast dtype."""
+    import torch.nn.functional as F
+
+    from labkit import model as M
+
+    seen: list[torch.dtype] = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dtype)
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    gpt = M.GPT(M.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, precision="bfloat16"))
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = gpt(x, x)
+    loss.backward()
+    assert seen == [torch.float32, torch.float32]
+    ref = M.GPT(M.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, precision="float32"))
+    ref.load_state_dict(gpt.state_dict())
+    assert abs(float(ref(x, x)[1]) - float(loss)) < 0.05

@@ -148,9 +148,13 @@ def _tokenizer(tokenizer_json: str):
 
 def encode_packed(tokenizer_json: str, texts: Sequence[str], val: Sequence[bool], eot: int,
                   dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_batch`` the texts and pack them as ``doc EOT doc EOT ...``: (train ids, val ids)."""
+    """Encode the texts and pack them as ``doc EOT doc EOT ...``: (train ids, val ids).
+
+    Uses ``encode_batch_fast`` where tokenizers has it (0.20+): the same ids as ``encode_batch``
+    without computing character offsets, which shards never store; ~1.3x faster on the stdlib."""
     tok = _tokenizer(tokenizer_json)
-    encs = tok.encode_batch(list(texts)) if len(texts) else []
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    encs = encode(list(texts)) if len(texts) else []
     out: dict[bool, list[np.ndarray]] = {False: [], True: []}
     eot_arr = np.array([eot], dtype=dtype)
     for enc, is_val in zip(encs, val):

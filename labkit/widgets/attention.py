@@ -17,6 +17,8 @@ import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
+from labkit.attention import softmax_at_scales
+
 COLORSCALE = "Blues"
 
 
@@ -107,10 +109,8 @@ def lines(probs: torch.Tensor, tokens: Sequence[str], layer: int | None = None, 
 def saturation(scores: torch.Tensor, d_k: int, factors: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) -> go.Figure:
     """Softmax of one row of raw scores q.k at different scales: 1 = the model's 1/sqrt(d_k);
     sqrt(d_k) = no scaling at all, where softmax saturates towards one-hot."""
-    s = scores.detach().float().cpu().flatten()
     fig = go.Figure()
-    for f in factors:
-        p = torch.softmax(s * f / math.sqrt(d_k), -1)
+    for f, p in softmax_at_scales(scores, d_k, factors):
         fig.add_trace(go.Bar(y=p.numpy(), name=f"{f:g}/sqrt(d_k)  (max {p.max():.2f})"))
     fig.update_layout(barmode="group", title="softmax saturates as the scale grows", xaxis_title="key",
                       yaxis_title="weight", width=700, height=360)
