@@ -46,3 +46,18 @@ def test_doctor_proxy_check(monkeypatch):
 def test_sinfo_parse(slurm):
     parts = slurm_partitions()
     assert any(p.name == "gpu" and "gpu:2" in p.gres for p in parts)
+
+
+def test_doctor_auto_profile_is_what_start_cluster_would_pick(slurm, monkeypatch, tmp_path):
+    """Under auto with a Slurm profile in the user file, the doctor reports slurm (Slurm answers here),
+    as start_cluster() would; with Slurm unreachable, the configured Slurm is a failure, not a quiet local."""
+    user = tmp_path / "user.yaml"
+    user.write_text("profiles:\n  slurm:\n    partition: gpu\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    line = [c for c in run_doctor().checks if c.name == "profile"][0]
+    assert line.detail.startswith("auto -> slurm (slurm)") and "answer" in line.detail, line.detail
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo/squeue
+    report = run_doctor()
+    line = [c for c in report.checks if c.name == "profile"][0]
+    assert line.detail.startswith("auto -> local (local)"), line.detail
+    assert [c for c in report.checks if c.name == "slurm"][0].status == FAIL and not report.ok
