@@ -7,7 +7,7 @@ import time
 import pytest
 
 from labkit.events import Recorder, emit, subscribe
-from labkit.ranks import RankError, RankLost, RankProbe, choose_backend, run_ranks
+from labkit.ranks import RankError, RankLost, RankProbe, choose_backend, local_ranks, rank_gpu, run_ranks
 from labkit.widgets.live_plot import LivePlot
 
 
@@ -100,6 +100,26 @@ def test_backend_choice():
         choose_backend(cpu, "nccl")
     with pytest.raises(ValueError, match="auto"):
         choose_backend(cpu, "mpi")
+
+
+def test_backend_compares_the_gpu_each_rank_uses_when_workers_see_several():
+    # ranks use cuda:{local_rank % visible GPUs}, local_rank counting the ranks on the same host
+    two = ("GPU-A", "GPU-B")
+    probes = [RankProbe("w0", "node1", True, two), RankProbe("w1", "node1", True, two)]
+    assert [rank_gpu(p, lr) for p, lr in zip(probes, local_ranks(probes))] == ["GPU-A", "GPU-B"]
+    assert choose_backend(probes) == "nccl", "same first GPU, but the ranks use A and B"
+    swapped = [RankProbe("w0", "node1", True, two), RankProbe("w1", "node1", True, ("GPU-B", "GPU-A"))]
+    assert choose_backend(swapped) == "gloo", "different first GPUs, but both ranks use GPU-A"
+    three = probes + [RankProbe("w2", "node1", True, two)]
+    assert choose_backend(three) == "gloo", "three ranks on two GPUs: two share one"
+    with pytest.raises(ValueError, match="one distinct GPU per rank"):
+        choose_backend(three, "nccl")
+    # two hosts: local ranks restart at 0 on each, and their GPUs are different devices
+    hosts = [RankProbe("w0", "n1", True, ("n1-A", "n1-B")), RankProbe("w1", "n2", True, ("n2-A", "n2-B")),
+             RankProbe("w2", "n1", True, ("n1-A", "n1-B"))]
+    assert local_ranks(hosts) == [0, 0, 1]
+    assert choose_backend(hosts) == "nccl"
+    assert choose_backend(hosts + [RankProbe("w3", "n1", False, ())]) == "gloo", "a rank without a GPU"
 
 
 def test_emit_to_sink_and_liveplot_text(capsys):
