@@ -161,6 +161,7 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
     else:
         ctx_fields["device"] = "cpu"
     ctx = RankContext(**ctx_fields)
+    group = None
     try:
         if dist.is_initialized():  # left over from a run that could not end: clear it
             dist.destroy_process_group()
@@ -168,12 +169,15 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
             backend, init_method=init_method, rank=ctx.rank, world_size=ctx.world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
+        group = dist.group.WORLD
         return fn(ctx, *args, **kwargs)
     except BaseException as exc:
         raise _RankFailed(ctx.rank, ctx.worker, time.time(), traceback.format_exc()) from exc
     finally:
         try:
-            if dist.is_initialized():
+            # only our own group: a rank given up on (after a lost peer) may end while the next
+            # run on this worker already has its group up
+            if group is not None and dist.is_initialized() and dist.group.WORLD is group:
                 dist.destroy_process_group()
         except Exception:
             pass
@@ -206,11 +210,14 @@ def run_ranks(
     timeout: float = 120.0,
     poll: float = 0.5,
     lost_grace: float = 3.0,
+    survivor_grace: float = 10.0,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(ctx, *args, **kwargs)`` as one torch.distributed rank per worker; results in rank order.
 
-    ``timeout`` bounds each collective and how long the other ranks get to end after a failure.
+    ``timeout`` bounds each collective and how long the other ranks get to end after a rank raised.
+    Once a worker is known lost, the survivors get at most ``min(timeout, survivor_grace)`` seconds
+    to end before ``RankLost`` is raised, so a lost rank is reported promptly whatever ``timeout`` is.
     """
     from distributed import Event, wait
     from distributed.comm import get_address_host
@@ -243,7 +250,7 @@ def run_ranks(
             lost = [r for r, a in enumerate(addrs) if a not in alive and not futures[r].done()]
             if lost:
                 abort.set()
-                _drain([f for r, f in enumerate(futures) if r not in lost], timeout)
+                _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
                 raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start)
             try:
                 wait(futures, timeout=poll, return_when="FIRST_COMPLETED")
@@ -256,7 +263,7 @@ def run_ranks(
             # scheduler a moment to notice the lost worker, and report the cause, not the symptom
             lost = _lost_ranks(client, addrs, grace=lost_grace)
             if lost:
-                _drain([f for r, f in enumerate(futures) if r not in lost], timeout)
+                _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
                 raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start)
             _drain(futures, timeout)
             for f in futures:
