@@ -1,8 +1,11 @@
 """Train the GPT of ``labkit.model`` on token shards: in one process, or as DDP ranks on Dask workers.
 
-One training loop serves both: ``train(config, data_dir=...)`` runs it here as a world of one, and
-``train_distributed(client, config, data_dir=...)`` runs it as one DDP rank per Dask worker through
-``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo).
+One training loop serves both: ``train(config)`` runs it here as a world of one, and
+``train_distributed(client, config)`` runs it as one DDP rank per Dask worker through
+``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo). Both take
+``data_dir=`` (a shard folder); without it they use the shards of the config's scale that
+``03_preprocessing`` wrote, else tiny ones built once under ``runs_dir()/"tiny-shards"``
+(``default_shards``).
 
 What makes runs repeatable:
 
@@ -96,6 +99,8 @@ class TrainConfig:
     # where
     device: str = "auto"               # auto | cpu | cuda | cuda:N (ranks get theirs from run_ranks)
     num_threads: int | None = None     # torch threads per rank on CPU; None leaves torch's choice
+    scale: str | None = None           # the preset it came from (for_scale sets it): whose shards are
+                                       # the default data; None = the lab's active scale
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,7 +126,7 @@ class TrainConfig:
         scale = lab.scale(name)
         if scale.name not in _PRESETS:
             raise ValueError(f"no training preset for scale {scale.name!r}; valid: {', '.join(_PRESETS)}")
-        values = dict(_PRESETS[scale.name])
+        values = {"scale": scale.name, **_PRESETS[scale.name]}
         values.update(scale.section("train"))
         values.update(overrides)
         valid = {f.name for f in dataclasses.fields(cls)}
@@ -231,6 +236,33 @@ def ensure_shards(shards_dir: str | os.PathLike | None, fallback_dir: str | os.P
 
     make_tiny_shards(fallback)
     return fallback, True
+
+
+def default_shards(scale: str | None = None, shards_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """The shards to train on when none are named: ``shards_dir``, else the scale's that
+    ``03_preprocessing`` writes (``labkit.data.default_shard_dir``; None = the active scale), when
+    finished; else tiny shards in ``runs_dir()/"tiny-shards"``, built now if missing.
+    Returns the folder and, when it fell back to the tiny shards, a line saying so (else None)."""
+    from labkit.config import runs_dir
+    from labkit.data.config import default_shard_dir
+
+    wanted = Path(shards_dir) if shards_dir is not None else default_shard_dir(scale)
+    found, built = ensure_shards(wanted, runs_dir() / "tiny-shards")
+    if found == wanted:
+        return found, None
+    how = "built now" if built else "built earlier"
+    return found, (f"no finished shards in {wanted} (run 03_preprocessing to make them): "
+                   f"training on the tiny shards in {found} ({how})")
+
+
+def _data_dir(config: TrainConfig, data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir``, or the default shards of the config's scale (saying so when they are the tiny ones)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    found, note = default_shards(config.scale)
+    if note:
+        print(note, flush=True)
+    return found
 
 
 def batch_rows(reader: Any, block_size: int, seed: int, step: int, rows: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,10 +493,11 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
     )
 
 
-def train(config: TrainConfig, data_dir: str | os.PathLike, sink: Callable | None = None,
+def train(config: TrainConfig, data_dir: str | os.PathLike | None = None, sink: Callable | None = None,
           resume: bool = False) -> TrainResult:
-    """Train in this process (a world of one) on the shards in ``data_dir``; events go to ``sink``."""
-    return run_loop(config, data_dir, sink=sink, resume=resume)
+    """Train in this process (a world of one) on the shards in ``data_dir`` (None: ``default_shards``
+    of the config's scale); events go to ``sink``."""
+    return run_loop(config, _data_dir(config, data_dir), sink=sink, resume=resume)
 
 
 # ---------------------------------------------------------------------------------- distributed
@@ -484,17 +517,18 @@ def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool) -> Tr
                     resume=resume, should_stop=should_stop)
 
 
-def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike, *,
+def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None, *,
                       workers: int | list[str] | None = None, resume: bool = False, backend: str = "auto",
                       timeout: float = 60.0) -> TrainResult:
     """Train with one DDP rank per Dask worker (all workers, or ``workers``); returns rank 0's result.
+    ``data_dir`` None: ``default_shards`` of the config's scale (the workers must see that folder).
 
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
     rank raises ``labkit.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
     naming the rank; then ``resume=True`` continues from the last checkpoint."""
     from labkit.ranks import run_ranks
 
-    data_dir = str(Path(data_dir).resolve())
+    data_dir = str(_data_dir(config, data_dir).resolve())
     if resume and not config.checkpoint_dir:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints")
     if config.checkpoint_dir:
@@ -544,14 +578,16 @@ class TrainingRun:
         return f"<TrainingRun {state}>"
 
 
-def start_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike, **kwargs: Any) -> TrainingRun:
+def start_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None,
+                      **kwargs: Any) -> TrainingRun:
     """``train_distributed`` without blocking: returns a ``TrainingRun`` at once."""
     return TrainingRun(lambda: train_distributed(client, config, data_dir, **kwargs))
 
 
-def throughput_sweep(client: Any, config: TrainConfig, data_dir: str | os.PathLike, worker_counts: list[int],
+def throughput_sweep(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None, worker_counts: list[int],
                      **kwargs: Any) -> list[dict[str, float]]:
     """Train briefly on 1, 2, ... workers (``worker_counts``) and report tokens/s and speed-up for each."""
+    data_dir = _data_dir(config, data_dir)  # resolved once, not per run
     rows: list[dict[str, float]] = []
     for n in worker_counts:
         res = train_distributed(client, config, data_dir, workers=n, **kwargs)

@@ -132,6 +132,36 @@ def test_resume_is_bit_exact(shards, tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_without_data_dir_it_trains_on_the_scale_shards_else_builds_tiny_ones(shards, tmp_path, monkeypatch,
+                                                                           capsys):
+    import shutil
+
+    from labkit.data.config import default_shard_dir
+    from labkit.train import default_shards
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LABKIT_SCALE", "tiny")
+    assert TrainConfig.for_scale("binder").scale == "binder" and TrainConfig.for_scale().scale == "tiny"
+    tiny = tmp_path / "runs" / "tiny-shards"
+    # no shards for the scale: tiny ones are built under runs_dir(), and it says so
+    first = train(cfg(max_steps=3, scale="binder"))
+    assert (tiny / "meta.json").is_file()
+    said = capsys.readouterr().out
+    assert str(default_shard_dir("binder")) in said and str(tiny) in said and "built now" in said
+    assert first.steps == 3
+    again, note = default_shards("binder")
+    assert again == tiny and "built earlier" in note
+    # the scale's own shards (what 03_preprocessing writes) win once they exist; scale None = active
+    shutil.copytree(shards, default_shard_dir("tiny"))
+    shutil.rmtree(tiny)
+    assert default_shards(None) == (default_shard_dir("tiny"), None)
+    mine = train(cfg(max_steps=3))
+    assert not tiny.exists() and capsys.readouterr().out == ""
+    assert mine.losses == train(cfg(max_steps=3), shards).losses  # old call sites: positional data_dir
+    with pytest.raises(Exception, match="no-such"):  # a named folder is used as is, never replaced
+        train(cfg(max_steps=3), tmp_path / "no-such")
+
+
 def test_resume_needs_a_checkpoint_dir(shards):
     with pytest.raises(ValueError, match="checkpoint_dir"):
         train(cfg(), shards, resume=True)
