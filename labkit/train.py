@@ -19,8 +19,9 @@ What makes runs repeatable:
   bit for bit on CPU. They are written atomically with a checksum (``labkit.model.write_checked``)
   and the last ``keep_last`` are kept.
 
-Metrics go out as ``labkit.events`` of kind ``train`` (per step), ``val``, ``sample`` and
-``checkpoint``: to ``sink`` when given, else to the Dask topic on a worker.
+Metrics go out as ``labkit.events`` of kind ``train`` (per step), ``val``, ``sample`` (``when`` is
+``"before"``, ``"step"`` with each validation, or ``"after"``) and ``checkpoint``: to ``sink`` when
+given, else to the Dask topic on a worker.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class TrainResult:
     steps: int
     losses: list[float]                 # mean loss over all ranks, one per step of this run
     val: list[dict[str, float]]         # {"step", "loss", "ppl"}
-    samples: dict[str, str]             # "before" / "after" training
+    samples: dict[str, str]             # "before", "step <n>" at each validation, "after" training
     tokens_per_s: float                 # all ranks together, first step left out
     seconds: float
     first_step_time: float              # time.time() when the first optimizer step finished
@@ -336,10 +337,12 @@ def _mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def _sample(model: GPT, tokenizer: Any, config: TrainConfig, device: torch.device) -> str:
+def _sample(model: GPT, tokenizer: Any, config: TrainConfig, device: torch.device, seed: int | None = None) -> str:
+    """Text from ``sample_prompt``, drawn with a generator of its own (seeded by ``seed``, default
+    ``config.seed``): sampling never touches the global RNG, so training stays repeatable."""
     ids = tokenizer.encode(config.sample_prompt).ids or [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(config.seed)
+    g = torch.Generator(device=device).manual_seed(config.seed if seed is None else seed)
     out = model.generate(idx, config.sample_tokens, temperature=0.8, top_k=40, generator=g)
     return tokenizer.decode(out[0].tolist())
 
@@ -475,6 +478,11 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
             vl = _evaluate(model, val_data, config, rank, world_size, device)
             val_hist.append({"step": done, "loss": vl, "ppl": math.exp(min(vl, 50.0))})
             emit("val", sink, rank=rank, step=done, val_loss=vl, ppl=val_hist[-1]["ppl"])
+            if is_main and tokenizer is not None and config.sample_tokens and done < config.max_steps:
+                # a sample with each validation (the last step's is "after"), seeded by (seed, step)
+                key = f"step {done}"
+                samples[key] = _sample(model, tokenizer, config, device, seed=_mix(config.seed, done, 0x5A))
+                emit("sample", sink, rank=rank, step=done, when="step", text=samples[key])
         if config.checkpoint_dir and is_main and (
                 (config.checkpoint_interval and done % config.checkpoint_interval == 0) or done == config.max_steps):
             last_ckpt = str(_save_checkpoint(config, model, opt, done, world_size, tokenizer_json))

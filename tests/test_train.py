@@ -81,7 +81,12 @@ def test_training_learns_emits_events_and_is_deterministic(shards):
     assert a.losses[-1] < a.losses[0] - 0.3
     assert [v["step"] for v in a.val] == [4, 8, 12, 16, 20]
     assert a.val[-1]["ppl"] == pytest.approx(math.exp(a.val[-1]["loss"]))
-    assert set(a.samples) == {"before", "after"} and a.samples["after"].startswith("def")
+    assert list(a.samples) == ["before", "step 4", "step 8", "step 12", "step 16", "after"]
+    assert a.samples == b.samples and all(t.startswith("def") for t in a.samples.values())
+    periodic = [e for e in events if e["kind"] == "sample" and e["when"] == "step"]
+    assert [e["step"] for e in periodic] == [4, 8, 12, 16]  # with each validation; step 20's is "after"
+    assert [e["text"] for e in periodic] == [a.samples[f"step {s}"] for s in (4, 8, 12, 16)]
+    assert [e["when"] for e in events if e["kind"] == "sample"] == ["before"] + ["step"] * 4 + ["after"]
     steps = [e for e in events if e["kind"] == "train"]
     assert [e["step"] for e in steps] == list(range(1, 21))
     for key in ("loss", "lr", "tokens_per_s", "grad_norm", "mem_mb", "rank"):
@@ -90,6 +95,25 @@ def test_training_learns_emits_events_and_is_deterministic(shards):
     assert {e["kind"] for e in events} >= {"train", "val", "sample"}
     c = train(cfg(max_steps=20, seed=4, lr=1e-2), shards)
     assert c.losses != a.losses
+
+
+def test_periodic_samples_leave_training_untouched(shards):
+    from labkit.train import _sample, open_data
+
+    with_samples = train(cfg(dropout=0.1, sample_tokens=6, eval_interval=2), shards)
+    without = train(cfg(dropout=0.1, sample_tokens=0, eval_interval=2), shards)
+    assert [k for k in with_samples.samples if k.startswith("step")] == ["step 2", "step 4", "step 6"]
+    assert with_samples.losses == without.losses
+    for (k, a), (_, b) in zip(with_samples.model.state_dict().items(), without.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the sampler draws from a generator of its own, never from the global RNG training uses
+    model = with_samples.model.train()
+    tokenizer = open_data(shards)[0].tokenizer()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    texts = {_sample(model, tokenizer, cfg(sample_tokens=12), torch.device("cpu"), seed=s) for s in (1, 2, 1)}
+    assert torch.equal(torch.get_rng_state(), before) and model.training
+    assert len(texts) == 2  # same seed, same text; another seed, another text
 
 
 def test_grad_accumulation_matches_the_bigger_batch(shards):
@@ -112,8 +136,8 @@ def test_checkpoints_keep_last_k_and_load_as_models(shards, tmp_path):
 
 
 def test_resume_is_bit_exact(shards, tmp_path):
-    full = train(cfg(dropout=0.1), shards)
-    part = cfg(dropout=0.1, checkpoint_dir=str(tmp_path), checkpoint_interval=3)
+    full = train(cfg(dropout=0.1, sample_tokens=6, eval_interval=2), shards)  # samples at steps 2, 4, 6 too
+    part = cfg(dropout=0.1, sample_tokens=6, eval_interval=2, checkpoint_dir=str(tmp_path), checkpoint_interval=3)
 
     def crash_at_step_7(event):
         if event["kind"] == "train" and event["step"] == 7:
