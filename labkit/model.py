@@ -156,11 +156,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def bf16_is_fast(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bfloat16 matmuls in hardware: CUDA GPUs with bf16, or CPUs with
-    AVX512-BF16 or AMX (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo)."""
+    """Whether ``device`` runs bfloat16 matmuls in hardware: CUDA GPUs of compute capability 8.0+
+    (Ampere on; older ones only emulate bf16, which ``torch.cuda.is_bf16_supported`` counts as
+    support), or CPUs with AVX512-BF16 or AMX (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # the capability of the device asked about (index None: the current one), not of the current one
+        return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
     if device.type == "cpu":
         return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
     return False

@@ -103,11 +103,33 @@ def _probe_worker(dask_worker=None) -> dict[str, Any]:
     return {"host": host, "cuda": cuda, "gpu_ids": gpu_ids}
 
 
+def local_ranks(probes: Sequence[RankProbe]) -> list[int]:
+    """Each rank's index among the ranks on its host, in rank order (rank r runs on ``probes[r]``)."""
+    counts: dict[str, int] = {}
+    out = []
+    for p in probes:
+        out.append(counts.get(p.host, 0))
+        counts[p.host] = out[-1] + 1
+    return out
+
+
+def rank_gpu(probe: RankProbe, local_rank: int) -> str | None:
+    """The GPU a rank will use: ``cuda:{local_rank % visible GPUs}`` of its worker, as ``_rank_task``
+    sets it; None without CUDA."""
+    if not (probe.cuda and probe.gpu_ids):
+        return None
+    return probe.gpu_ids[local_rank % len(probe.gpu_ids)]
+
+
 def choose_backend(probes: Sequence[RankProbe], requested: str = "auto") -> str:
-    """nccl when every rank has a GPU and no two ranks share one, else gloo; or what was asked for."""
+    """nccl when every rank has a GPU and no two ranks use the same one, else gloo; or what was asked for.
+
+    Compares the GPU each rank will actually use (see ``rank_gpu``), so workers that each see several
+    GPUs count as distinct only when their ranks land on different ones."""
     if requested not in ("auto", "nccl", "gloo"):
         raise ValueError(f"backend must be 'auto', 'nccl' or 'gloo', not {requested!r}")
-    distinct = all(p.cuda and p.gpu_ids for p in probes) and len({p.gpu_ids[0] for p in probes}) == len(probes)
+    used = [rank_gpu(p, lr) for p, lr in zip(probes, local_ranks(probes))]
+    distinct = all(u is not None for u in used) and len(set(used)) == len(used)
     if requested == "nccl" and not distinct:
         raise ValueError("backend='nccl' needs one distinct GPU per rank; these workers have none or share one. "
                          "Use backend='auto' (gloo) or start workers with one GPU each.")
@@ -132,12 +154,14 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
     ctx_fields = dict(ctx_fields)
     backend = ctx_fields["backend"]
     if backend == "nccl" or (torch.cuda.is_available() and torch.cuda.device_count() > 0):
+        # the same GPU that rank_gpu() assumed when choose_backend() compared the ranks' GPUs
         local = ctx_fields["local_rank"] % max(torch.cuda.device_count(), 1)
         torch.cuda.set_device(local)
         ctx_fields["device"] = f"cuda:{local}"
     else:
         ctx_fields["device"] = "cpu"
     ctx = RankContext(**ctx_fields)
+    group = None
     try:
         if dist.is_initialized():  # left over from a run that could not end: clear it
             dist.destroy_process_group()
@@ -145,12 +169,15 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
             backend, init_method=init_method, rank=ctx.rank, world_size=ctx.world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
+        group = dist.group.WORLD
         return fn(ctx, *args, **kwargs)
     except BaseException as exc:
         raise _RankFailed(ctx.rank, ctx.worker, time.time(), traceback.format_exc()) from exc
     finally:
         try:
-            if dist.is_initialized():
+            # only our own group: a rank given up on (after a lost peer) may end while the next
+            # run on this worker already has its group up
+            if group is not None and dist.is_initialized() and dist.group.WORLD is group:
                 dist.destroy_process_group()
         except Exception:
             pass
@@ -183,11 +210,14 @@ def run_ranks(
     timeout: float = 120.0,
     poll: float = 0.5,
     lost_grace: float = 3.0,
+    survivor_grace: float = 10.0,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(ctx, *args, **kwargs)`` as one torch.distributed rank per worker; results in rank order.
 
-    ``timeout`` bounds each collective and how long the other ranks get to end after a failure.
+    ``timeout`` bounds each collective and how long the other ranks get to end after a rank raised.
+    Once a worker is known lost, the survivors get at most ``min(timeout, survivor_grace)`` seconds
+    to end before ``RankLost`` is raised, so a lost rank is reported promptly whatever ``timeout`` is.
     """
     from distributed import Event, wait
     from distributed.comm import get_address_host
@@ -201,12 +231,8 @@ def run_ranks(
     init_method = f"tcp://{master_host}:{port}"
     run_id = uuid.uuid4().hex[:12]
     abort = Event(f"labkit-abort-{run_id}", client=client)
-    local_counts: dict[str, int] = {}
     futures = []
-    for rank, addr in enumerate(addrs):
-        host = probes[rank].host
-        local_rank = local_counts.get(host, 0)
-        local_counts[host] = local_rank + 1
+    for rank, (addr, local_rank) in enumerate(zip(addrs, local_ranks(probes))):
         fields = dict(rank=rank, world_size=len(addrs), backend=chosen, device="cpu", local_rank=local_rank,
                       worker=addr, master=f"{master_host}:{port}", run_id=run_id)
         futures.append(client.submit(
@@ -224,7 +250,7 @@ def run_ranks(
             lost = [r for r, a in enumerate(addrs) if a not in alive and not futures[r].done()]
             if lost:
                 abort.set()
-                _drain([f for r, f in enumerate(futures) if r not in lost], timeout)
+                _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
                 raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start)
             try:
                 wait(futures, timeout=poll, return_when="FIRST_COMPLETED")
@@ -237,7 +263,7 @@ def run_ranks(
             # scheduler a moment to notice the lost worker, and report the cause, not the symptom
             lost = _lost_ranks(client, addrs, grace=lost_grace)
             if lost:
-                _drain([f for r, f in enumerate(futures) if r not in lost], timeout)
+                _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
                 raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start)
             _drain(futures, timeout)
             for f in futures:

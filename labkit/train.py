@@ -1,8 +1,11 @@
 """Train the GPT of ``labkit.model`` on token shards: in one process, or as DDP ranks on Dask workers.
 
-One training loop serves both: ``train(config, data_dir=...)`` runs it here as a world of one, and
-``train_distributed(client, config, data_dir=...)`` runs it as one DDP rank per Dask worker through
-``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo).
+One training loop serves both: ``train(config)`` runs it here as a world of one, and
+``train_distributed(client, config)`` runs it as one DDP rank per Dask worker through
+``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo). Both take
+``data_dir=`` (a shard folder); without it they use the shards of the config's scale that
+``03_preprocessing`` wrote, else tiny ones built once under ``runs_dir()/"tiny-shards"``
+(``default_shards``).
 
 What makes runs repeatable:
 
@@ -16,8 +19,9 @@ What makes runs repeatable:
   bit for bit on CPU. They are written atomically with a checksum (``labkit.model.write_checked``)
   and the last ``keep_last`` are kept.
 
-Metrics go out as ``labkit.events`` of kind ``train`` (per step), ``val``, ``sample`` and
-``checkpoint``: to ``sink`` when given, else to the Dask topic on a worker.
+Metrics go out as ``labkit.events`` of kind ``train`` (per step), ``val``, ``sample`` (``when`` is
+``"before"``, ``"step"`` with each validation, or ``"after"``) and ``checkpoint``: to ``sink`` when
+given, else to the Dask topic on a worker.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ class TrainConfig:
     # where
     device: str = "auto"               # auto | cpu | cuda | cuda:N (ranks get theirs from run_ranks)
     num_threads: int | None = None     # torch threads per rank on CPU; None leaves torch's choice
+    scale: str | None = None           # the preset it came from (for_scale sets it): whose shards are
+                                       # the default data; None = the lab's active scale
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,7 +127,7 @@ class TrainConfig:
         scale = lab.scale(name)
         if scale.name not in _PRESETS:
             raise ValueError(f"no training preset for scale {scale.name!r}; valid: {', '.join(_PRESETS)}")
-        values = dict(_PRESETS[scale.name])
+        values = {"scale": scale.name, **_PRESETS[scale.name]}
         values.update(scale.section("train"))
         values.update(overrides)
         valid = {f.name for f in dataclasses.fields(cls)}
@@ -152,7 +158,7 @@ class TrainResult:
     steps: int
     losses: list[float]                 # mean loss over all ranks, one per step of this run
     val: list[dict[str, float]]         # {"step", "loss", "ppl"}
-    samples: dict[str, str]             # "before" / "after" training
+    samples: dict[str, str]             # "before", "step <n>" at each validation, "after" training
     tokens_per_s: float                 # all ranks together, first step left out
     seconds: float
     first_step_time: float              # time.time() when the first optimizer step finished
@@ -233,6 +239,33 @@ def ensure_shards(shards_dir: str | os.PathLike | None, fallback_dir: str | os.P
     return fallback, True
 
 
+def default_shards(scale: str | None = None, shards_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """The shards to train on when none are named: ``shards_dir``, else the scale's that
+    ``03_preprocessing`` writes (``labkit.data.default_shard_dir``; None = the active scale), when
+    finished; else tiny shards in ``runs_dir()/"tiny-shards"``, built now if missing.
+    Returns the folder and, when it fell back to the tiny shards, a line saying so (else None)."""
+    from labkit.config import runs_dir
+    from labkit.data.config import default_shard_dir
+
+    wanted = Path(shards_dir) if shards_dir is not None else default_shard_dir(scale)
+    found, built = ensure_shards(wanted, runs_dir() / "tiny-shards")
+    if found == wanted:
+        return found, None
+    how = "built now" if built else "built earlier"
+    return found, (f"no finished shards in {wanted} (run 03_preprocessing to make them): "
+                   f"training on the tiny shards in {found} ({how})")
+
+
+def _data_dir(config: TrainConfig, data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir``, or the default shards of the config's scale (saying so when they are the tiny ones)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    found, note = default_shards(config.scale)
+    if note:
+        print(note, flush=True)
+    return found
+
+
 def batch_rows(reader: Any, block_size: int, seed: int, step: int, rows: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``[lo, hi)`` of the ``rows`` random blocks that step ``step`` draws from the whole stream."""
     n = len(reader)
@@ -304,10 +337,12 @@ def _mem_mb(device: torch.device) -> float:
         return float("nan")
 
 
-def _sample(model: GPT, tokenizer: Any, config: TrainConfig, device: torch.device) -> str:
+def _sample(model: GPT, tokenizer: Any, config: TrainConfig, device: torch.device, seed: int | None = None) -> str:
+    """Text from ``sample_prompt``, drawn with a generator of its own (seeded by ``seed``, default
+    ``config.seed``): sampling never touches the global RNG, so training stays repeatable."""
     ids = tokenizer.encode(config.sample_prompt).ids or [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    g = torch.Generator(device=device).manual_seed(config.seed)
+    g = torch.Generator(device=device).manual_seed(config.seed if seed is None else seed)
     out = model.generate(idx, config.sample_tokens, temperature=0.8, top_k=40, generator=g)
     return tokenizer.decode(out[0].tolist())
 
@@ -443,6 +478,11 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
             vl = _evaluate(model, val_data, config, rank, world_size, device)
             val_hist.append({"step": done, "loss": vl, "ppl": math.exp(min(vl, 50.0))})
             emit("val", sink, rank=rank, step=done, val_loss=vl, ppl=val_hist[-1]["ppl"])
+            if is_main and tokenizer is not None and config.sample_tokens and done < config.max_steps:
+                # a sample with each validation (the last step's is "after"), seeded by (seed, step)
+                key = f"step {done}"
+                samples[key] = _sample(model, tokenizer, config, device, seed=_mix(config.seed, done, 0x5A))
+                emit("sample", sink, rank=rank, step=done, when="step", text=samples[key])
         if config.checkpoint_dir and is_main and (
                 (config.checkpoint_interval and done % config.checkpoint_interval == 0) or done == config.max_steps):
             last_ckpt = str(_save_checkpoint(config, model, opt, done, world_size, tokenizer_json))
@@ -461,10 +501,11 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
     )
 
 
-def train(config: TrainConfig, data_dir: str | os.PathLike, sink: Callable | None = None,
+def train(config: TrainConfig, data_dir: str | os.PathLike | None = None, sink: Callable | None = None,
           resume: bool = False) -> TrainResult:
-    """Train in this process (a world of one) on the shards in ``data_dir``; events go to ``sink``."""
-    return run_loop(config, data_dir, sink=sink, resume=resume)
+    """Train in this process (a world of one) on the shards in ``data_dir`` (None: ``default_shards``
+    of the config's scale); events go to ``sink``."""
+    return run_loop(config, _data_dir(config, data_dir), sink=sink, resume=resume)
 
 
 # ---------------------------------------------------------------------------------- distributed
@@ -484,17 +525,18 @@ def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool) -> Tr
                     resume=resume, should_stop=should_stop)
 
 
-def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike, *,
+def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None, *,
                       workers: int | list[str] | None = None, resume: bool = False, backend: str = "auto",
                       timeout: float = 60.0) -> TrainResult:
     """Train with one DDP rank per Dask worker (all workers, or ``workers``); returns rank 0's result.
+    ``data_dir`` None: ``default_shards`` of the config's scale (the workers must see that folder).
 
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
     rank raises ``labkit.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
     naming the rank; then ``resume=True`` continues from the last checkpoint."""
     from labkit.ranks import run_ranks
 
-    data_dir = str(Path(data_dir).resolve())
+    data_dir = str(_data_dir(config, data_dir).resolve())
     if resume and not config.checkpoint_dir:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints")
     if config.checkpoint_dir:
@@ -544,14 +586,16 @@ class TrainingRun:
         return f"<TrainingRun {state}>"
 
 
-def start_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike, **kwargs: Any) -> TrainingRun:
+def start_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None,
+                      **kwargs: Any) -> TrainingRun:
     """``train_distributed`` without blocking: returns a ``TrainingRun`` at once."""
     return TrainingRun(lambda: train_distributed(client, config, data_dir, **kwargs))
 
 
-def throughput_sweep(client: Any, config: TrainConfig, data_dir: str | os.PathLike, worker_counts: list[int],
+def throughput_sweep(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None, worker_counts: list[int],
                      **kwargs: Any) -> list[dict[str, float]]:
     """Train briefly on 1, 2, ... workers (``worker_counts``) and report tokens/s and speed-up for each."""
+    data_dir = _data_dir(config, data_dir)  # resolved once, not per run
     rows: list[dict[str, float]] = []
     for n in worker_counts:
         res = train_distributed(client, config, data_dir, workers=n, **kwargs)

@@ -104,6 +104,34 @@ def test_precision_auto_follows_the_cpu_flags(monkeypatch):
     assert M.autocast_dtype("auto", "cpu") == torch.bfloat16
 
 
+def test_bf16_on_cuda_needs_compute_capability_8_of_the_given_device(monkeypatch):
+    # no GPU here: fake one GPU per index with its capability; pre-Ampere only emulates bf16
+    caps = {0: (7, 0), 1: (8, 0), 2: (9, 0), 3: (7, 5)}
+    current = [1]
+    asked = []
+
+    def capability(device=None):
+        index = current[0] if device is None or torch.device(device).index is None else torch.device(device).index
+        asked.append(index)
+        return caps[index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what emulation reports
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    assert M.bf16_is_fast("cuda:0") is False          # V100 (7.0)
+    assert M.bf16_is_fast("cuda:3") is False          # T4 (7.5)
+    assert M.bf16_is_fast("cuda:1") is True           # A100 (8.0)
+    assert M.bf16_is_fast(torch.device("cuda", 2)) is True  # H100 (9.0)
+    assert asked == [0, 3, 1, 2], "the capability of the device passed, not of the current one"
+    current[0] = 0
+    assert M.bf16_is_fast("cuda") is False            # no index: the current device
+    assert M.autocast_dtype("auto", "cuda:0") is None
+    assert M.autocast_dtype("auto", "cuda:2") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.bf16_is_fast("cuda:2") is False
+
+
 def test_bf16_path_is_close_to_float32():
     torch.manual_seed(0)
     m = GPT(tiny())

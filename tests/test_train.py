@@ -81,7 +81,12 @@ def test_training_learns_emits_events_and_is_deterministic(shards):
     assert a.losses[-1] < a.losses[0] - 0.3
     assert [v["step"] for v in a.val] == [4, 8, 12, 16, 20]
     assert a.val[-1]["ppl"] == pytest.approx(math.exp(a.val[-1]["loss"]))
-    assert set(a.samples) == {"before", "after"} and a.samples["after"].startswith("def")
+    assert list(a.samples) == ["before", "step 4", "step 8", "step 12", "step 16", "after"]
+    assert a.samples == b.samples and all(t.startswith("def") for t in a.samples.values())
+    periodic = [e for e in events if e["kind"] == "sample" and e["when"] == "step"]
+    assert [e["step"] for e in periodic] == [4, 8, 12, 16]  # with each validation; step 20's is "after"
+    assert [e["text"] for e in periodic] == [a.samples[f"step {s}"] for s in (4, 8, 12, 16)]
+    assert [e["when"] for e in events if e["kind"] == "sample"] == ["before"] + ["step"] * 4 + ["after"]
     steps = [e for e in events if e["kind"] == "train"]
     assert [e["step"] for e in steps] == list(range(1, 21))
     for key in ("loss", "lr", "tokens_per_s", "grad_norm", "mem_mb", "rank"):
@@ -90,6 +95,25 @@ def test_training_learns_emits_events_and_is_deterministic(shards):
     assert {e["kind"] for e in events} >= {"train", "val", "sample"}
     c = train(cfg(max_steps=20, seed=4, lr=1e-2), shards)
     assert c.losses != a.losses
+
+
+def test_periodic_samples_leave_training_untouched(shards):
+    from labkit.train import _sample, open_data
+
+    with_samples = train(cfg(dropout=0.1, sample_tokens=6, eval_interval=2), shards)
+    without = train(cfg(dropout=0.1, sample_tokens=0, eval_interval=2), shards)
+    assert [k for k in with_samples.samples if k.startswith("step")] == ["step 2", "step 4", "step 6"]
+    assert with_samples.losses == without.losses
+    for (k, a), (_, b) in zip(with_samples.model.state_dict().items(), without.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # the sampler draws from a generator of its own, never from the global RNG training uses
+    model = with_samples.model.train()
+    tokenizer = open_data(shards)[0].tokenizer()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    texts = {_sample(model, tokenizer, cfg(sample_tokens=12), torch.device("cpu"), seed=s) for s in (1, 2, 1)}
+    assert torch.equal(torch.get_rng_state(), before) and model.training
+    assert len(texts) == 2  # same seed, same text; another seed, another text
 
 
 def test_grad_accumulation_matches_the_bigger_batch(shards):
@@ -112,8 +136,8 @@ def test_checkpoints_keep_last_k_and_load_as_models(shards, tmp_path):
 
 
 def test_resume_is_bit_exact(shards, tmp_path):
-    full = train(cfg(dropout=0.1), shards)
-    part = cfg(dropout=0.1, checkpoint_dir=str(tmp_path), checkpoint_interval=3)
+    full = train(cfg(dropout=0.1, sample_tokens=6, eval_interval=2), shards)  # samples at steps 2, 4, 6 too
+    part = cfg(dropout=0.1, sample_tokens=6, eval_interval=2, checkpoint_dir=str(tmp_path), checkpoint_interval=3)
 
     def crash_at_step_7(event):
         if event["kind"] == "train" and event["step"] == 7:
@@ -130,6 +154,36 @@ def test_resume_is_bit_exact(shards, tmp_path):
     assert resumed.losses == full.losses[6:]
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_without_data_dir_it_trains_on_the_scale_shards_else_builds_tiny_ones(shards, tmp_path, monkeypatch,
+                                                                           capsys):
+    import shutil
+
+    from labkit.data.config import default_shard_dir
+    from labkit.train import default_shards
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LABKIT_SCALE", "tiny")
+    assert TrainConfig.for_scale("binder").scale == "binder" and TrainConfig.for_scale().scale == "tiny"
+    tiny = tmp_path / "runs" / "tiny-shards"
+    # no shards for the scale: tiny ones are built under runs_dir(), and it says so
+    first = train(cfg(max_steps=3, scale="binder"))
+    assert (tiny / "meta.json").is_file()
+    said = capsys.readouterr().out
+    assert str(default_shard_dir("binder")) in said and str(tiny) in said and "built now" in said
+    assert first.steps == 3
+    again, note = default_shards("binder")
+    assert again == tiny and "built earlier" in note
+    # the scale's own shards (what 03_preprocessing writes) win once they exist; scale None = active
+    shutil.copytree(shards, default_shard_dir("tiny"))
+    shutil.rmtree(tiny)
+    assert default_shards(None) == (default_shard_dir("tiny"), None)
+    mine = train(cfg(max_steps=3))
+    assert not tiny.exists() and capsys.readouterr().out == ""
+    assert mine.losses == train(cfg(max_steps=3), shards).losses  # old call sites: positional data_dir
+    with pytest.raises(Exception, match="no-such"):  # a named folder is used as is, never replaced
+        train(cfg(max_steps=3), tmp_path / "no-such")
 
 
 def test_resume_needs_a_checkpoint_dir(shards):

@@ -95,11 +95,20 @@ def test_error_on_one_rank_surfaces_its_traceback_and_cluster_stays_usable(clien
     assert again.steps == 3
 
 
-def test_background_run_does_not_block(client, shards):
-    run = start_distributed(client, cfg(max_steps=10), shards, timeout=60)
+def test_background_run_does_not_block(client, shards, tmp_path, monkeypatch):
+    import shutil
+
+    from labkit.data.config import default_shard_dir
+
+    # no data_dir: the shards of the config's scale, found under runs_dir() (as 03_preprocessing leaves them)
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    shutil.copytree(shards, default_shard_dir("binder"))
+    run = start_distributed(client, cfg(max_steps=10, scale="binder"), timeout=60)
     assert not run.done()  # returned at once
     res = run.result(timeout=120)
     assert run.done() and res.steps == 10 and run.exception() is None
+    assert not (tmp_path / "runs" / "tiny-shards").exists()
+    assert res.losses == train_distributed(client, cfg(max_steps=10), shards, timeout=60).losses
 
 
 def test_lost_worker_is_named_then_resume_continues(client, shards, tmp_path):
@@ -108,7 +117,7 @@ def test_lost_worker_is_named_then_resume_continues(client, shards, tmp_path):
     config = cfg(max_steps=5000, checkpoint_dir=str(tmp_path), checkpoint_interval=5, eval_interval=0)
     rec = Recorder()
     sub = subscribe(client, rec, kinds=["checkpoint"])
-    run = start_distributed(client, config, shards, timeout=20)
+    run = start_distributed(client, config, shards)  # the default timeout (60 s): RankLost still comes within 30 s
     _wait_for(lambda: rec.of("checkpoint") or run.done(), 60)
     assert not run.done(), "training ended before a checkpoint was seen"
     os.kill(pids[rank1], signal.SIGKILL)
