@@ -46,3 +46,15 @@ def test_doctor_proxy_check(monkeypatch):
 def test_sinfo_parse(slurm):
     parts = slurm_partitions()
     assert any(p.name == "gpu" and "gpu:2" in p.gres for p in parts)
+
+
+def test_doctor_runs_folder(monkeypatch, tmp_path):
+    from labkit.doctor import OK, _check_runs
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    c = _check_runs()
+    assert c.status == OK and str(tmp_path / "runs") in c.detail and "LABKIT_RUN_DIR" in c.detail
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "file"))  # a file, not a folder: nothing fits in it
+    c = _check_runs()
+    assert c.status == FAIL and "LABKIT_RUN_DIR" in c.fix
