@@ -154,6 +154,13 @@ def test_exercises_ship_unsolved(path):
                        "NotImplementedError and mention solution(name) in the text")
 
 
+def test_welcome_links_every_notebook():
+    welcome = nbformat.read(NOTEBOOK_DIR / "00_welcome.ipynb", as_version=4)
+    targets = {Path(t.split("#")[0]).name for _, src in markdown(welcome) for t in links(src)}
+    missing = [p.name for p in NOTEBOOKS if p.name not in targets]
+    assert not missing, f"00_welcome.ipynb's table does not link to {missing}"
+
+
 def _nb(*cells: tuple[str, str]) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell(s) if k == "md" else nbformat.v4.new_code_cell(s) for k, s in cells]
