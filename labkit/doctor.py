@@ -251,14 +251,18 @@ def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorR
     report.checks += _check_machine()
     kind = "local"
     try:
+        from .cluster.start import choose_profile
+
         cfg = load_config()
         name = cfg.default_profile
-        prof = cfg.profile(name)
+        prof, why = choose_profile(cfg, None)  # what start_cluster() would pick, and why
         kind = prof.kind
+        if name == "auto" and any(cfg.profiles[n].kind == "slurm" for n in cfg.configured_profiles):
+            kind = "slurm"  # Slurm is configured here: not answering is a failure to fix, not a quiet fallback
         scale = cfg.scale()
         report.checks.append(Check(
             "profile", OK,
-            f"{name}{' -> ' + prof.name if name == 'auto' else ''} ({prof.kind}), from {prof.source}",
+            f"{name}{' -> ' + prof.name if name == 'auto' else ''} ({prof.kind}), from {prof.source}; {why}",
         ))
         report.checks.append(Check("scale", OK, f"{scale.name}: {scale.description}"))
     except ConfigError as exc:

@@ -167,6 +167,15 @@ def test_multihead_impls_agree(causal):
     ys = {impl: m(x) for impl, m in mods.items()}
     torch.testing.assert_close(ys["naive"], ys["sdpa"], **TOL)
     torch.testing.assert_close(ys["online"], ys["sdpa"], **TOL)
+    # gradients too: for the input and for every projection weight, whatever the kernel
+    grads = {}
+    for impl, m in mods.items():
+        xi = x.clone().requires_grad_(True)
+        (m(xi) ** 2).sum().backward()
+        grads[impl] = [xi.grad] + [p.grad for p in m.parameters()]
+    for impl in ("naive", "online"):
+        for g, ref in zip(grads[impl], grads["sdpa"]):
+            torch.testing.assert_close(g, ref, **TOL)
     y, w = mods["naive"](x, return_weights=True)
     assert w.shape == (2, 4, 11, 11)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 11), **TOL)

@@ -81,6 +81,13 @@ def test_attention_diagnoses(problem, seed):
     assert not res.ok and res.problem == problem, res.message
 
 
+def test_inverted_mask_is_named_whatever_the_random_inputs():
+    """The notebook's starter bug (masked_fill(mask, -inf)) is diagnosed as such for any seed, not
+    just for the fixed ones: a random mask must never leave a row all -inf once inverted."""
+    problems = [C.check_attention(WRONG_ATTENTION["mask_inverted"], seed=seed).problem for seed in range(60)]
+    assert problems == ["mask_inverted"] * 60, sorted(set(problems))
+
+
 WRONG_CAUSAL = {
     "mask_inverted": lambda t: ~torch.ones(t, t, dtype=torch.bool).tril(),
     "transposed": lambda t: torch.ones(t, t, dtype=torch.bool).triu(),

@@ -201,3 +201,46 @@ def test_docstrings_source_and_source_hashes(tmp_path):
     b = preprocess([d], tmp_path / "b", config=cfg(), progress=False).meta["sources"]
     assert a[0]["files"] == b[0]["files"] == 4 and a[0]["sha256"] != b[0]["sha256"]
     assert a[0]["bytes"] == size and a[0]["source"] == str(d)
+
+
+class _FakeHFDataset:
+    """Stands in for a ``datasets.Dataset`` (no network here); refuses a rename onto an existing
+    column, as the real library does."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.rows[0])
+
+    def select_columns(self, cols):
+        return _FakeHFDataset([{c: r[c] for c in cols} for r in self.rows])
+
+    def rename_column(self, old, new):
+        if new in self.column_names:
+            raise ValueError(f"New column name {new} already in the dataset")
+        return _FakeHFDataset([{new if k == old else k: v for k, v in r.items()} for r in self.rows])
+
+    def to_json(self, path):
+        with open(path, "w") as f:
+            for r in self.rows:
+                f.write(json.dumps(r) + "\n")
+
+
+@pytest.mark.parametrize("field", ["text", "content"])
+def test_hf_source_is_staged_as_jsonl_with_a_text_field(field, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from labkit.data.sources import HFSource, stage_hf
+
+    rows = [{field: f"document number {i} " * 10, "meta": i} for i in range(3)]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, config=None, split="train": _FakeHFDataset(rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    out = stage_hf(HFSource("someone/corpus", text_field=field), tmp_path)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got == [{"text": r[field]} for r in rows]
+    with pytest.raises(SourceError, match="has no column 'body'"):
+        stage_hf(HFSource("someone/corpus", text_field="body"), tmp_path)

@@ -58,3 +58,18 @@ def test_doctor_runs_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "file"))  # a file, not a folder: nothing fits in it
     c = _check_runs()
     assert c.status == FAIL and "LABKIT_RUN_DIR" in c.fix
+
+
+def test_doctor_auto_profile_is_what_start_cluster_would_pick(slurm, monkeypatch, tmp_path):
+    """Under auto with a Slurm profile in the user file, the doctor reports slurm (Slurm answers here),
+    as start_cluster() would; with Slurm unreachable, the configured Slurm is a failure, not a quiet local."""
+    user = tmp_path / "user.yaml"
+    user.write_text("profiles:\n  slurm:\n    partition: gpu\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    line = [c for c in run_doctor().checks if c.name == "profile"][0]
+    assert line.detail.startswith("auto -> slurm (slurm)") and "answer" in line.detail, line.detail
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo/squeue
+    report = run_doctor()
+    line = [c for c in report.checks if c.name == "profile"][0]
+    assert line.detail.startswith("auto -> local (local)"), line.detail
+    assert [c for c in report.checks if c.name == "slurm"][0].status == FAIL and not report.ok

@@ -142,6 +142,8 @@ def test_bad_configs_give_clear_errors():
         estimate_training(1e9, 1e9, "A100", 8, mfu=1.5)
     with pytest.raises(KeyError, match="valid names"):
         estimate_training(1e9, 1e9, "TPUv4", 8)
+    with pytest.raises(EstimateError, match="n_gpus must be a whole number, got 2.5"):
+        estimate_training(1e9, 1e9, "A100", 2.5)
     with pytest.raises(EstimateError, match="valid presets: gpt2"):
         GPTConfig.preset("gpt5")
 

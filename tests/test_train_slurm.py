@@ -1,14 +1,14 @@
-"""A DDP rank whose Slurm job is cancelled mid-run: a clear error naming it, then resume on new jobs.
+"""A DDP rank whose Slurm job is cancelled mid-run: a clear error naming it, then resume on the job
+left and on a new job that ``scale`` submits in its place.
 
-Runs real Dask workers as Slurm jobs (dask-jobqueue) on the local Slurm; skipped where it does not answer.
+Runs real Dask workers as Slurm jobs (labkit.start_cluster on dask-jobqueue) on the local Slurm;
+skipped (outside CI only) where it does not answer.
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -22,24 +22,18 @@ pytestmark = pytest.mark.slurm
 
 
 def test_cancelled_slurm_job_is_named_and_resume_continues(slurm, tmp_path):
-    from dask.distributed import Client
-    from dask_jobqueue import SLURMCluster
-
+    """Cancel rank 1's job: RankLost names it within 30 s; resume on the job that is left; then
+    ``scale(2)`` submits a new job in place of the lost one and training resumes on two ranks."""
+    from labkit import start_cluster
     from labkit.data.shards import make_tiny_shards
 
     shards = tmp_path / "shards"
     make_tiny_shards(shards)
-    name = f"labkit-train-test-{uuid.uuid4().hex[:6]}"
-    cluster = SLURMCluster(
-        queue="gpu", cores=1, processes=1, memory="1GiB", walltime="00:10:00", job_name=name,
-        python=sys.executable, log_directory=str(tmp_path / "logs"),
-        job_script_prologue=[f"export PYTHONPATH={REPO}", "export OMP_NUM_THREADS=1"],
-        scheduler_options={"dashboard_address": ":0"},
-    )
-    client = Client(cluster)
+    lines: list[str] = []
+    handle = start_cluster("slurm", workers=2, gpus_per_worker=1, cores=1, memory="1GiB", timeout=120,
+                           say=lines.append, prologue=[f"export PYTHONPATH={REPO}", "export OMP_NUM_THREADS=1"])
+    client = handle.client
     try:
-        cluster.scale(2)
-        client.wait_for_workers(2, timeout=120)
         config = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=2000,
                              eval_interval=0, sample_tokens=0, precision="float32", num_threads=1,
                              checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_interval=5)
@@ -51,8 +45,9 @@ def test_cancelled_slurm_job_is_named_and_resume_continues(slurm, tmp_path):
             time.sleep(0.1)
         sub.close()
         assert not run.done(), "training ended before a checkpoint was seen"
-        rank1 = sorted(client.scheduler_info()["workers"])[1]
-        job_id = cluster.workers[client.scheduler_info()["workers"][rank1]["name"]].job_id
+        workers = client.scheduler_info()["workers"]
+        rank1 = sorted(workers)[1]
+        job_id = handle.cluster.workers[workers[rank1]["name"]].job_id
         subprocess.run(["scancel", job_id], check=True)
         cancelled = time.monotonic()
         with pytest.raises(RankLost) as err:
@@ -66,7 +61,11 @@ def test_cancelled_slurm_job_is_named_and_resume_continues(slurm, tmp_path):
         res = train_distributed(client, config.replace(max_steps=last + 3), shards, resume=True, timeout=60)
         assert res.start_step == last and res.steps == 3
         assert res.world_size == 1 and res.effective_batch == 4
+        # back to two ranks: the lost job is replaced by a new one, and training resumes on both
+        handle.scale(2, wait=True, timeout=120)
+        assert job_id not in handle.job_ids() and len(handle.job_ids()) == 2
+        assert any(job_id in line and "new ones" in line for line in lines), lines
+        res2 = train_distributed(client, config.replace(max_steps=last + 6), shards, resume=True, timeout=60)
+        assert res2.start_step == last + 3 and res2.steps == 3 and res2.world_size == 2
     finally:
-        client.close()
-        cluster.close()
-        subprocess.run(["scancel", "--name", name], check=False)
+        handle.close()

@@ -113,7 +113,10 @@ def check_attention(fn: Callable, seed: int | None = None) -> Result:
             return _fail("wrong_axis", "softmax over the wrong axis (the queries); normalise over the keys, dim=-1")
         return _fail("values", f"wrong values: max difference {(got - want).abs().max():.3g}")
     mask = torch.rand(b, 1, t, s, generator=g) > 0.5
+    # every row keeps one allowed and one forbidden key, so an inverted mask never makes a row
+    # all -inf (softmax NaN), which would hide the inversion behind a generic message
     mask[..., 0] = True
+    mask[..., -1] = False
     got_m, err = _call(fn, q, k, v, mask=mask)
     if err is not None:
         return _fail("mask", f"calling with mask= failed: {err.message}")

@@ -133,6 +133,8 @@ class ClusterHandle:
         if n < 0:
             raise ValueError(f"scale({n}): the number of workers must be >= 0")
         self.target = n
+        if self.kind == "slurm":
+            self.forget_lost_jobs()
         self.cluster.scale(n)
         if self.kind == "slurm":
             self.cluster.sync(self.cluster._correct_state)  # sbatch errors surface here, not in a log
@@ -143,6 +145,32 @@ class ClusterHandle:
             while len(self.client.nthreads()) > n and time.monotonic() < deadline:  # shrinking: retirements
                 time.sleep(0.1)
         return self
+
+    def forget_lost_jobs(self) -> list[str]:
+        """Drop workers whose Slurm job has ended (cancelled, timed out, failed) from the cluster's
+        spec and return their job ids, so that the next ``scale(n)`` submits new jobs for them.
+
+        dask-jobqueue keeps a dead job in its spec, so without this ``scale(2)`` after a cancel
+        still counts the lost job and never replaces it. Nothing is dropped when squeue does not
+        answer: a silent Slurm must not look like every job lost."""
+        if self.kind != "slurm":
+            return []
+        try:
+            listed = slurmcli.run(["squeue", "-h", "-o", "%i|%T", "-u", _user()])
+        except ClusterError:
+            return []
+        live = {line.split("|")[0].strip() for line in listed.splitlines()
+                if "|" in line and line.split("|")[1].strip() not in TERMINAL}
+        lost = []
+        for name, job in list(getattr(self.cluster, "workers", {}).items()):
+            job_id = str(getattr(job, "job_id", "") or "")
+            if job_id and job_id not in live:
+                self.cluster.worker_spec.pop(name, None)
+                self.cluster.workers.pop(name, None)
+                lost.append(job_id)
+        if lost:
+            self.say(f"Slurm job(s) {', '.join(lost)} ended; scale() will submit new ones in their place")
+        return lost
 
     def wait(self, n: int | None = None, timeout: float | None = None) -> "ClusterHandle":
         """Block until ``n`` workers joined, reporting pending jobs; on timeout cancel and raise ClusterTimeout."""

@@ -224,7 +224,14 @@ def stage_hf(src: HFSource, stage_dir: str | Path | None) -> Path:
         raise SourceError(f"{src.spec!r} has no column {src.text_field!r}; columns: {', '.join(ds.column_names)}")
     out = Path(stage_dir or ".") / f"hf_{src.name.replace('/', '_')}_{src.split}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    ds.select_columns([src.text_field]).rename_column(src.text_field, "text").to_json(str(out))
+    try:
+        ds = ds.select_columns([src.text_field])
+        if src.text_field != "text":  # datasets refuses a rename onto the same name
+            ds = ds.rename_column(src.text_field, "text")
+        ds.to_json(str(out))
+    except Exception as exc:
+        raise SourceError(f"cannot export {src.spec!r} to {out} ({type(exc).__name__}: {exc}); "
+                          "check free disk space there, or pre-stage it as shown below. " + how) from exc
     return out
 
 

@@ -38,6 +38,14 @@ def _positive(**values: float) -> None:
             raise EstimateError(f"{name} must be a positive number, got {v!r}")
 
 
+def _count(**values: int) -> None:
+    """Counts (GPUs, nodes) are whole numbers: 2.5 GPUs is a mistake to report, not to round."""
+    _positive(**values)
+    for name, v in values.items():
+        if not float(v).is_integer():
+            raise EstimateError(f"{name} must be a whole number, got {v!r}")
+
+
 def human_bytes(n: float) -> str:
     """``1.5e9`` -> ``'1.50 GB'`` (decimal units, as datasheets use)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
@@ -211,7 +219,7 @@ def estimate_training(
 ) -> TrainingEstimate:
     """Time to train: FLOPs / (G · peak(dtype) · MFU). MFU (model FLOPs utilisation) of 0.3-0.5 is what
     well-tuned large runs report; ``cfg`` adds the attention term to the FLOPs."""
-    _positive(n_gpus=n_gpus)
+    _count(n_gpus=n_gpus)
     if not 0 < mfu <= 1:
         raise EstimateError(f"mfu must be in (0, 1], got {mfu!r} (0.3-0.5 is typical of large runs)")
     acc = find_gpu(gpu)
@@ -415,7 +423,8 @@ def gradient_sync(
     of 6N); the ring runs at the intra-node link per direction within a node, else at the slower of that
     and the network (one NIC per GPU, rail-optimised). ZeRO-3 moves 1.5x the bytes of an all-reduce
     (reduce-scatter of grads + all-gather of weights in forward and backward; ZeRO paper, Sec. 7)."""
-    _positive(n_params=n_params, n_gpus=n_gpus, tokens_per_gpu_step=tokens_per_gpu_step, gpus_per_node=gpus_per_node)
+    _positive(n_params=n_params, tokens_per_gpu_step=tokens_per_gpu_step)
+    _count(n_gpus=n_gpus, gpus_per_node=gpus_per_node)
     acc = find_gpu(gpu)
     if n_gpus <= gpus_per_node or network is None:
         bw, lat, link = acc.link_bw, INTRA_NODE_LATENCY_S, acc.link or "PCIe"
