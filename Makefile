@@ -34,8 +34,11 @@ slurm-up:
 slurm-down:
 	scripts/local-slurm.sh down
 
+## make bench: list the benchmarks and their commands; make bench BENCH=--all runs every one
+## (many minutes; bench.cluster needs Slurm), make bench BENCH="attention prune" runs some
+BENCH ?=
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

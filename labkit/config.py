@@ -351,16 +351,48 @@ def get_scale(name: str | None = None) -> Scale:
     return load_config().scale(name)
 
 
+USER_RUNS = "labkit-runs"  # the per-user fallback under $HOME when the lab's own runs/ is not writable
+
+
 def runs_dir(env: Mapping[str, str] | None = None) -> Path:
     """Where the lab keeps what it makes (shards, checkpoints, reports), shared by every notebook.
 
     ``$LABKIT_RUN_DIR`` when set; else ``runs/`` in the labkit checkout (git-ignored) when labkit
-    runs from one; else ``./runs`` in the current folder.
+    runs from one; else ``./runs`` in the current folder. When that folder is not writable (a
+    checkout shared by a whole class), ``~/labkit-runs``; :func:`runs_dir_choice` says which and why.
+    """
+    return runs_dir_choice(env)[0]
+
+
+def runs_dir_choice(env: Mapping[str, str] | None = None, checkout: Path | None = None) -> tuple[Path, str]:
+    """The runs folder and a few words on why it was chosen (``labkit doctor`` prints them).
+
+    ``checkout`` is the labkit checkout to look in (default: the one this module runs from, if any).
     """
     env = os.environ if env is None else env
-    if env.get("LABKIT_RUN_DIR"):
-        return Path(env["LABKIT_RUN_DIR"]).expanduser()
-    root = Path(__file__).resolve().parent.parent
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("LABKIT_RUN_DIR"):  # "~/x" is each user's own (kernelspecs and spawners pass it unexpanded)
+        given = env["LABKIT_RUN_DIR"]
+        path = home / given[2:] if given.startswith("~/") else Path(given).expanduser()
+        return path, "from $LABKIT_RUN_DIR"
+    root = Path(__file__).resolve().parent.parent if checkout is None else Path(checkout)
     if (root / "pyproject.toml").is_file() and (root / "labkit").is_dir():
-        return root / "runs"
-    return Path.cwd() / "runs"
+        lab, where = root / "runs", "the labkit checkout's runs/"
+    else:
+        lab, where = Path.cwd() / "runs", "runs/ in the current folder"
+    if writable_dir(lab):
+        return lab, where
+    return home / USER_RUNS, (f"{where} ({lab}) is not writable, so a folder of your own; "
+                              "set LABKIT_RUN_DIR to choose another")
+
+
+def writable_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder this user can write in, or could be created as one."""
+    if path.exists():
+        return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            return False
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)

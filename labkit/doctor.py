@@ -234,6 +234,16 @@ def _check_proxy() -> Check:
                  + (" (jupyter-server-proxy ready for JupyterHub)" if have_proxy else ""))
 
 
+def _check_runs() -> Check:
+    from .config import runs_dir_choice, writable_dir
+
+    path, why = runs_dir_choice()
+    if writable_dir(path):
+        return Check("runs folder", OK, f"{path} ({why}): shards, checkpoints and reports go there")
+    return Check("runs folder", FAIL, f"{path} ({why}) cannot be written",
+                 "export LABKIT_RUN_DIR=~/labkit-runs (or another folder of yours), then restart the kernel")
+
+
 def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorReport:
     """Run every check and return the report (never raises for a failed check)."""
     report = DoctorReport()
@@ -257,6 +267,7 @@ def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorR
         report.checks.append(Check("scale", OK, f"{scale.name}: {scale.description}"))
     except ConfigError as exc:
         report.checks.append(Check("config", FAIL, str(exc), "fix the file or variable named above"))
+    report.checks.append(_check_runs())
     slurm_checks, report.partitions = _check_slurm(kind)
     report.checks += slurm_checks
     report.checks.append(_check_proxy())

@@ -55,13 +55,21 @@ class RunResult:
         return self.peak_bytes / MiB
 
 
+def default_output(now: _dt.datetime | None = None) -> Path:
+    """Where a run's copies and report go without ``--output``: ``<runs>/run-<date>-<time>``, under
+    ``labkit.config.runs_dir()`` (``$LABKIT_RUN_DIR``, else the lab's ``runs/``), wherever you start it."""
+    from labkit.config import runs_dir
+
+    return runs_dir() / (now or _dt.datetime.now()).strftime("run-%Y%m%d-%H%M%S")
+
+
 @dataclass
 class RunOptions:
     """What `labkit run` was asked to do."""
 
     scale: str | None = None
     profile: str | None = None
-    output: Path = Path("runs")
+    output: Path = field(default_factory=default_output)
     timeout: int = 900
     kernel_name: str = "python3"
     max_seconds: float | None = None
@@ -216,7 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", help="scale injected into each notebook: tiny, binder, workshop, full")
     parser.add_argument("--profile", help="profile injected into each notebook: local, binder, slurm, ...")
     parser.add_argument("--output", "-o", type=Path, default=None,
-                        help="folder for executed copies and report.html (default: runs/run-<date>-<time>)")
+                        help="folder for executed copies and report.html (default: run-<date>-<time> in the lab's runs "
+                             "folder: $LABKIT_RUN_DIR, else runs/ of the labkit checkout; labkit doctor shows it)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one cell may take (default 900)")
     parser.add_argument("--kernel", default="python3", help="kernel name (default python3; see labkit install-kernel)")
     parser.add_argument("--max-seconds", type=float, default=None, help="fail a notebook that takes longer")
@@ -233,7 +242,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         cfg.scale(args.scale)
     if args.profile:
         cfg.profile(args.profile)
-    output = args.output or Path("runs") / _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    output = args.output or default_output()
     return RunOptions(
         scale=args.scale, profile=args.profile, output=output, timeout=args.timeout, kernel_name=args.kernel,
         max_seconds=args.max_seconds,

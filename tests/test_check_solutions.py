@@ -40,3 +40,23 @@ def test_reveal_plain_text_and_pretty_repr():
     from IPython.lib.pretty import pretty
 
     assert pretty(sol) == "# greeting\nprint('hi')\n"
+
+
+TOPICS = ["attention", "cluster", "data", "hardware", "prune", "serve", "train"]
+
+
+@pytest.mark.parametrize("topic", TOPICS)
+def test_every_topic_shows_solutions_folded_and_runnable(topic):
+    import importlib
+
+    from labkit.check import defined_function
+
+    mod = importlib.import_module(f"labkit.check.{topic}")
+    assert mod.solution.names, f"labkit.check.{topic} has no solutions"
+    for name in mod.solution.names:
+        sol = mod.solution(name)
+        assert isinstance(sol, Solution) and sol.title == name
+        assert sol._repr_html_().startswith('<details class="labkit-solution">')  # folded until clicked
+        assert callable(defined_function(sol))  # the shown source defines a function
+    with pytest.raises(UnknownExercise, match="valid names: " + ", ".join(mod.solution.names)):
+        mod.solution("no-such-exercise")

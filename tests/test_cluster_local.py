@@ -107,10 +107,15 @@ def test_lifetime_defaults_from_walltime():
 
 
 def test_gpu_task_checker(local_cluster):
-    from labkit.check.cluster import CheckFailed, check_gpu_task, show_solution, solution
+    from labkit.check.cluster import CheckFailed, check_gpu_task, show_solution, solution, solved
 
-    assert "correct" in check_gpu_task(local_cluster, solution("gpu_task"))
-    assert "resources" in show_solution("gpu_task")
+    assert "correct" in check_gpu_task(local_cluster, solved("gpu_task"))
+    assert "resources" in solution("gpu_task") and show_solution("gpu_task") == solution("gpu_task")
+
+    def unfinished(client, fn):
+        raise NotImplementedError
+
+    assert check_gpu_task(local_cluster, unfinished).startswith("not yet")  # the notebook runs on headless
     with pytest.raises(CheckFailed, match=r"resources=\{'GPU': 1\}"):
         check_gpu_task(local_cluster, lambda client, fn: client.submit(fn, pure=False))
     with pytest.raises(CheckFailed, match="not a Future"):

@@ -1,4 +1,6 @@
 
+import os
+
 import pytest
 
 from labkit.config import ConfigError, load_config, parse_memory, parse_walltime
@@ -116,3 +118,47 @@ def test_scale_sections(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_USER_CONFIG", str(f))
     assert load_config().scale("tiny").section("train") == {"max_steps": 3}
     assert load_config().scale("tiny").section("data") == {}
+
+
+def _checkout(tmp_path):
+    root = tmp_path / "labkit-checkout"
+    (root / "labkit").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'labkit'\n")
+    return root
+
+
+def test_runs_dir_env_then_checkout(tmp_path):
+    from labkit.config import runs_dir, runs_dir_choice
+
+    root = _checkout(tmp_path)
+    assert runs_dir({"LABKIT_RUN_DIR": "~/mine", "HOME": str(tmp_path)}) == tmp_path / "mine"
+    path, why = runs_dir_choice({"HOME": str(tmp_path / "home")}, checkout=root)
+    assert path == root / "runs" and "checkout" in why  # writable (it will be created there)
+
+
+def test_runs_dir_falls_back_to_home_when_checkout_runs_unusable(tmp_path):
+    from labkit.config import runs_dir_choice
+
+    root = _checkout(tmp_path)
+    (root / "runs").write_text("not a folder")  # a file where the folder should be: nothing can go in it
+    path, why = runs_dir_choice({"HOME": str(tmp_path / "home")}, checkout=root)
+    assert path == tmp_path / "home" / "labkit-runs"
+    assert "not writable" in why and "LABKIT_RUN_DIR" in why
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in read-only folders; the file case above covers it")
+def test_runs_dir_falls_back_for_read_only_shared_checkout(tmp_path):
+    from labkit.config import runs_dir_choice
+
+    root = _checkout(tmp_path)
+    home = {"HOME": str(tmp_path / "home")}
+    root.chmod(0o555)  # a class-wide checkout owned by the instructor, no runs/ yet
+    try:
+        assert runs_dir_choice(home, checkout=root)[0] == tmp_path / "home" / "labkit-runs"
+    finally:
+        root.chmod(0o755)
+    (root / "runs").mkdir(mode=0o555)  # runs/ made by the instructor, read-only for learners
+    try:
+        assert runs_dir_choice(home, checkout=root)[0] == tmp_path / "home" / "labkit-runs"
+    finally:
+        (root / "runs").chmod(0o755)

@@ -39,7 +39,7 @@ def test_checkers_accept_the_reference_and_explain_mistakes(capsys):
     assert not K.check_count_duplicates(lambda docs: len(docs) - len(set(docs)))
     assert "normalise first" in capsys.readouterr().out
     assert "def reference_normaliser" in K.solution("normaliser")
-    with pytest.raises(KeyError, match="valid: normaliser, count_duplicates"):
+    with pytest.raises(KeyError, match="valid names: normaliser, count_duplicates"):
         K.solution("nope")
 
 

@@ -48,6 +48,18 @@ def test_sinfo_parse(slurm):
     assert any(p.name == "gpu" and "gpu:2" in p.gres for p in parts)
 
 
+def test_doctor_runs_folder(monkeypatch, tmp_path):
+    from labkit.doctor import OK, _check_runs
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    c = _check_runs()
+    assert c.status == OK and str(tmp_path / "runs") in c.detail and "LABKIT_RUN_DIR" in c.detail
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "file"))  # a file, not a folder: nothing fits in it
+    c = _check_runs()
+    assert c.status == FAIL and "LABKIT_RUN_DIR" in c.fix
+
+
 def test_doctor_auto_profile_is_what_start_cluster_would_pick(slurm, monkeypatch, tmp_path):
     """Under auto with a Slurm profile in the user file, the doctor reports slurm (Slurm answers here),
     as start_cluster() would; with Slurm unreachable, the configured Slurm is a failure, not a quiet local."""

@@ -23,7 +23,7 @@ def test_unfinished_and_broken_functions_do_not_raise():
     assert not r and "NotImplementedError" in r.message and str(r).startswith("not yet")
     r = chk.check_training_days(lambda *a: 1 / 0)
     assert not r and "ZeroDivisionError" in r.message
-    with pytest.raises(KeyError, match="valid: param_count"):
+    with pytest.raises(KeyError, match="valid names: param_count"):
         chk.solution("nope")
 
 

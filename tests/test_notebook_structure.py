@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import tokenize
 from pathlib import Path
 
 import nbformat
@@ -98,6 +100,25 @@ def link_problems(nb: nbformat.NotebookNode, directory: Path) -> list[str]:
     return found
 
 
+SOLUTION_CALL_RE = re.compile(r"\b(?:solution|solved|show_solution|solution_function)\s*\(")
+
+
+def solved_exercises(nb: nbformat.NotebookNode) -> list[int]:
+    """Code cells that run a reference solution (outside comments): an exercise that ships solved."""
+    found = []
+    for i, c in enumerate(nb.cells):
+        if c.cell_type != "code":
+            continue
+        try:
+            code = " ".join(t.string for t in tokenize.generate_tokens(io.StringIO(c.source).readline)
+                            if t.type not in (tokenize.COMMENT, tokenize.STRING))
+        except (tokenize.TokenError, SyntaxError):
+            code = c.source
+        if SOLUTION_CALL_RE.search(code):
+            found.append(i)
+    return found
+
+
 def _next_number(path: Path) -> str | None:
     numbers = sorted(NUMBER_RE.match(p.name).group(1) for p in NOTEBOOKS if NUMBER_RE.match(p.name))
     mine = NUMBER_RE.match(path.name)
@@ -126,6 +147,20 @@ def test_cross_references_resolve(path):
     assert not problems, f"{path.name}: {problems}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_ship_unsolved(path):
+    cells = solved_exercises(nbformat.read(path, as_version=4))
+    assert not cells, (f"{path.name}: code cells {cells} call a reference solution; leave a stub that raises "
+                       "NotImplementedError and mention solution(name) in the text")
+
+
+def test_welcome_links_every_notebook():
+    welcome = nbformat.read(NOTEBOOK_DIR / "00_welcome.ipynb", as_version=4)
+    targets = {Path(t.split("#")[0]).name for _, src in markdown(welcome) for t in links(src)}
+    missing = [p.name for p in NOTEBOOKS if p.name not in targets]
+    assert not missing, f"00_welcome.ipynb's table does not link to {missing}"
+
+
 def _nb(*cells: tuple[str, str]) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell(s) if k == "md" else nbformat.v4.new_code_cell(s) for k, s in cells]
@@ -147,6 +182,9 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     no_recap = _nb(("md", "Learning goals\n- a"), ("code", "x = 1"), ("md", "## Recap\nprose only, no list"))
     assert recap_problems(no_recap, None) == ["the recap has no list"]
     assert "does not link to the next notebook" in recap_problems(good, "03")[0]
+    solved = _nb(("code", "def f(c, x):\n    return solution('t')(c, x)"),
+                 ("code", "# print(solution('t'))\nprint('solution(\"t\")')"))
+    assert solved_exercises(solved) == [0]
     broken = _nb(("md", "See [x](09_missing.ipynb), [y](02_next.ipynb#nowhere), [w](https://example.org)"))
     found = link_problems(broken, tmp_path)
     assert len(found) == 2 and "09_missing.ipynb does not exist" in found[0] and "no heading #nowhere" in found[1]

@@ -128,3 +128,16 @@ def test_resolve_notebooks_by_number_name_and_path():
     assert resolve_notebooks([str(NOTEBOOK_DIR / "00_welcome.ipynb")]) == [first]
     with pytest.raises(SystemExit, match="choose from: 00_welcome"):
         resolve_notebooks(["99_nothing"])
+
+
+def test_default_output_is_under_the_runs_folder_not_cwd(tmp_path, monkeypatch):
+    from labkit.cli import build_parser
+    from labkit.runner import options_from_args
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path / "..")  # somewhere else: the default must not follow the current folder
+    opts = options_from_args(build_parser().parse_args(["run", "--scale", "tiny", "00"]))
+    assert opts.output.parent == tmp_path / "runs" and opts.output.name.startswith("run-")
+    assert RunOptions().output.parent == tmp_path / "runs"
+    given = options_from_args(build_parser().parse_args(["run", "--output", str(tmp_path / "x")]))
+    assert given.output == tmp_path / "x"

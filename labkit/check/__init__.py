@@ -83,7 +83,8 @@ def reveal(solution: str | Callable[..., Any], title: str | None = None) -> Solu
 
 
 def solution_book(topic: str, solutions: Mapping[str, str | Callable[..., Any]]) -> Callable[[str], Solution]:
-    """Make a topic's ``solution(name)``: the named reference solution as a :class:`Solution`."""
+    """Make a topic's ``solution(name)``: the named reference solution as a :class:`Solution`.
+    The exercise names are on ``solution.names``."""
     table = dict(solutions)
 
     def solution(name: str) -> Solution:
@@ -95,6 +96,7 @@ def solution_book(topic: str, solutions: Mapping[str, str | Callable[..., Any]])
 
     solution.__doc__ = f"The reference solution of a {topic} exercise, folded until you open it."
     solution.__qualname__ = solution.__name__ = "solution"
+    solution.names = tuple(table)  # type: ignore[attr-defined]
     return solution
 
 

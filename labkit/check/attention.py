@@ -8,16 +8,14 @@ source; it is only shown when asked for.
 
 from __future__ import annotations
 
-import inspect
 import math
-import textwrap
 from typing import Callable
 
 import torch
 
 from labkit import attention as A
 
-from labkit.check import Result
+from labkit.check import Result, solution_book
 
 EXERCISES = ("softmax", "attention", "causal_mask", "split_heads")
 TOL = 1e-5
@@ -233,12 +231,7 @@ _SOLUTIONS = {"softmax": _solution_softmax, "attention": _solution_attention,
               "causal_mask": _solution_causal_mask, "split_heads": _solution_split_heads}
 
 
-def solution(name: str) -> str:
-    """The source of a reference solution (print it to see it)."""
-    if name not in _SOLUTIONS:
-        raise ValueError(f"no solution named {name!r}; valid choices: {', '.join(EXERCISES)}")
-    src = textwrap.dedent(inspect.getsource(_SOLUTIONS[name]))
-    return src.replace(f"def _solution_{name}", f"def {name}")
+solution = solution_book("attention", _SOLUTIONS)
 
 
 def solution_function(name: str) -> Callable:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import random
 import unicodedata
 from typing import Callable
 
+from labkit.check import solution_book
 from labkit.data import clean as C
 
 _NORMALISER_CASES = [
@@ -80,13 +80,7 @@ def check_count_duplicates(fn: Callable[[list[str]], int], verbose: bool = True)
 SOLUTIONS = {"normaliser": reference_normaliser, "count_duplicates": reference_count_duplicates}
 
 
-def solution(name: str) -> str:
-    """The reference solution's source (shown only when asked for)."""
-    if name not in SOLUTIONS:
-        raise KeyError(f"no solution {name!r}; valid: {', '.join(SOLUTIONS)}")
-    src = inspect.getsource(SOLUTIONS[name])
-    print(src)
-    return src
+solution = solution_book("data", SOLUTIONS)
 
 
 def _say(verbose: bool, ok: bool, msg: str) -> bool:

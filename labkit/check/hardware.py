@@ -7,12 +7,12 @@ notebook with unfinished exercises still runs headless. ``solution(name)`` retur
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from labkit.check import solution_book
 from labkit.hardware.estimate import (
     GPTConfig,
     allreduce_time,
@@ -184,8 +184,4 @@ SOLUTIONS = {
 }
 
 
-def solution(name: str) -> str:
-    """The reference solution of an exercise, as source text (print it when stuck)."""
-    if name not in SOLUTIONS:
-        raise KeyError(f"no exercise {name!r}; valid: {', '.join(SOLUTIONS)}")
-    return inspect.getsource(SOLUTIONS[name]).replace(f"_solution_{name}", name)
+solution = solution_book("hardware", SOLUTIONS)

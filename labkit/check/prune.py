@@ -8,14 +8,12 @@ only when asked for.
 
 from __future__ import annotations
 
-import inspect
-import textwrap
 from typing import Callable
 
 import torch
 from torch import nn
 
-from labkit.check import Result
+from labkit.check import Result, solution_book
 
 EXERCISES = ("magnitude_mask", "layer_sparsity")
 
@@ -122,9 +120,5 @@ def check_layer_sparsity(fn: Callable[[nn.Module], float]) -> Result:
     return Result(True, "layer sparsity correct")
 
 
-def solution(name: str) -> str:
-    """The reference solution of one exercise, as source text (shown only when asked for)."""
-    table = {"magnitude_mask": reference_magnitude_mask, "layer_sparsity": reference_layer_sparsity}
-    if name not in table:
-        raise ValueError(f"no exercise {name!r}; exercises: {', '.join(EXERCISES)}")
-    return textwrap.dedent(inspect.getsource(table[name]))
+solution = solution_book("pruning", {"magnitude_mask": reference_magnitude_mask,
+                                     "layer_sparsity": reference_layer_sparsity})
