@@ -331,6 +331,35 @@ def test_cli_without_checkpoint_explains(tmp_path):
     assert proc.returncode == 2 and "no checkpoint" in out and "--demo" in out and "train" in out
 
 
+def _unservable(kind: str, path: Path) -> Path:
+    from labkit.model import GPT, GPTConfig, save
+
+    if kind == "junk":
+        path.write_bytes(b"PK\x03\x04 not a checkpoint at all")
+        return path
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300, precision="float32"))
+    saved = save(model, path)  # a BPE-sized vocabulary, and no tokenizer saved with it
+    if kind == "truncated":
+        saved.write_bytes(saved.read_bytes()[:-7])
+    return saved
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("no-tokenizer", ["carries no tokenizer", "tokenizer=", "shards"]),
+    ("junk", ["not a labkit checkpoint", "--demo"]),
+    ("truncated", ["truncated", "--demo"]),
+])
+def test_cli_unservable_checkpoint_is_one_clear_line(tmp_path, kind, says):
+    path = _unservable(kind, tmp_path / "model.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LABKIT_RUN_DIR": str(tmp_path / "runs")}
+    r = subprocess.run([sys.executable, "-m", "labkit", "serve", str(path), "--no-embed", "--port", "0"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "Traceback" not in out and out.strip().count("\n") == 0, out
+    assert out.startswith("error: ") and str(path) in out and all(s in out for s in says), out
+
+
 def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -92,7 +92,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 def cli(args: argparse.Namespace) -> int:
     """Start the server in the foreground; Ctrl-C or SIGTERM (scancel) stops it cleanly."""
-    from .checkpoints import NoCheckpoint, load_generator, newest_checkpoint
+    from labkit.model import CheckpointError
+
+    from .checkpoints import NoCheckpoint, NoTokenizer, load_generator, newest_checkpoint
     from .demo import demo_generator
     from .server import start
 
@@ -105,8 +107,12 @@ def cli(args: argparse.Namespace) -> int:
     try:
         generator = demo_generator(device=device) if args.demo else \
             load_generator(args.checkpoint or newest_checkpoint(default_run_dir()), device=device)
-    except NoCheckpoint as exc:
+    except (NoCheckpoint, NoTokenizer) as exc:  # their messages say what to do
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:  # a junk, truncated or foreign file
+        print(f"error: {exc}; or serve another checkpoint (a file or run directory written by labkit.train "
+              "or labkit.model.save), or --demo", file=sys.stderr)
         return 2
     certfile, keyfile = args.cert, args.key
     if args.self_signed:
