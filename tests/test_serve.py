@@ -439,6 +439,39 @@ def test_pruned_shape_checkpoint_serves(tmp_path):
     assert first["new_tokens"] == 6 and first["text"] == second["text"]
 
 
+def test_pruned_bpe_model_saved_as_notebook_07_does_is_served(tmp_path):
+    from labkit.data.shards import ShardReader, make_tiny_shards, tiny_text
+    from labkit.model import GPT, GPTConfig, save
+    from labkit.prune import prune_ffn, prune_heads
+    from labkit.prune.evaluate import val_windows
+    from labkit.serve import pick_generator
+    from labkit.serve.checkpoints import HFTokenizer
+
+    shards = tmp_path / "shards"  # a real BPE vocabulary (not bytes), as 03_preprocessing makes
+    make_tiny_shards(shards, tiny_text(60_000), vocab_size=300)
+    tok = ShardReader(shards, "train").tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=tok.get_vocab_size(),
+                          precision="float32")).eval()
+    val = val_windows(ShardReader(shards, "val"), 32, 4)
+    pruned = prune_ffn(prune_heads(model, 0.5, importance="gradient", data=val), 0.5)
+    assert sum(pruned.config.layer_heads) == 4 and sum(pruned.config.layer_ffn) == 128
+    # as 07 saves it: with the tokenizer of its shards, under the lab's runs/ folder
+    runs = tmp_path / "runs"
+    path = save(pruned, runs / "pruned-tiny" / "20261128-170000" / "pruned.pt",
+                tokenizer=ShardReader(shards, "train").tokenizer())
+    gen, why = pick_generator(None, [runs])  # what 08_serving and a bare `labkit serve` do
+    assert str(path) in why and gen.info()["vocab_size"] == 300
+    prompt = "def parse_args(parser, namespace):"
+    ref = ModelGenerator(pruned, HFTokenizer(tok)).generate([GenRequest(prompt, 6, 0.8, 20, 2)])[0]
+    with start(gen, token=TOKEN, config=CONFIG) as srv, srv.client() as c:
+        r = c.post("/generate", json={"prompt": prompt, "max_new_tokens": 6, "temperature": 0.8, "top_k": 20,
+                                      "seed": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_tokens"] == len(tok.encode(prompt).ids) < len(prompt.encode())  # BPE, not bytes
+    assert r.json()["new_tokens"] == 6 and r.json()["text"] == ref.text
+
+
 class _CountingModel(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
