@@ -161,6 +161,53 @@ def test_welcome_links_every_notebook():
     assert not missing, f"00_welcome.ipynb's table does not link to {missing}"
 
 
+def _bound_names(source: str) -> set[str]:
+    """Names a code cell binds (imports, assignments, defs); magics and shell lines are skipped."""
+    import ast
+
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def hint_problems(nb: nbformat.NotebookNode) -> list[str]:
+    """A hint such as `print(solution("x"))` in markdown must run where the reader pastes it: after the
+    exercise's code cell, so every name in it must be bound by then."""
+    import ast
+    import builtins
+
+    found = []
+    for i, src in markdown(nb):
+        for span in re.findall(r"`([^`]*solution\([^`]*)`", src):
+            try:
+                call = ast.parse(span.strip(), mode="eval").body
+            except SyntaxError:
+                found.append(f"cell {i}: hint `{span}` is not Python")
+                continue
+            upto = next((j for j in range(i + 1, len(nb.cells)) if nb.cells[j].cell_type == "code"), len(nb.cells))
+            bound = set().union(*(_bound_names(c.source) for c in nb.cells[:upto + 1] if c.cell_type == "code"))
+            for name in sorted({n.id for n in ast.walk(call) if isinstance(n, ast.Name)} - bound - set(dir(builtins))):
+                found.append(f"cell {i}: hint `{span}` uses {name!r}, which no cell up to the exercise's defines")
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_solution_hints_run_where_they_are_given(path):
+    problems = hint_problems(nbformat.read(path, as_version=4))
+    assert not problems, f"{path.name}: {problems}"
+
+
 def _nb(*cells: tuple[str, str]) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_markdown_cell(s) if k == "md" else nbformat.v4.new_code_cell(s) for k, s in cells]
@@ -188,3 +235,11 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     broken = _nb(("md", "See [x](09_missing.ipynb), [y](02_next.ipynb#nowhere), [w](https://example.org)"))
     found = link_problems(broken, tmp_path)
     assert len(found) == 2 and "09_missing.ipynb does not exist" in found[0] and "no heading #nowhere" in found[1]
+
+
+def test_hint_check_catches_an_unbound_name():
+    hint = ("md", 'Exercise. Stuck? `print(labkit.check.prune.solution("x"))`.')
+    assert "'labkit'" in hint_problems(_nb(hint, ("code", "from labkit.check.prune import check_x")))[0]
+    assert hint_problems(_nb(hint, ("code", "import labkit.check.prune\ncheck_x()"))) == []
+    late = _nb(("md", 'Stuck? `print(solution("x"))`'), ("code", "check()"), ("code", "from m import solution"))
+    assert hint_problems(late)  # bound only after the exercise's cell: too late

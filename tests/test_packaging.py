@@ -68,3 +68,32 @@ def test_binder_scripts():
 def test_console_script_declared():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert data["project"]["scripts"]["labkit"] == "labkit.cli:main"
+
+
+def _specs(reqs) -> dict[str, str]:
+    """name -> version specifier (``>=4``), extras dropped, conda names mapped to pip ones."""
+    out = {}
+    for req in reqs:
+        if not isinstance(req, str) or req.startswith(("-", ".")):
+            continue
+        name = CONDA_TO_PIP.get(_name(req), _name(req))
+        if name:
+            out[name] = re.sub(r"^[A-Za-z0-9_.\-]+(\[[^\]]*\])?", "", req.strip()).strip()
+    return out
+
+
+def _conda_specs(path: Path) -> dict[str, str]:
+    deps = yaml.safe_load(path.read_text())["dependencies"]
+    pip = [d for dep in deps if isinstance(dep, dict) for d in dep.get("pip", [])]
+    return _specs([d for d in deps if isinstance(d, str)] + pip)
+
+
+def test_version_floors_agree():
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    want = _specs(data["project"]["dependencies"] + data["project"]["optional-dependencies"]["test"])
+    for path in (REPO / "environment.yml", REPO / "binder" / "environment.yml"):
+        have = _conda_specs(path)
+        differ = {n: (want[n], have[n]) for n in want.keys() & have.keys() if want[n] != have[n]}
+        assert not differ, f"{path.relative_to(REPO)} pins differently from pyproject.toml: {differ}"
+    # tests/test_serve_schema.py drives the v4 command line (--phases, --generation-database)
+    assert want["schemathesis"] == ">=4"

@@ -331,6 +331,35 @@ def test_cli_without_checkpoint_explains(tmp_path):
     assert proc.returncode == 2 and "no checkpoint" in out and "--demo" in out and "train" in out
 
 
+def _unservable(kind: str, path: Path) -> Path:
+    from labkit.model import GPT, GPTConfig, save
+
+    if kind == "junk":
+        path.write_bytes(b"PK\x03\x04 not a checkpoint at all")
+        return path
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=300, precision="float32"))
+    saved = save(model, path)  # a BPE-sized vocabulary, and no tokenizer saved with it
+    if kind == "truncated":
+        saved.write_bytes(saved.read_bytes()[:-7])
+    return saved
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("no-tokenizer", ["carries no tokenizer", "tokenizer=", "shards"]),
+    ("junk", ["not a labkit checkpoint", "--demo"]),
+    ("truncated", ["truncated", "--demo"]),
+])
+def test_cli_unservable_checkpoint_is_one_clear_line(tmp_path, kind, says):
+    path = _unservable(kind, tmp_path / "model.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LABKIT_RUN_DIR": str(tmp_path / "runs")}
+    r = subprocess.run([sys.executable, "-m", "labkit", "serve", str(path), "--no-embed", "--port", "0"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "Traceback" not in out and out.strip().count("\n") == 0, out
+    assert out.startswith("error: ") and str(path) in out and all(s in out for s in says), out
+
+
 def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -408,6 +437,39 @@ def test_pruned_shape_checkpoint_serves(tmp_path):
         body = {"prompt": "pruned", "max_new_tokens": 6, "seed": 3}
         first, second = (c.post("/generate", json=body).json() for _ in range(2))
     assert first["new_tokens"] == 6 and first["text"] == second["text"]
+
+
+def test_pruned_bpe_model_saved_as_notebook_07_does_is_served(tmp_path):
+    from labkit.data.shards import ShardReader, make_tiny_shards, tiny_text
+    from labkit.model import GPT, GPTConfig, save
+    from labkit.prune import prune_ffn, prune_heads
+    from labkit.prune.evaluate import val_windows
+    from labkit.serve import pick_generator
+    from labkit.serve.checkpoints import HFTokenizer
+
+    shards = tmp_path / "shards"  # a real BPE vocabulary (not bytes), as 03_preprocessing makes
+    make_tiny_shards(shards, tiny_text(60_000), vocab_size=300)
+    tok = ShardReader(shards, "train").tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=tok.get_vocab_size(),
+                          precision="float32")).eval()
+    val = val_windows(ShardReader(shards, "val"), 32, 4)
+    pruned = prune_ffn(prune_heads(model, 0.5, importance="gradient", data=val), 0.5)
+    assert sum(pruned.config.layer_heads) == 4 and sum(pruned.config.layer_ffn) == 128
+    # as 07 saves it: with the tokenizer of its shards, under the lab's runs/ folder
+    runs = tmp_path / "runs"
+    path = save(pruned, runs / "pruned-tiny" / "20261128-170000" / "pruned.pt",
+                tokenizer=ShardReader(shards, "train").tokenizer())
+    gen, why = pick_generator(None, [runs])  # what 08_serving and a bare `labkit serve` do
+    assert str(path) in why and gen.info()["vocab_size"] == 300
+    prompt = "def parse_args(parser, namespace):"
+    ref = ModelGenerator(pruned, HFTokenizer(tok)).generate([GenRequest(prompt, 6, 0.8, 20, 2)])[0]
+    with start(gen, token=TOKEN, config=CONFIG) as srv, srv.client() as c:
+        r = c.post("/generate", json={"prompt": prompt, "max_new_tokens": 6, "temperature": 0.8, "top_k": 20,
+                                      "seed": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_tokens"] == len(tok.encode(prompt).ids) < len(prompt.encode())  # BPE, not bytes
+    assert r.json()["new_tokens"] == 6 and r.json()["text"] == ref.text
 
 
 class _CountingModel(torch.nn.Module):

@@ -27,6 +27,75 @@ def test_job_script_follows_the_profile(tmp_path):
         job_script(profile.replace(account=None, require_account=True), ["true"], job_name="x", directory=tmp_path)
 
 
+def _job_cli(argv, tmp_path, monkeypatch):
+    """Run ``labkit serve ... --slurm`` up to the submission, which is captured instead of made; returns
+    (exit code, the job's command line parsed by the same CLI, the job folder)."""
+    import labkit.serve.slurm as slurm
+    from labkit.cli import build_parser, main
+    from labkit.serve.slurm import job_command
+
+    def no_sbatch(*a, **k):
+        raise AssertionError("the test ran a Slurm command (sinfo, sbatch)")
+
+    monkeypatch.setattr(slurm.subprocess, "run", no_sbatch)
+    seen = {}
+
+    def capture(profile, serve_args, **kw):
+        seen.update(profile=profile, serve_args=serve_args, **kw)
+        raise RuntimeError("captured instead of submitted")
+
+    monkeypatch.setattr(slurm, "submit", capture)
+    rc = main(["serve", *argv, "--slurm"])
+    if not seen:
+        return rc, None, None
+    kw = {k: seen[k] for k in ("port", "certfile", "keyfile")}
+    command = job_command(seen["serve_args"], tmp_path / "job", python="python", tls=True, **kw)
+    assert command[:4] == ["python", "-m", "labkit", "serve"]
+    return rc, build_parser().parse_args(command[3:]), tmp_path / "job"
+
+
+def test_slurm_job_gets_port_device_and_tls_files(tmp_path, monkeypatch, capsys):
+    ckpt, cert, key = tmp_path / "model.pt", tmp_path / "cert.pem", tmp_path / "key.pem"
+    for f in (ckpt, cert, key):
+        f.write_text("x")
+    monkeypatch.chdir(tmp_path)  # relative paths on the command line: the job gets absolute ones
+    rc, job, jobdir = _job_cli(["model.pt", "--port", "8123", "--device", "cuda:1", "--cert", "cert.pem",
+                                "--key", "key.pem", "--max-batch-size", "4", "--no-embed"], tmp_path, monkeypatch)
+    assert rc == 1 and "captured instead of submitted" in capsys.readouterr().err
+    assert (job.checkpoint, job.port, job.device, job.cert, job.key) == (str(ckpt), 8123, "cuda:1", str(cert), str(key))
+    assert job.self_signed is None and job.host == "0.0.0.0" and job.url_file == str(jobdir / "url")
+    assert job.max_batch_size == 4 and job.no_embed and not job.slurm and not job.demo
+
+
+def test_slurm_job_defaults(tmp_path, monkeypatch, capsys):
+    rc, job, jobdir = _job_cli(["--demo"], tmp_path, monkeypatch)
+    assert rc == 1 and job.demo and job.checkpoint is None
+    assert job.port == 0 and job.device == "auto"  # any free port on a shared node; the GPU Slurm gave it
+    assert job.self_signed == str(jobdir / "tls") and job.cert is None and not job.no_embed
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--host", "10.1.2.3"], "--host 10.1.2.3 does not apply with --slurm"),
+    (["--self-signed", "tlsdir"], "--self-signed does not apply with --slurm"),
+    (["--cert", "cert.pem"], "needs both a certificate and its key"),
+    (["--cert", "nope.pem", "--key", "nope.pem"], "TLS file nope.pem does not exist"),
+    (["--port", "70000"], "port 70000 is out of range"),
+])
+def test_slurm_options_it_cannot_honour_are_refused(tmp_path, monkeypatch, capsys, argv, says):
+    import labkit.serve.slurm as slurm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cert.pem").write_text("x")
+    monkeypatch.setattr(slurm.subprocess, "run",
+                        lambda *a, **k: pytest.fail("the test ran a Slurm command (sinfo, sbatch)"))
+    from labkit.cli import main
+
+    rc = main(["serve", "--demo", "--slurm", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and says in err, err
+    assert not list((tmp_path).glob("**/job.sh"))
+
+
 @pytest.mark.slurm
 def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
     profile = load_config().profile("slurm").replace(walltime="00:05:00", memory="1GiB", cores=1)

@@ -6,6 +6,7 @@ Each finished point is emitted as a ``prune`` event (to the Dask topic on the wo
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any, Callable, Sequence
 
@@ -16,9 +17,14 @@ from .evaluate import METHODS, CurvePoint, evaluate_point
 
 
 def _model_bytes(model: nn.Module) -> bytes:
-    """The whole model, serialised once on the client."""
+    """A CPU copy of the whole model, serialised once on the client; the caller's model stays where
+    it is (``model.cpu()`` would move a GPU model, and the caller's training or timing with it)."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().cpu(), requires_grad=p.requires_grad)
+                            for p in model.parameters()}
+    memo.update({id(b): b.detach().cpu() for b in model.buffers()})
+    cpu_copy = copy.deepcopy(model, memo)  # parameters and buffers come from memo: never copied on the GPU
     buf = io.BytesIO()
-    torch.save(model.cpu(), buf)
+    torch.save(cpu_copy, buf)
     return buf.getvalue()
 
 
@@ -30,7 +36,7 @@ def _point_task(blob: bytes, val: torch.Tensor, method: str, amount: float, impo
         torch.set_num_threads(threads)
     # every task rebuilds its own model: tasks sharing one object on a worker (threads, or one
     # after another) must never see each other's pruning
-    model = torch.load(io.BytesIO(blob), weights_only=False)
+    model = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=False)
     point = evaluate_point(model, method, amount, val, importance)
     emit("prune", **point.as_dict())
     return point.as_dict()

@@ -19,6 +19,10 @@ class NoCheckpoint(FileNotFoundError):
     """No checkpoint where one was expected; the message says how to get one."""
 
 
+class NoTokenizer(ValueError):
+    """A checkpoint that carries no tokenizer and is not byte-level: its ids cannot be turned into text."""
+
+
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` behind the ``encode(text) -> ids`` / ``decode(ids)`` interface."""
 
@@ -72,9 +76,10 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     elif ckpt.config.vocab_size == 256:
         tokenizer = ByteTokenizer()
     else:
-        raise ValueError(
+        raise NoTokenizer(
             f"{path} carries no tokenizer and its vocabulary ({ckpt.config.vocab_size}) is not bytes (256); "
-            "save it with labkit.model.save(model, path, tokenizer=...)"
+            "save it again with labkit.model.save(model, path, tokenizer=...), "
+            "e.g. the tokenizer of the shards it trained on (ShardReader(shards_dir, 'train').tokenizer())"
         )
     return ModelGenerator(ckpt.model, tokenizer, device=device, name=path.name)
 

@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 
 RUN_DIR_ENV = "LABKIT_RUN_DIR"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
 
 
 def default_run_dir() -> Path:
@@ -23,11 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint file or run directory "
                    f"(default: the newest checkpoint under ${RUN_DIR_ENV}, else the lab's runs/ folder)")
     p.add_argument("--demo", action="store_true", help="serve a tiny random GPT with a byte tokenizer (no checkpoint)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--cert", help="TLS certificate (PEM); needs --key")
+    p.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST}; 0.0.0.0 = all; "
+                   "a --slurm job always listens on all of its node's)")
+    p.add_argument("--port", type=int, help=f"port (default {DEFAULT_PORT}; 0 = any free port; "
+                   "with --slurm the default is 0)")
+    p.add_argument("--cert", help="TLS certificate (PEM); needs --key (with --slurm: a path the node can read)")
     p.add_argument("--key", help="TLS private key (PEM); needs --cert")
-    p.add_argument("--self-signed", metavar="DIR", help="make a self-signed certificate in DIR and serve TLS with it")
+    p.add_argument("--self-signed", metavar="DIR", help="make a self-signed certificate in DIR and serve TLS with it "
+                   "(with --slurm: the job makes one for its node when the profile sets tls)")
     p.add_argument("--scale", help="scale preset for the limits (tiny, binder, workshop, full; default: active)")
     p.add_argument("--max-batch-size", type=int, help="requests per batch (1 = no batching)")
     p.add_argument("--max-wait-ms", type=float, help="how long a request waits for companions")
@@ -60,28 +65,61 @@ def _serve_config(args: argparse.Namespace):
     return config.replace(**changes) if changes else config
 
 
-def _submit(args: argparse.Namespace) -> int:
-    from labkit.config import load_config
+def slurm_refusal(args: argparse.Namespace) -> str | None:
+    """Why these options cannot go to a Slurm job (None when they can)."""
+    if args.host not in (None, "0.0.0.0"):
+        return (f"--host {args.host} does not apply with --slurm: the job listens on all interfaces of the node "
+                "Slurm gives it and prints the URL; leave --host out")
+    if args.self_signed:
+        return ("--self-signed does not apply with --slurm: the job makes a certificate for its own node when the "
+                "profile sets 'tls: true' and prints where it is; or give --cert/--key that the node can read")
+    return None
 
-    from .checkpoints import newest_checkpoint
-    from .slurm import submit
 
-    try:
-        target = None if args.demo else Path(args.checkpoint or newest_checkpoint(default_run_dir()))
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def job_serve_args(args: argparse.Namespace, target: Path | None) -> list[str]:
+    """The ``labkit serve`` arguments a Slurm job gets for these options (listening and TLS options
+    are added by ``labkit.serve.slurm.job_command``); ``target`` is the checkpoint, None = ``--demo``."""
     serve_args = ["--demo"] if target is None else [str(target.resolve())]
     for flag in ("scale", "max_batch_size", "max_wait_ms"):
         value = getattr(args, flag)
         if value is not None:
             serve_args += ["--" + flag.replace("_", "-"), str(value)]
+    if args.device != "auto":  # auto is the job's default: the GPU Slurm gave it
+        serve_args += ["--device", args.device]
     if args.no_embed:
         serve_args.append("--no-embed")
-    profile = load_config().profile(args.profile or "slurm")
-    job = submit(profile, serve_args)
+    return serve_args
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from labkit.config import ConfigError, load_config
+
+    from .checkpoints import newest_checkpoint
+    from .slurm import submit
+
+    refusal = slurm_refusal(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    try:
+        target = None if args.demo else Path(args.checkpoint or newest_checkpoint(default_run_dir()))
+        profile = load_config().profile(args.profile or "slurm")
+        job = submit(profile, job_serve_args(args, target), port=args.port or 0, certfile=args.cert,
+                     keyfile=args.key)
+    except (FileNotFoundError, ValueError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # sbatch refused it; the message says why
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"submitted Slurm job {job.job_id} ({job.name}); waiting for the server ...", flush=True)
-    url = job.wait_url()
+    try:
+        url = job.wait_url()
+    except (RuntimeError, TimeoutError) as exc:  # the message carries the job's log or state
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.url_file:
+        _write_url(args.url_file, url)
     print(f"serving at {url}")
     print(f"token (shown once): {job.token}")
     if job.certfile:
@@ -90,9 +128,17 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_url(path: str | Path, url: str) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(url + "\n")
+    tmp.replace(path)
+
+
 def cli(args: argparse.Namespace) -> int:
     """Start the server in the foreground; Ctrl-C or SIGTERM (scancel) stops it cleanly."""
-    from .checkpoints import NoCheckpoint, load_generator, newest_checkpoint
+    from labkit.model import CheckpointError
+
+    from .checkpoints import NoCheckpoint, NoTokenizer, load_generator, newest_checkpoint
     from .demo import demo_generator
     from .server import start
 
@@ -105,9 +151,14 @@ def cli(args: argparse.Namespace) -> int:
     try:
         generator = demo_generator(device=device) if args.demo else \
             load_generator(args.checkpoint or newest_checkpoint(default_run_dir()), device=device)
-    except NoCheckpoint as exc:
+    except (NoCheckpoint, NoTokenizer) as exc:  # their messages say what to do
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointError as exc:  # a junk, truncated or foreign file
+        print(f"error: {exc}; or serve another checkpoint (a file or run directory written by labkit.train "
+              "or labkit.model.save), or --demo", file=sys.stderr)
+        return 2
+    host = args.host or DEFAULT_HOST
     certfile, keyfile = args.cert, args.key
     if args.self_signed:
         from .tls import self_signed
@@ -119,7 +170,8 @@ def cli(args: argparse.Namespace) -> int:
 
         embedder = MiniLMEmbedder(device=device)
     try:
-        server = start(generator, host=args.host, port=args.port, certfile=certfile, keyfile=keyfile,
+        server = start(generator, host=host, port=DEFAULT_PORT if args.port is None else args.port,
+                       certfile=certfile, keyfile=keyfile,
                        config=_serve_config(args), embedder=embedder)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -127,11 +179,9 @@ def cli(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # scancel sends SIGTERM
     if args.url_file:
-        tmp = Path(args.url_file).with_suffix(".tmp")
-        tmp.write_text(server.url + "\n")
-        tmp.replace(args.url_file)
+        _write_url(args.url_file, server.url)
     print(f"labkit serve: {generator.info()['model']} on {device} at {server.url}", flush=True)
-    if not certfile and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not certfile and host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: listening beyond this machine without TLS: the token and texts travel in clear; "
               "add --self-signed DIR or --cert/--key", flush=True)
     if server.token_generated:

@@ -1,7 +1,8 @@
 """Run the server as a Slurm job on a GPU node, with the cluster profile's partition, GRES and prologue.
 
-The job runs ``python -m labkit serve ... --host 0.0.0.0 --port 0 --url-file F``; the server writes
-its URL to ``F`` (on the shared file system) once it answers, and ``ServeJob.wait_url()`` reads it.
+The job runs ``python -m labkit serve ... --host 0.0.0.0 --port 0 --url-file F`` (``job_command``); the
+server writes its URL to ``F`` (on the shared file system) once it answers, and ``ServeJob.wait_url()``
+reads it.
 The bearer token travels in the job's environment (``LABKIT_SERVE_TOKEN``), never in the script.
 """
 
@@ -34,6 +35,7 @@ class ServeJob:
     directory: Path
     token: str
     tls: bool
+    cert: Path | None = None  # the certificate the job serves, when it is not one it makes itself
 
     @property
     def url_file(self) -> Path:
@@ -45,7 +47,9 @@ class ServeJob:
 
     @property
     def certfile(self) -> Path | None:
-        """The job's self-signed certificate (to verify TLS), once it wrote it."""
+        """The certificate to verify the job's TLS with (a self-signed one exists once the job wrote it)."""
+        if self.cert is not None:
+            return self.cert
         return self.directory / "tls" / "cert.pem" if self.tls else None
 
     def state(self) -> str:
@@ -112,27 +116,54 @@ def _megabytes(memory: str) -> int:
     return parse_memory(memory) // 2**20
 
 
+def job_command(serve_args: Sequence[str], jobdir: Path, *, python: str = "python", port: int = 0,
+                tls: bool = True, certfile: str | os.PathLike | None = None,
+                keyfile: str | os.PathLike | None = None) -> list[str]:
+    """The job's command line: ``labkit serve <serve_args>`` on all the node's interfaces at ``port``
+    (0 = any free one), writing its URL into ``jobdir``; TLS with ``certfile``/``keyfile`` when
+    given, else with a certificate the job makes for its own host name when ``tls``."""
+    _check_listen(port, certfile, keyfile)
+    command = [python, "-m", "labkit", "serve", *serve_args, "--host", "0.0.0.0", "--port", str(port),
+               "--url-file", str(jobdir / "url")]
+    if certfile is not None:
+        command += ["--cert", str(Path(certfile).expanduser().resolve()),
+                    "--key", str(Path(keyfile).expanduser().resolve())]
+    elif tls:
+        command += ["--self-signed", str(jobdir / "tls")]
+    return command
+
+
+def _check_listen(port: int, certfile: str | os.PathLike | None, keyfile: str | os.PathLike | None) -> None:
+    if (certfile is None) != (keyfile is None):
+        raise ValueError("TLS needs both a certificate and its key (--cert and --key), or neither")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range: give 1-65535, or 0 for any free port on the node")
+
+
 def submit(profile: Profile, serve_args: Sequence[str] = ("--demo",), *, job_name: str = "labkit-serve",
            token: str | None = None, directory: str | os.PathLike | None = None, tls: bool | None = None,
-           python: str | None = None, workdir: str | os.PathLike | None = None) -> ServeJob:
+           python: str | None = None, workdir: str | os.PathLike | None = None, port: int = 0,
+           certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None) -> ServeJob:
     """Submit ``labkit serve <serve_args>`` as a Slurm job through ``profile``; returns at once.
 
-    TLS (a self-signed certificate made in the job for its own host name) follows ``profile.tls``
+    TLS uses ``certfile``/``keyfile`` when given (files the node can read: a shared file system);
+    else a self-signed certificate made in the job for its own host name, following ``profile.tls``
     unless ``tls`` says otherwise."""
+    _check_listen(port, certfile, keyfile)  # bad input fails before anything is written or submitted
+    for f in (certfile, keyfile):
+        if f is not None and not Path(f).expanduser().is_file():
+            raise FileNotFoundError(f"TLS file {f} does not exist; give the PEM certificate and key the job should serve")
     if profile.kind != "slurm":
         raise ConfigError(f"profile {profile.name!r} is {profile.kind!r}; serving as a job needs a slurm profile")
     check_slurm_profile(profile, profile.gpus_per_worker)  # unknown partition, too many GPUs... fail now
     token, _ = resolve_token(token)
-    tls = profile.tls if tls is None else tls
+    tls = certfile is not None or (profile.tls if tls is None else tls)
     base = Path(directory or profile.log_directory or Path.home() / ".labkit" / "serve-jobs").expanduser()
     jobdir = (base / f"{job_name}-{uuid.uuid4().hex[:8]}").resolve()
     jobdir.mkdir(parents=True, mode=0o700)
     # with a prologue (module load / venv activate) the job's own python is the right one
     python = python or ("python" if profile.prologue else sys.executable)
-    command = [python, "-m", "labkit", "serve", *serve_args, "--host", "0.0.0.0", "--port", "0",
-               "--url-file", str(jobdir / "url")]
-    if tls:
-        command += ["--self-signed", str(jobdir / "tls")]
+    command = job_command(serve_args, jobdir, python=python, port=port, tls=tls, certfile=certfile, keyfile=keyfile)
     script = job_script(profile, command, job_name=job_name, directory=jobdir, workdir=workdir or os.getcwd())
     (jobdir / "job.sh").write_text(script)
     # the notebook may itself run inside a Slurm job: its SLURM_* variables must not leak into this one
@@ -142,4 +173,4 @@ def submit(profile: Profile, serve_args: Sequence[str] = ("--demo",), *, job_nam
     if r.returncode != 0:
         raise RuntimeError(f"sbatch refused the serving job: {r.stderr.strip()} (script: {jobdir / 'job.sh'})")
     job_id = re.split(r"[;\s]", r.stdout.strip())[0]
-    return ServeJob(job_id, job_name, jobdir, token, tls)
+    return ServeJob(job_id, job_name, jobdir, token, tls, Path(certfile).expanduser().resolve() if certfile else None)

@@ -1,5 +1,8 @@
 """LivePlot: metrics drawn while work runs, one subplot per metric and one line per rank.
 
+Each line is kept sorted by x: events from parallel work (a sweep's points, ranks) arrive in the
+order they finish, and a line drawn in arrival order would zig-zag back and forth.
+
 In JupyterLab it is a plotly ``FigureWidget`` that updates in place; in a terminal, in tests and
 in CI it prints a short text line now and then. It only renders: feed it events as a sink
 (``plot(event)``) or follow a Dask cluster with ``plot.attach(client)``.
@@ -7,6 +10,7 @@ in CI it prints a short text line now and then. It only renders: feed it events 
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from typing import Any, Iterable, Sequence
@@ -22,6 +26,16 @@ def in_jupyter_kernel() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _insert_sorted(xs: list[Any], ys: list[float], x: Any, y: float) -> None:
+    """Put (x, y) where x keeps ``xs`` sorted (after equal x's); in-order arrivals just append."""
+    try:
+        i = len(xs) if not xs or not x < xs[-1] else bisect.bisect_right(xs, x)
+    except TypeError:  # x's that do not compare (mixed types): arrival order
+        i = len(xs)
+    xs.insert(i, x)
+    ys.insert(i, y)
 
 
 class LivePlot:
@@ -72,9 +86,7 @@ class LivePlot:
             for m in self.metrics:
                 val = event.get(m)
                 if isinstance(val, (int, float)) and not isinstance(val, bool):
-                    xs, ys = self._series.setdefault((m, gv), ([], []))
-                    xs.append(xv)
-                    ys.append(float(val))
+                    _insert_sorted(*self._series.setdefault((m, gv), ([], [])), xv, float(val))
         self._schedule()
 
     def attach(self, client) -> "LivePlot":
@@ -91,7 +103,7 @@ class LivePlot:
 
     # -- reading ---------------------------------------------------------------------------
     def points(self, metric: str, group: Any = None) -> list[tuple[Any, float]]:
-        """The (x, y) points drawn so far for one metric and group."""
+        """The (x, y) points drawn so far for one metric and group, in x order."""
         with self._lock:
             xs, ys = self._series.get((metric, group), ([], []))
             return list(zip(xs, ys))
