@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -105,6 +106,29 @@ def test_job_with_too_few_gpus_fails_loudly(slurm):
 def test_more_gpus_per_job_than_a_node_has_fails_fast(slurm):
     with pytest.raises(ClusterConfigError, match=r"1 GPUs per worker x workers_per_job=3 asked.*at most 2"):
         start_cluster("slurm", workers=3, gpus_per_worker=1, workers_per_job=3, say=lambda s: None)
+
+
+def test_multi_worker_jobs_retire_and_are_replaced(slurm):
+    import dask
+
+    def _job_and_gpu(_):  # nested: shipped by value, workers cannot import this test module
+        time.sleep(0.2)
+        return os.environ["SLURM_JOB_ID"], os.environ["CUDA_VISIBLE_DEVICES"]
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "3s"}):
+        with start_cluster("slurm", workers=2, gpus_per_worker=1, workers_per_job=2, lifetime="10s",
+                           lifetime_stagger="2s", timeout=120, say=lambda s: None) as h:
+            first = set(h.job_ids())
+            seen: list[tuple[str, str]] = []
+            t0 = time.monotonic()
+            while not {j for j, _ in seen} - first and time.monotonic() - t0 < 80:
+                seen.append(h.client.submit(_job_and_gpu, time.monotonic(), pure=False).result(timeout=60))
+                time.sleep(0.5)
+            assert {j for j, _ in seen} - first, f"no replacement job: {sorted(set(seen))} vs first {first}"
+            h.wait(2, timeout=60)
+            assert len(h.job_ids()) == 1 and set(h.job_ids()).isdisjoint(first)
+            ids = [tuple(v) for v in h.gpu_map().values()]
+            assert len(ids) == 2 and all(len(v) == 1 for v in ids) and len(set(ids)) == 2
 
 
 def _gpu_env():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import dask
+from dask.utils import parse_timedelta
 from dask_jobqueue.slurm import SLURMCluster, SLURMJob
 
 from ..config import Profile, parse_memory, parse_walltime
@@ -29,8 +32,9 @@ class LabkitSLURMJob(SLURMJob):
 class LabkitSLURMCluster(SLURMCluster):
     """SLURMCluster whose jobs use :class:`LabkitSLURMJob` and whose retired workers are replaced.
 
-    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it; every
-    2 s this cluster submits a new job for each worker it should have but does not.
+    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it (a job
+    of several workers once all of them left); every 2 s this cluster submits a new job for each job
+    it should have but does not.
     ``on_close`` (if set) runs after the cluster closed: it cancels leftovers and deletes keys.
     """
 
@@ -46,6 +50,31 @@ class LabkitSLURMCluster(SLURMCluster):
     def _replace_retired(self) -> None:
         if self.status.name == "running" and set(self.worker_spec) - set(self.workers):
             self.loop.add_callback(self._correct_state)
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        # SpecCluster forgets a job when a worker *named like the job* left; with several workers per
+        # job they are named <job>-0, <job>-1..., so forget the job here once none of them is left.
+        info = self.scheduler_info.get("workers", {})
+        if op == "remove" and msg in info:
+            job = self._job_of(str(info[msg].get("name")))
+            if job is not None:
+                delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+                asyncio.get_running_loop().call_later(delay, self._forget_if_empty, job)
+        super()._update_worker_status(op, msg)
+
+    def _job_of(self, worker_name: str) -> str | None:
+        """The job of a worker named ``<job><suffix>`` in a multi-worker job; None for one-worker jobs."""
+        for suffix in self.new_spec.get("group") or ():
+            job = worker_name[: -len(suffix)]
+            if worker_name.endswith(suffix) and job in self.workers:
+                return job
+        return None
+
+    def _forget_if_empty(self, job: str) -> None:
+        names = {f"{job}{suffix}" for suffix in self.new_spec.get("group") or ()}
+        alive = {str(d.get("name")) for d in self.scheduler_info.get("workers", {}).values()}
+        if job in self.workers and not names & alive:
+            self._futures.add(asyncio.ensure_future(self.workers.pop(job).close()))
 
     async def _close(self) -> None:
         await super()._close()
