@@ -50,6 +50,7 @@ class Profile:
     require_account: bool = False
     walltime: str | None = None
     gpus_per_worker: int = 0
+    workers_per_job: int = 1
     cores: int = 1
     memory: str | None = None
     memory_mode: str = "mem"
@@ -260,6 +261,9 @@ def _make_profile(name: str, data: Mapping[str, Any], source: str) -> Profile:
                 f"{source}: unknown key profiles.{name}.{key}; valid keys: {', '.join(sorted(_PROFILE_KEYS))}"
             )
         values[key] = _coerce(name, key, value, source)
+    if values.get("workers_per_job", 1) < 1:
+        raise ConfigError(f"{source}: profiles.{name}.workers_per_job must be 1 or more (Dask worker processes "
+                          f"per Slurm job), not {values['workers_per_job']!r}")
     if values.get("memory_mode", "mem") not in ("mem", "mem-per-gpu"):
         raise ConfigError(f"{source}: profiles.{name}.memory_mode must be 'mem' or 'mem-per-gpu'")
     if values.get("memory") is not None:

@@ -78,10 +78,15 @@ class ClusterHandle:
         seen = self.client.run(_visible_gpus)
         return {names.get(addr, addr): ids for addr, ids in sorted(seen.items(), key=lambda kv: names.get(kv[0], kv[0]))}
 
+    @property
+    def workers_per_job(self) -> int:
+        """Dask worker processes per Slurm job (1 for local clusters)."""
+        return max(1, self.profile.workers_per_job) if self.kind == "slurm" else 1
+
     def job_ids(self) -> list[str]:
-        """Slurm job ids of this cluster's current workers (empty for local)."""
+        """Slurm job ids of this cluster's current jobs, each once (empty for local)."""
         ids = [str(getattr(w, "job_id", "") or "") for w in list(getattr(self.cluster, "workers", {}).values())]
-        ids = [i for i in ids if i]
+        ids = list(dict.fromkeys(i for i in ids if i))
         self._job_ids.update(ids)
         return ids
 
@@ -129,9 +134,15 @@ class ClusterHandle:
 
     # ------------------------------------------------------------------ change
     def scale(self, n: int, wait: bool = False, timeout: float | None = None) -> "ClusterHandle":
-        """Ask for ``n`` workers (Slurm: ``n`` jobs); with ``wait`` block until they joined."""
+        """Ask for ``n`` workers (Slurm: ``n / workers_per_job`` jobs, rounded up to whole jobs);
+        with ``wait`` block until they joined."""
         if n < 0:
             raise ValueError(f"scale({n}): the number of workers must be >= 0")
+        per_job = self.workers_per_job
+        if n % per_job:
+            rounded = -(-n // per_job) * per_job
+            self.say(f"labkit: {n} workers asked, {per_job} per Slurm job: {rounded // per_job} job(s), {rounded} workers")
+            n = rounded
         self.target = n
         if self.kind == "slurm":
             self.forget_lost_jobs()
@@ -205,9 +216,14 @@ class ClusterHandle:
         dead = []
         for name, w in list(getattr(self.cluster, "workers", {}).items()):
             jid = str(getattr(w, "job_id", "") or "")
-            if jid and jid not in live and str(name) not in joined:
+            if jid and jid not in live and not joined & set(self._worker_names(name)):
                 dead.append(jid)
         return dead
+
+    def _worker_names(self, job_name: Any) -> list[str]:
+        """The Dask worker names of one job: ``<job>`` alone, or ``<job>-0``... with several per job."""
+        group = (getattr(self.cluster, "worker_spec", {}).get(job_name) or {}).get("group")
+        return [f"{job_name}{suffix}" for suffix in group] if group else [str(job_name)]
 
     def _fail(self, what: str, jobs: list[slurmcli.JobInfo], timed_out: bool = False) -> None:
         states = "; ".join(j.describe() for j in jobs) or "no job left in squeue"

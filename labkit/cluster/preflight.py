@@ -103,10 +103,12 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
         up = sorted(p.name for p in parts.values() if p.state == "UP")
         raise ClusterConfigError(f"{where}: partition {part.name!r} is {part.state}, so jobs there would not start; "
                                  f"use another one ({', '.join(up) or 'none is UP'}) or ask your admins")
+    per_job = profile.workers_per_job
+    jobs_of = f" x workers_per_job={per_job}" if per_job > 1 else ""
     max_cpus = max(part.cpus_per_node.values(), default=0)
-    if part.nodes and profile.cores > max_cpus:
-        raise ClusterConfigError(f"{where}: cores={profile.cores} per worker, but the nodes of partition {part.name!r} "
-                                 f"have at most {max_cpus} CPUs; ask cores<={max_cpus}")
+    if part.nodes and profile.cores * per_job > max_cpus:
+        raise ClusterConfigError(f"{where}: cores={profile.cores} per worker{jobs_of}, but the nodes of partition {part.name!r} "
+                                 f"have at most {max_cpus} CPUs; ask cores{jobs_of}<={max_cpus}")
     if gpus_per_worker > 0:
         gpu_parts = sorted(f"{p.name} ({p.max_gpus_per_node}/node)" for p in parts.values() if p.max_gpus_per_node)
         if part.max_gpus_per_node == 0:
@@ -114,10 +116,10 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
                 f"{where}: partition {part.name!r} has no GPU GRES on its nodes, but {gpus_per_worker} GPU(s) per worker "
                 f"were asked; use a GPU partition ({', '.join(gpu_parts) or 'none on this cluster'}) or gpus_per_worker=0"
             )
-        if gpus_per_worker > part.max_gpus_per_node:
+        if gpus_per_worker * per_job > part.max_gpus_per_node:
             raise ClusterConfigError(
-                f"{where}: {gpus_per_worker} GPUs per worker asked, but the nodes of partition {part.name!r} have at most "
-                f"{part.max_gpus_per_node}; ask gpus_per_worker<={part.max_gpus_per_node} (more workers instead)"
+                f"{where}: {gpus_per_worker} GPUs per worker{jobs_of} asked, but the nodes of partition {part.name!r} have at most "
+                f"{part.max_gpus_per_node}; ask gpus_per_worker{jobs_of}<={part.max_gpus_per_node} (more workers instead)"
             )
     return part
 

@@ -1,15 +1,19 @@
-"""Slurm workers through dask-jobqueue: one job per worker, its own GPUs, TLS, a clean environment."""
+"""Slurm workers through dask-jobqueue: jobs of one or more workers, each its own GPUs, TLS, a clean environment."""
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
+import dask
+from dask.utils import parse_timedelta
 from dask_jobqueue.slurm import SLURMCluster, SLURMJob
 
 from ..config import Profile, parse_memory, parse_walltime
-from . import slurmcli
+from . import gpu_slice, slurmcli
 from .session import Session
 from .tls import SessionCredentials
 
@@ -28,8 +32,9 @@ class LabkitSLURMJob(SLURMJob):
 class LabkitSLURMCluster(SLURMCluster):
     """SLURMCluster whose jobs use :class:`LabkitSLURMJob` and whose retired workers are replaced.
 
-    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it; every
-    2 s this cluster submits a new job for each worker it should have but does not.
+    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it (a job
+    of several workers once all of them left); every 2 s this cluster submits a new job for each job
+    it should have but does not.
     ``on_close`` (if set) runs after the cluster closed: it cancels leftovers and deletes keys.
     """
 
@@ -45,6 +50,31 @@ class LabkitSLURMCluster(SLURMCluster):
     def _replace_retired(self) -> None:
         if self.status.name == "running" and set(self.worker_spec) - set(self.workers):
             self.loop.add_callback(self._correct_state)
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        # SpecCluster forgets a job when a worker *named like the job* left; with several workers per
+        # job they are named <job>-0, <job>-1..., so forget the job here once none of them is left.
+        info = self.scheduler_info.get("workers", {})
+        if op == "remove" and msg in info:
+            job = self._job_of(str(info[msg].get("name")))
+            if job is not None:
+                delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+                asyncio.get_running_loop().call_later(delay, self._forget_if_empty, job)
+        super()._update_worker_status(op, msg)
+
+    def _job_of(self, worker_name: str) -> str | None:
+        """The job of a worker named ``<job><suffix>`` in a multi-worker job; None for one-worker jobs."""
+        for suffix in self.new_spec.get("group") or ():
+            job = worker_name[: -len(suffix)]
+            if worker_name.endswith(suffix) and job in self.workers:
+                return job
+        return None
+
+    def _forget_if_empty(self, job: str) -> None:
+        names = {f"{job}{suffix}" for suffix in self.new_spec.get("group") or ()}
+        alive = {str(d.get("name")) for d in self.scheduler_info.get("workers", {}).values()}
+        if job in self.workers and not names & alive:
+            self._futures.add(asyncio.ensure_future(self.workers.pop(job).close()))
 
     async def _close(self) -> None:
         await super()._close()
@@ -90,11 +120,18 @@ def parse_walltime_like(text: str) -> int:
 
 def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCredentials | None,
                         gpus_per_worker: int, **extra: Any) -> LabkitSLURMCluster:
-    """A not-yet-scaled SLURMCluster for this profile (scheduler running here, no jobs queued)."""
+    """A not-yet-scaled SLURMCluster for this profile (scheduler running here, no jobs queued).
+
+    Each job runs ``profile.workers_per_job`` worker processes with ``gpus_per_worker`` GPUs, the
+    profile's ``cores`` and ``memory`` each; with more than one, each process keeps only its own
+    slice of the job's ``CUDA_VISIBLE_DEVICES`` (see :mod:`labkit.cluster.gpu_slice`).
+    """
+    per_job = profile.workers_per_job
+    job_gpus = gpus_per_worker * per_job
     directives = [f"--comment={session.owner_comment}"]
     skip: list[str] = []
     if gpus_per_worker > 0:
-        directives.append(f"--gres=gpu:{gpus_per_worker}")
+        directives.append(f"--gres=gpu:{job_gpus}")
     memory = profile.memory or "4GiB"
     if profile.memory_mode == "mem-per-gpu" and gpus_per_worker > 0:
         per_gpu = parse_memory(memory) // gpus_per_worker
@@ -104,18 +141,22 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
     if gpus_per_worker > 0:
         worker_args += ["--resources", f"GPU={gpus_per_worker}"]
+    prologue = list(profile.prologue) + [NON_DAEMONIC]
+    if per_job > 1 and gpus_per_worker > 0:
+        worker_args += ["--preload-nanny", shlex.quote(str(Path(gpu_slice.__file__).resolve()))]
+        prologue.append(f"export {gpu_slice.WORKERS_PER_JOB}={per_job} {gpu_slice.GPUS_PER_WORKER}={gpus_per_worker}")
     scheduler_options = {"dashboard_address": profile.dashboard_address or "127.0.0.1:0"}
     kwargs: dict[str, Any] = dict(
         queue=profile.partition,
         account=profile.account,
         walltime=profile.walltime,
-        cores=profile.cores,
-        processes=1,
-        memory=memory,
+        cores=profile.cores * per_job,
+        processes=per_job,
+        memory=memory if per_job == 1 else parse_memory(memory) * per_job,
         job_name=session.job_name,
         job_extra_directives=directives,
         job_directives_skip=skip,
-        job_script_prologue=list(profile.prologue) + [NON_DAEMONIC],
+        job_script_prologue=prologue,
         worker_extra_args=worker_args,
         python=sys.executable,
         death_timeout=DEATH_TIMEOUT_S,

@@ -71,6 +71,9 @@ def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = F
 
             cluster = build_slurm_cluster(prof, session, creds, gpus, asynchronous=asynchronous)
             note = f"{gpus} GPU(s) per worker via --gres=gpu:{gpus}" if gpus else "no GPUs"
+            if prof.workers_per_job > 1:
+                per_job = f"{prof.workers_per_job} workers per job"
+                note = f"{per_job} (--gres=gpu:{gpus * prof.workers_per_job}), {gpus} GPU(s) each" if gpus else f"{per_job}, no GPUs"
         else:
             from .local import build_local_cluster
 
@@ -88,7 +91,7 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
     """Start Dask workers locally or as Slurm jobs (same notebook code); returns a ClusterHandle.
 
     ``overrides`` are profile keys (``partition=``, ``walltime=``, ``account=``, ``memory=``,
-    ``job_extra=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
+    ``job_extra=``, ``workers_per_job=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
     and raises ClusterTimeout (jobs cancelled) after ``timeout`` seconds.
     """
     prof, reason = resolve_profile(profile, overrides)
