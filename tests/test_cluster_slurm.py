@@ -175,7 +175,10 @@ HOLDER = textwrap.dedent("""
     import sys, time
     from labkit.cluster import start_cluster
     if __name__ == "__main__":
-        h = start_cluster("slurm", workers=2, gpus_per_worker=0, timeout=120)
+        if sys.argv[1] == "queued":  # a job that cannot start for an hour: no worker inside to notice anything
+            h = start_cluster("slurm", workers=1, gpus_per_worker=0, wait=False, job_extra=["--begin=now+3600"])
+        else:
+            h = start_cluster("slurm", workers=2, gpus_per_worker=0, timeout=120)
         print("NAME", h.session.job_name, h.session.path, flush=True)
         if sys.argv[1] == "exit":
             sys.exit(0)  # no close(): atexit must cancel the jobs
@@ -204,18 +207,21 @@ def test_job_dying_at_start_fails_fast_with_log(slurm):
     assert "ended before their worker joined" in str(err.value) and "module cuda/99 not found" in str(err.value)
 
 
-def test_sigkilled_holder_leaves_no_jobs(slurm, tmp_path):
+@pytest.mark.parametrize("mode, jobs", [("hold", 2), ("queued", 1)])
+def test_sigkilled_holder_leaves_no_jobs(slurm, tmp_path, mode, jobs):
+    """kill -9 of the process holding a cluster: running workers and still-queued jobs alike are
+    gone from squeue within 90 s, and the session's keys are deleted."""
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    proc = subprocess.Popen([sys.executable, str(script), "hold"], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        name = None
+        name = path = None
         for line in proc.stdout:
             if line.startswith("NAME "):
-                name = line.split()[1]
+                name, path = line.split()[1:3]
                 break
-        assert name and len(_session_jobs(name)) == 2
+        assert name and len(_session_jobs(name)) == jobs
     finally:
         proc.kill()
         proc.wait()
@@ -223,6 +229,9 @@ def test_sigkilled_holder_leaves_no_jobs(slurm, tmp_path):
     while _session_jobs(name) and time.monotonic() < deadline:
         time.sleep(2)
     assert _session_jobs(name) == [], "worker jobs outlived the killed notebook by 90 s"
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not os.path.exists(path), "the killed notebook's session keys were left behind"
 
 
 def test_cleanup_cancels_only_stale_jobs(slurm):

@@ -43,6 +43,7 @@ class ClusterHandle:
     target: int = 0
     _closed: bool = field(default=False, repr=False)
     _job_ids: set = field(default_factory=set, repr=False)
+    watchdog: Any = field(default=None, repr=False)  # the process that cancels our jobs if we are killed
 
     def __post_init__(self) -> None:
         atexit.register(self._atexit)
@@ -262,6 +263,12 @@ class ClusterHandle:
                 pass
         end_session(self.session, self.credentials, self.kind == "slurm", sorted(set(ids) | self._job_ids))
         atexit.unregister(self._atexit)
+        if self.watchdog is not None:  # closed properly: the watchdog has nothing left to guard
+            self.watchdog.terminate()
+            try:
+                self.watchdog.wait(timeout=5)
+            except Exception:
+                self.watchdog.kill()
 
     def _atexit(self) -> None:
         if self._closed:

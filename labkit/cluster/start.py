@@ -109,6 +109,10 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
         raise
     handle = ClusterHandle(cluster=cluster, client=client, profile=prof, kind=prof.kind, session=session,
                            credentials=creds, gpus_per_worker=gpus, note=note, say=say, target=n)
+    if prof.kind == "slurm":  # cancels queued jobs too if this kernel is killed (see labkit.cluster.watchdog)
+        from .watchdog import spawn
+
+        handle.watchdog = spawn(session)
     if note:
         say(f"labkit: GPUs: {note}")
     try:
