@@ -6,6 +6,9 @@ PORT ?= 8888
 LAB_FLAGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 export LABKIT_PROFILE ?= local
+# the Dask sidebar's "+NEW" starts a labkit cluster with the active profile (labkit.cluster.sidebar)
+export DASK_LABEXTENSION__FACTORY__MODULE ?= labkit.cluster.sidebar
+export DASK_LABEXTENSION__FACTORY__CLASS ?= LabkitCluster
 
 .PHONY: lab test setup system slurm-up slurm-down bench clean
 
