@@ -4,12 +4,15 @@
 #
 #   scripts/local-slurm.sh up       # munge + slurmctld + slurmd, partitions "gpu" (2 fake GPUs) and "cpu" (no nodes)
 #   scripts/local-slurm.sh status   # sinfo
-#   scripts/local-slurm.sh down     # stop the daemons (the config stays)
+#   scripts/local-slurm.sh down     # stop the daemons (the config stays); munged only if "up" started it
 #
 # Needs root and Debian's packages: slurmctld slurmd slurm-client munge.
 # The GPUs are GRES on character devices (/dev/labkit-gpu0, /dev/labkit-gpu1): Slurm hands
 # each job its own CUDA_VISIBLE_DEVICES, exactly as on a real GPU node; nothing can run CUDA.
 # Idempotent: "up" twice is fine; "down" when nothing runs is fine.
+# munged may serve other things on this machine: "up" records the munged it starts itself in
+# $STATE_DIR/munged.pid, and "down" stops that one only, never a munged it found running.
+# The functions can be sourced without running anything (tests do: source scripts/local-slurm.sh).
 set -euo pipefail
 
 CONF_DIR=${LABKIT_SLURM_CONF_DIR:-/etc/slurm}
@@ -19,6 +22,7 @@ NODE=$(hostname -s)
 NGPU=${LABKIT_SLURM_GPUS:-2}
 NCPU=${LABKIT_SLURM_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}
 MEM_MB=${LABKIT_SLURM_MEM_MB:-$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) * 3 / 4 ))}
+MUNGED_RECORD="$STATE_DIR/munged.pid"   # exists only while a munged started by "up" runs
 
 die() { echo "local-slurm: $*" >&2; exit 1; }
 
@@ -80,9 +84,30 @@ EOF
     mv "$CONF_DIR/gres.conf.new" "$CONF_DIR/gres.conf"
 }
 
+is_munged() {  # PID: a live process (not a zombie) named munged
+    local stat
+    stat=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    case "$stat" in Z*) return 1 ;; esac
+    [ "$(ps -o comm= -p "$1" 2>/dev/null)" = munged ]
+}
+
+recorded_munged() {  # prints the pid of the munged "up" started, if it still runs; drops a stale record
+    [ -f "$MUNGED_RECORD" ] || return 1
+    local pid
+    pid=$(tr -dc 0-9 < "$MUNGED_RECORD")
+    if [ -n "$pid" ] && is_munged "$pid"; then echo "$pid"; return 0; fi
+    rm -f "$MUNGED_RECORD"
+    return 1
+}
+
 start_munge() {
-    if pgrep -x munged >/dev/null; then return; fi
-    mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge
+    if pgrep -x munged >/dev/null; then
+        # already running: ours from an earlier "up" (the record stays) or someone else's (no record)
+        recorded_munged >/dev/null || true
+        return
+    fi
+    rm -f "$MUNGED_RECORD"
+    mkdir -p /etc/munge /run/munge /var/lib/munge /var/log/munge "$STATE_DIR"
     if [ ! -s /etc/munge/munge.key ]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     fi
@@ -95,8 +120,34 @@ start_munge() {
     else
         /usr/sbin/munged --force
     fi
-    for _ in $(seq 50); do [ -S /run/munge/munge.socket.2 ] && return; sleep 0.1; done
+    local pid
+    for _ in $(seq 50); do
+        pid=$(pgrep -nx munged || true)  # none ran before, so the newest munged is the one just started
+        if [ -S /run/munge/munge.socket.2 ] && [ -n "$pid" ] && is_munged "$pid"; then
+            echo "$pid" > "$MUNGED_RECORD"
+            return
+        fi
+        sleep 0.1
+    done
     die "munged did not start: see /var/log/munge/munged.log"
+}
+
+stop_munge() {  # stops the munged "up" started; leaves any other munged alone
+    local pid
+    if ! pid=$(recorded_munged); then
+        if pgrep -x munged >/dev/null; then
+            echo "local-slurm: munged left running (this script did not start it)"
+        fi
+        return 0
+    fi
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do
+        is_munged "$pid" || break
+        sleep 0.1
+    done
+    is_munged "$pid" && die "munged (pid $pid) did not stop within 5 s: kill -9 $pid, then rm $MUNGED_RECORD"
+    rm -f "$MUNGED_RECORD"
+    echo "local-slurm: stopped munged (pid $pid, started by up)"
 }
 
 wait_idle() {
@@ -142,6 +193,7 @@ down() {
         pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
         sleep 0.1
     done
+    stop_munge  # after the Slurm daemons, which talk to it while they shut down
     echo "local-slurm: stopped"
 }
 
@@ -153,10 +205,16 @@ status() {
     sinfo -o "%P %a %D %T %c %m %G"
 }
 
-case "${1:-}" in
-    up) up ;;
-    down) down ;;
-    status) status ;;
-    restart) down; up ;;
-    *) echo "usage: $0 up|down|status|restart" >&2; exit 2 ;;
-esac
+main() {
+    case "${1:-}" in
+        up) up ;;
+        down) down ;;
+        status) status ;;
+        restart) down; up ;;
+        *) echo "usage: $0 up|down|status|restart" >&2; exit 2 ;;
+    esac
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run, not sourced
+    main "$@"
+fi
