@@ -6,7 +6,9 @@ what it saw and, when something is wrong, how to fix it.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata as md
+import json
 import os
 import platform
 import shutil
@@ -37,6 +39,7 @@ KEY_PACKAGES: dict[str, bool] = {
 }
 
 OK, WARN, FAIL = "ok", "warn", "fail"
+PROXY_EXTENSION = "jupyter_server_proxy"
 
 
 @dataclass
@@ -216,6 +219,57 @@ def _check_slurm(profile_kind: str) -> tuple[list[Check], list[SlurmPartition]]:
     return [Check("slurm", OK, f"answers; partitions: {desc or 'none'}")], parts
 
 
+def server_extension_enabled(name: str, config_dirs: list[str] | None = None) -> tuple[bool, str]:
+    """Whether Jupyter Server loads extension ``name``, and the config file that says so ('' if none does).
+
+    Reads ``jupyter_server_config.json`` and ``jupyter_server_config.d/*.json`` in the Jupyter config
+    path with jupyter_server's precedence (first folder wins; in a folder the .json beats the .d files),
+    without starting a server. ``config_dirs`` defaults to that path, user folder first.
+    """
+    if config_dirs is None:
+        from jupyter_core.paths import jupyter_config_dir, jupyter_config_path
+
+        config_dirs = jupyter_config_path()
+        if jupyter_config_dir() not in config_dirs:
+            config_dirs.insert(0, jupyter_config_dir())
+    for folder in config_dirs:
+        files = [os.path.join(folder, "jupyter_server_config.json")]
+        files += sorted(glob.glob(os.path.join(folder, "jupyter_server_config.d", "*.json")), reverse=True)
+        for path in files:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (OSError, ValueError):  # absent, empty or broken: jupyter_server skips it too
+                continue
+            app = data.get("ServerApp") if isinstance(data, dict) else None
+            exts = app.get("jpserver_extensions") if isinstance(app, dict) else None
+            if isinstance(exts, dict) and name in exts:
+                return bool(exts[name]), path
+    return False, ""
+
+
+def enable_extension_fix(name: str, where: str) -> str:
+    """The exact step that enables extension ``name`` where it counts: the config folder whose file
+    ``where`` disables it (the user folder when no file names it)."""
+    from jupyter_core.paths import (
+        ENV_CONFIG_PATH,
+        SYSTEM_CONFIG_PATH,
+        jupyter_config_dir,
+    )
+
+    restart = ", then restart your Jupyter server"
+    if where and os.path.basename(where) == "jupyter_server_config.json":  # beats any enable command's file
+        return f'in {where} set "{name}": true under ServerApp.jpserver_extensions{restart}'
+    folder = os.path.normpath(os.path.dirname(os.path.dirname(where))) if where else ""
+    flags = {os.path.normpath(jupyter_config_dir()): "--user", os.path.normpath(ENV_CONFIG_PATH[0]): "--sys-prefix"}
+    if SYSTEM_CONFIG_PATH:
+        flags.setdefault(os.path.normpath(SYSTEM_CONFIG_PATH[0]), "--system")
+    flag = flags.get(folder, "--user" if not where else "")
+    if not flag:  # a folder the command cannot write to (JUPYTER_CONFIG_PATH, a second system folder)
+        return f'in {where} set "{name}": true{restart}'
+    return f"jupyter server extension enable {flag} {name}{restart}"
+
+
 def _check_proxy() -> Check:
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
     try:
@@ -223,15 +277,27 @@ def _check_proxy() -> Check:
         have_proxy = True
     except md.PackageNotFoundError:
         have_proxy = False
+    enabled, where = server_extension_enabled(PROXY_EXTENSION) if have_proxy else (False, "")
+    off = (f"its server extension is disabled in {where}" if where else
+           "its server extension is not enabled in any Jupyter config file")
     if prefix:
-        if have_proxy:
-            return Check("dashboard link", OK,
-                         f"JupyterHub prefix {prefix}: links go through {prefix}proxy/<port>/status")
-        return Check("dashboard link", FAIL, f"JupyterHub prefix {prefix} but jupyter-server-proxy is missing",
-                     "pip install jupyter-server-proxy, then restart your server")
-    return Check("dashboard link", OK,
-                 "not behind JupyterHub: the dashboard is served on 127.0.0.1"
-                 + (" (jupyter-server-proxy ready for JupyterHub)" if have_proxy else ""))
+        if not have_proxy:
+            return Check("dashboard link", FAIL,
+                         f"JupyterHub prefix {prefix} but jupyter-server-proxy is missing",
+                         "pip install jupyter-server-proxy, then restart your server")
+        if not enabled:
+            return Check("dashboard link", WARN,
+                         f"JupyterHub prefix {prefix}: jupyter-server-proxy is installed but {off}, "
+                         f"so dashboard links ({prefix}proxy/<port>/status) will not open",
+                         enable_extension_fix(PROXY_EXTENSION, where))
+        return Check("dashboard link", OK,
+                     f"JupyterHub prefix {prefix}: links go through {prefix}proxy/<port>/status")
+    note = ""
+    if have_proxy:
+        note = (" (jupyter-server-proxy ready for JupyterHub)" if enabled else
+                f" (jupyter-server-proxy installed but {off}; before using JupyterHub: "
+                f"{enable_extension_fix(PROXY_EXTENSION, where)})")
+    return Check("dashboard link", OK, "not behind JupyterHub: the dashboard is served on 127.0.0.1" + note)
 
 
 def _check_runs() -> Check:

@@ -1,8 +1,19 @@
+import json
 import os
 import subprocess
 import sys
 
-from labkit.doctor import FAIL, run_doctor, slurm_partitions
+from labkit.doctor import (
+    FAIL,
+    OK,
+    WARN,
+    DoctorReport,
+    _check_proxy,
+    enable_extension_fix,
+    run_doctor,
+    server_extension_enabled,
+    slurm_partitions,
+)
 
 
 def test_doctor_reports_local_gpu_partition(slurm):
@@ -73,3 +84,92 @@ def test_doctor_auto_profile_is_what_start_cluster_would_pick(slurm, monkeypatch
     line = [c for c in report.checks if c.name == "profile"][0]
     assert line.detail.startswith("auto -> local (local)"), line.detail
     assert [c for c in report.checks if c.name == "slurm"][0].status == FAIL and not report.ok
+
+
+def _jupyter_config(folder, name, enabled, in_d=True):
+    """Write one Jupyter Server config file under `folder` that enables or disables extension `name`."""
+    data = json.dumps({"ServerApp": {"jpserver_extensions": {name: enabled}}})
+    path = folder / "jupyter_server_config.d" / f"{name}.json" if in_d else folder / "jupyter_server_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data)
+    return path
+
+
+def _user_jupyter_dir(monkeypatch, tmp_path):
+    """A temporary user config folder, first in the Jupyter config path (outside a virtualenv's default)."""
+    for var in ("JUPYTER_CONFIG_PATH", "JUPYTER_NO_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("JUPYTER_PREFER_ENV_PATH", "0")
+    user = tmp_path / "jupyter"
+    user.mkdir()
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(user))
+    return user
+
+
+def test_doctor_proxy_extension_disabled_warns_with_the_fix(monkeypatch, tmp_path):
+    user = _user_jupyter_dir(monkeypatch, tmp_path)
+    off = _jupyter_config(user, "jupyter_server_proxy", False)  # as `jupyter server extension disable --user`
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+    c = _check_proxy()
+    assert c.status == WARN, c
+    assert str(off) in c.detail and "/user/ada/proxy/" in c.detail
+    assert c.fix.startswith("jupyter server extension enable --user jupyter_server_proxy")
+    assert "[warn] dashboard link" in DoctorReport(checks=[c]).text() and c.fix in DoctorReport(checks=[c]).text()
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX")  # not behind JupyterHub: fine, with a hint for later
+    c = _check_proxy()
+    assert c.status == OK and "disabled" in c.detail and "--user jupyter_server_proxy" in c.detail
+    # the fix it names works: run it (it writes only into the temporary user folder), then the check passes
+    command = c.detail.split("before using JupyterHub: ")[1].split(",")[0].split()
+    assert command[:4] == ["jupyter", "server", "extension", "enable"]
+    r = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+    assert _check_proxy().status == OK
+
+
+def test_enable_extension_fix_targets_the_folder_that_disables(monkeypatch, tmp_path):
+    from jupyter_core.paths import ENV_CONFIG_PATH
+
+    user = _user_jupyter_dir(monkeypatch, tmp_path)
+    d_file = "jupyter_server_config.d/x.json"
+    assert enable_extension_fix("x", "").startswith("jupyter server extension enable --user x,")  # named nowhere
+    assert enable_extension_fix("x", str(user / d_file)).startswith("jupyter server extension enable --user x,")
+    env_file = os.path.join(ENV_CONFIG_PATH[0], d_file)
+    assert enable_extension_fix("x", env_file).startswith("jupyter server extension enable --sys-prefix x,")
+    # a folder's jupyter_server_config.json beats what the command writes, and JUPYTER_CONFIG_PATH
+    # folders have no flag: the fix names the file to edit
+    root = str(user / "jupyter_server_config.json")
+    assert enable_extension_fix("x", root).startswith(f'in {root} set "x": true')
+    other = str(tmp_path / "elsewhere" / d_file)
+    assert enable_extension_fix("x", other).startswith(f'in {other} set "x": true')
+
+
+def test_doctor_proxy_extension_enabled_is_ok(monkeypatch, tmp_path):
+    user = _user_jupyter_dir(monkeypatch, tmp_path)
+    # the folder's own jupyter_server_config.json beats its .d files, as in jupyter_server
+    _jupyter_config(user, "jupyter_server_proxy", False)
+    on = _jupyter_config(user, "jupyter_server_proxy", True, in_d=False)
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+    c = _check_proxy()
+    assert c.status == OK and "/user/ada/proxy/<port>/status" in c.detail, c
+    assert server_extension_enabled("jupyter_server_proxy") == (True, str(on))
+
+
+def test_server_extension_enabled_agrees_with_jupyter_server(tmp_path):
+    """Our cheap reading gives what Jupyter Server itself would load, for layered folders."""
+    from jupyter_server.extension.config import ExtensionConfigManager
+
+    user, env, system = (tmp_path / n for n in ("user", "env", "system"))
+    _jupyter_config(system, "a", True)
+    _jupyter_config(env, "a", False)           # a higher folder disables a
+    _jupyter_config(system, "b", True)         # b: only the system folder says
+    _jupyter_config(env, "c", True)
+    _jupyter_config(user, "c", False, in_d=False)
+    _jupyter_config(user, "c", True)           # the user's .json beats its own .d file: c off
+    (env / "jupyter_server_config.d" / "broken.json").write_text("{not json")  # skipped, as by jupyter_server
+    dirs = [str(user), str(env), str(system)]
+    theirs = ExtensionConfigManager(read_config_path=dirs).get_jpserver_extensions()
+    for name in ("a", "b", "c", "d"):
+        assert server_extension_enabled(name, dirs)[0] == bool(theirs.get(name, False)), name
+    assert server_extension_enabled("a", dirs) == (False, str(env / "jupyter_server_config.d" / "a.json"))
+    assert server_extension_enabled("d", dirs) == (False, "")  # named nowhere: not loaded

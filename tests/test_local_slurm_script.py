@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _munged_pids() -> set[int]:
-    r = subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True)
+    r = subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True, check=False)
     return {int(p) for p in r.stdout.split()}
 
 
@@ -32,7 +32,7 @@ def _call(state: Path, *functions: str) -> subprocess.CompletedProcess:
     assert not {"up", "down", "restart", "main"} & set(functions)
     env = dict(os.environ, LABKIT_SLURM_STATE_DIR=str(state))
     cmd = f'source "{SCRIPT}"; ' + "; ".join(functions)
-    return subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=30, check=False)
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def fake_munged(tmp_path):
     for _ in range(50):  # until ps shows it under its name
         if proc.pid in _munged_pids():
             break
-        subprocess.run(["sleep", "0.1"])
+        subprocess.run(["sleep", "0.1"], check=False)
     assert proc.pid in _munged_pids(), "the stand-in munged is not seen by pgrep -x munged"
     yield proc
     if proc.poll() is None:
