@@ -53,3 +53,14 @@ def test_harness_catches_a_failing_cell(tmp_path):
     nbformat.write(nb, path)
     run = execute_notebook(path, {"scale": "tiny"}, timeout=120)
     assert not run.ok and "boom" in run.error
+
+
+def test_welcome_starts_a_local_cluster_even_where_the_lab_uses_slurm():
+    """00 starts "a first local Dask cluster": with profile = None it stays on this machine, even when
+    the lab's profile is slurm (no Slurm job is submitted, so this runs anywhere)."""
+    path = next(p for p in NOTEBOOKS if p.name == "00_welcome.ipynb")
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=600, env={"LABKIT_PROFILE": "slurm"})
+    assert run.ok, run.error[-3000:]
+    outputs = json.dumps([c.get("outputs", []) for c in run.notebook.cells])
+    assert "profile: local (local" in outputs
+    assert "starting a local cluster with profile 'local'" in outputs, outputs[-2000:]
