@@ -90,6 +90,9 @@ def test_hardware_panel_refresh_inspects_again(client):
     assert [r.worker for r in panel.rows] == [r.worker for r in first]
     assert all(r.worker in panel._table.value for r in first) and "2 worker(s), inspected at" in panel._status.value
     assert {r.pid for r in panel.rows} == {r.pid for r in first}
+    bundle = panel._repr_mimebundle_()       # the widget in Jupyter, the table for viewers without widgets
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.widget.model_id
+    assert first[1].worker in bundle["text/plain"] and first[1].worker in bundle["text/html"]
 
     def broken(_client):
         raise TimeoutError("worker tcp://gone did not answer")
@@ -102,6 +105,7 @@ def test_hardware_panel_refresh_inspects_again(client):
         panel.refresh()                                                 # from code, errors propagate
     text = HardwarePanel(client, mode="text")                          # console fallback
     assert text.widget is None and all(r.worker in str(text) for r in first) and ".refresh()" in str(text)
+    assert "application/vnd.jupyter.widget-view+json" not in text._repr_mimebundle_()
 
 
 def test_median_and_flop_arithmetic():
@@ -257,4 +261,5 @@ def test_bench_smoke(capsys):
     assert main(["--scale", "tiny", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("measured/peak") >= 2 * 2 and "fp32" in out
+    assert out.count("memory measured/catalog") == 2 and "generic reference node" in out   # CPU vs CPU-node
     assert "all-reduce (gloo, 2 ranks)" in out and "x device-copy bandwidth" in out

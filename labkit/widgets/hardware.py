@@ -182,13 +182,13 @@ class HardwarePanel:
 
     __repr__ = __str__
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """The live widget in Jupyter; the table as HTML and text for viewers without widgets."""
+        bundle = {"text/plain": str(self), "text/html": self.table._repr_html_()}
         if self.widget is not None:
-            display(self.widget)
-        else:
-            print(self)
+            bundle["application/vnd.jupyter.widget-view+json"] = \
+                self.widget._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+        return bundle
 
 
 # ---------------------------------------------------------------------------------------------- charts
