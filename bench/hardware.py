@@ -3,7 +3,8 @@
     python -m bench.hardware [--scale tiny] [--workers 2]
 
 Peaks: the catalog entry of the GPU when a worker has one, else this CPU's peak estimated from its
-flags (cores x clock x FLOP/cycle). Also prints all-reduce bus bandwidth against the device-copy
+flags (cores x clock x FLOP/cycle); a CPU worker is also compared with the catalog's generic CPU-node
+(a reference node, not this machine's datasheet), which gives its copy bandwidth a ratio too. Also prints all-reduce bus bandwidth against the device-copy
 bandwidth measured in the same run (how much slower the network path is than local memory).
 """
 
@@ -17,7 +18,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     from dask.distributed import Client, LocalCluster
 
-    from labkit.hardware.measure import MeasureConfig, measure_cluster, peaks_for, ratios
+    from labkit.hardware.measure import MeasureConfig, compare_with_catalog, measure_cluster, peaks_for, ratios
     from labkit.widgets.hardware import measurement_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{d.worker} ({d.device_name}, vs {what}):")
         for k, v in ratios(d, peaks, bw).items():
             print(f"  {k:6s} measured/peak = {v:.3f}")
+        ref = compare_with_catalog(d)
+        if ref is not None and ref.generic:
+            print(f"  vs {ref.label}:")
+            for k, v in {**ref.flops, "memory": ref.memory}.items():
+                print(f"  {k:6s} measured/catalog = {v:.4f}")
     print()
     print(measurement_table(m))
     if m.allreduce:

@@ -90,3 +90,34 @@ def test_match_device_names_torch_reports():
     assert match_device("AMD Instinct MI300X").name == "MI300X"
     assert match_device("Tesla V100-SXM2-32GB").name == "V100-SXM2-32GB"
     assert match_device("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.parametrize("spelling, name", [
+    ("H100-SXM5", "H100-SXM5-80GB"),            # a unique prefix of a catalog name
+    ("a100 80gb sxm", "A100-SXM4-80GB"),        # contains an alias (A100-80GB), words in another order
+    ("A100 40GB SXM", "A100-SXM4-40GB"),        # the longest contained alias wins over the shorter "A100"
+    ("NVIDIA H100 PCIe", "H100-PCIe-80GB"),     # "H100 PCIe" beats "H100" (an alias of the SXM part)
+    ("h200 141gb", "H200-SXM-141GB"),
+    ("Ethernet 25GbE", "Ethernet-25GbE-TCP"),
+])
+def test_lookup_accepts_prefixes_and_longer_names(spelling, name):
+    finder = network if "ethernet" in spelling.lower() else gpu
+    assert finder(spelling).name == name
+
+
+@pytest.mark.parametrize("spelling, candidates", [
+    ("A100-SXM", ["A100-SXM4-40GB", "A100-SXM4-80GB"]),      # a prefix of two entries
+    ("a100 sxm4", ["A100-SXM4-40GB", "A100-SXM4-80GB"]),
+    ("mi", None), ("", None), ("B300 SXM", None),              # too short to guess / unknown
+])
+def test_ambiguous_or_unknown_lookups_say_which_and_list_valid(spelling, candidates):
+    with pytest.raises(HardwareLookupError) as err:
+        gpu(spelling)
+    msg = str(err.value)
+    assert "valid names: " in msg.lower() and "MI300X" in msg and "CPU-node" in msg
+    if candidates:
+        head = msg.split("Valid names")[0]
+        assert "ambiguous" in head and all(c in head for c in candidates)
+        assert "H100" not in head
+    else:
+        assert msg.startswith("unknown accelerator")

@@ -15,6 +15,7 @@ from labkit.hardware.measure import (
     MeasureConfig,
     allreduce_rank,
     bench_device,
+    compare_with_catalog,
     cpu_peak_flops,
     host_device_bandwidth,
     measure_cluster,
@@ -75,6 +76,36 @@ def test_measure_cluster_on_two_workers(client):
     assert {p.backend for p in m.allreduce} == {"gloo"} and {p.world_size for p in m.allreduce} == {2}
     assert all(p.seconds > 0 and p.bus_bandwidth == pytest.approx(p.algo_bandwidth) for p in m.allreduce)
     assert m.latency_s == min(p.seconds for p in m.allreduce)
+    for d in m.devices:      # on CPU the copy bandwidth gets a ratio: against the catalog's generic CPU-node
+        assert compare_with_catalog(d).memory == pytest.approx(d.copy.bytes_per_s / 614e9) and d.copy.bytes_per_s > 0
+
+
+def test_hardware_panel_refresh_inspects_again(client):
+    from labkit.widgets.hardware import HardwarePanel
+
+    first = inspect_cluster(client)
+    panel = HardwarePanel(client, first[:1], mode="widget")          # as if only one worker had started
+    assert first[1].worker not in panel._table.value and "1 worker(s)" in panel._status.value
+    panel._button.click()                                              # re-runs inspect_cluster(client)
+    assert [r.worker for r in panel.rows] == [r.worker for r in first]
+    assert all(r.worker in panel._table.value for r in first) and "2 worker(s), inspected at" in panel._status.value
+    assert {r.pid for r in panel.rows} == {r.pid for r in first}
+    bundle = panel._repr_mimebundle_()       # the widget in Jupyter, the table for viewers without widgets
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.widget.model_id
+    assert first[1].worker in bundle["text/plain"] and first[1].worker in bundle["text/html"]
+
+    def broken(_client):
+        raise TimeoutError("worker tcp://gone did not answer")
+
+    panel._inspect = broken
+    panel._button.click()                                              # the error shows; the table stays
+    assert "inspection failed" in panel._status.value and "tcp://gone" in panel._status.value
+    assert all(r.worker in panel._table.value for r in first) and not panel._button.disabled
+    with pytest.raises(TimeoutError):
+        panel.refresh()                                                 # from code, errors propagate
+    text = HardwarePanel(client, mode="text")                          # console fallback
+    assert text.widget is None and all(r.worker in str(text) for r in first) and ".refresh()" in str(text)
+    assert "application/vnd.jupyter.widget-view+json" not in text._repr_mimebundle_()
 
 
 def test_median_and_flop_arithmetic():
@@ -94,6 +125,27 @@ def test_median_and_flop_arithmetic():
     gpu_like = dataclasses.replace(r, device="cuda:0", device_name="NVIDIA A100-SXM4-80GB", device_memory_bytes=80 * 2**30)
     peaks, bw, label = peaks_for(gpu_like)
     assert peaks["bf16"] == 312e12 and bw == 2039e9 and label.startswith("A100-SXM4-80GB")
+
+
+def test_cpu_measurements_compared_with_the_generic_cpu_node():
+    from labkit.hardware import gpu
+
+    r = bench_device(MeasureConfig(matmul_n=32, copy_bytes=1 << 16, host_device_bytes=4096, warmup=0, repeats=1))
+    node = gpu("CPU-node")
+    ref = compare_with_catalog(r)
+    assert ref.reference == "CPU-node" and ref.generic and "not this machine's datasheet" in ref.label
+    assert ref.memory_bw == node.memory_bw and ref.memory == pytest.approx(r.copy.bytes_per_s / 614e9)
+    assert set(ref.flops) == {m.dtype for m in r.matmul} == {"fp64", "fp32", "bf16"}
+    assert ref.flops["fp32"] == pytest.approx(r.flops("fp32") / node.peak_flops("fp32"))
+    assert ref.flops["bf16"] == pytest.approx(r.flops("bf16") / 32.8e12)
+    # a GPU keeps its own datasheet, as peaks_for does; a GPU missing from the catalog gets no comparison
+    gpu_like = dataclasses.replace(r, device="cuda:0", device_name="NVIDIA H100 80GB HBM3",
+                                   device_memory_bytes=80 * 2**30)
+    ref = compare_with_catalog(gpu_like)
+    assert ref.reference == "H100-SXM5-80GB" and not ref.generic and ref.label == "H100-SXM5-80GB datasheet"
+    assert ref.memory == pytest.approx(r.copy.bytes_per_s / 3350e9) and ref.peak_flops["bf16"] == 989.4e12
+    assert peaks_for(gpu_like)[1] == ref.memory_bw
+    assert compare_with_catalog(dataclasses.replace(gpu_like, device_name="Quadro P1000")) is None
 
 
 def test_cuda_path_as_far_as_it_goes(monkeypatch):
@@ -209,4 +261,5 @@ def test_bench_smoke(capsys):
     assert main(["--scale", "tiny", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("measured/peak") >= 2 * 2 and "fp32" in out
+    assert out.count("memory measured/catalog") == 2 and "generic reference node" in out   # CPU vs CPU-node
     assert "all-reduce (gloo, 2 ranks)" in out and "x device-copy bandwidth" in out

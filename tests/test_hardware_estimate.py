@@ -146,6 +146,12 @@ def test_bad_configs_give_clear_errors():
         estimate_training(1e9, 1e9, "A100", 2.5)
     with pytest.raises(EstimateError, match="valid presets: gpt2"):
         GPTConfig.preset("gpt5")
+    with pytest.raises(EstimateError, match=r"n_kv_head=5 must .* divide n_head=12.*Valid n_kv_head for this n_head: "
+                                            r"1, 2, 3, 4, 6, 12$"):
+        GPTConfig(n_layer=2, n_head=12, n_embd=768, n_kv_head=5)
+    with pytest.raises(EstimateError, match=r"Valid n_kv_head for this n_head: 1, 7$"):
+        GPTConfig(n_layer=2, n_head=7, n_embd=70, n_kv_head=0)
+    assert GPTConfig(n_layer=2, n_head=12, n_embd=768, n_kv_head=4).n_kv_head == 4
 
 
 def test_zero_stages_shard_more_and_checkpointing_saves_activations():

@@ -8,6 +8,7 @@ from labkit.widgets.hardware import (
     EstimatorPanel,
     busbw_figure,
     catalog_table,
+    comparison_table,
     hardware_table,
     measurement_table,
     roofline_figure,
@@ -29,6 +30,26 @@ def test_tables_text_and_html(monkeypatch):
     m = ClusterMeasurement([_bench()], [], MeasureConfig(), 1.0)
     mt = str(measurement_table(m, peaks={"fp32": 100e9}))
     assert "50.0 (50%)" in mt and "20.0" in mt and "10.0" in mt
+
+
+def test_comparison_table_uses_the_catalog_on_cpu_and_gpu():
+    import dataclasses
+
+    cpu = _bench()
+    gpu_like = dataclasses.replace(_bench("tcp://w2"), device="cuda:0", device_name="NVIDIA A100-SXM4-80GB",
+                                   device_memory_bytes=80 * 2**30)
+    unknown = dataclasses.replace(gpu_like, worker="tcp://w3", device_name="Quadro P1000")
+    t = comparison_table(ClusterMeasurement([cpu, gpu_like, unknown], [], MeasureConfig(), 1.0))
+    text = str(t)
+    assert "generic dual-socket reference node, not this machine's datasheet" in t.title
+    rows = {(r[0], r[2]): r for r in t.rows}
+    # CPU: 10 GB/s copy against the CPU-node's 614 GB/s, 50 GFLOP/s fp32 against its 16.4 TFLOP/s
+    assert rows["tcp://w1", "memory copy"][1:] == ["CPU-node (generic)", "memory copy", "10.0 GB/s", "614 GB/s", "1.63%"]
+    assert rows["tcp://w1", "fp32 matmul"][3:] == ["50.0 GFLOP/s", "16400 GFLOP/s", "0.305%"]
+    assert rows["tcp://w2", "memory copy"][1] == "A100-SXM4-80GB" and rows["tcp://w2", "memory copy"][-1] == "0.49%"
+    assert ("tcp://w2", "bf16 matmul") in rows and "Quadro P1000: not in the catalog" in text
+    gpu_only = comparison_table(ClusterMeasurement([gpu_like], [], MeasureConfig(), 1.0))
+    assert "generic" not in str(gpu_only)
 
 
 def test_roofline_and_busbw_charts():

@@ -110,6 +110,9 @@ class Network:
         return self.latency_us * 1e-6
 
 
+_MIN_PARTIAL = 3   # shortest name (after normalising) matched by prefix or containment
+
+
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
@@ -146,18 +149,32 @@ def networks(path: Path | str = CATALOG_FILE) -> list[Network]:
 
 
 def _find(items, name: str, what: str):
+    """Exact name or alias first; else a unique prefix of one; else the entry whose name or alias is the
+    longest one contained in ``name`` ("a100 80gb sxm" holds "A100-80GB"). All case/punctuation-free."""
     if isinstance(name, (Accelerator, Network)):
         return name
     want = _key(name)
-    for item in items:
-        if want == _key(item.name) or want in {_key(a) for a in item.aliases}:
-            return item
+    keys = [(item, {_key(item.name), *(_key(a) for a in item.aliases)}) for item in items]
+    found = [item for item, ks in keys if want in ks]
+    if not found and len(want) >= _MIN_PARTIAL:
+        found = [item for item, ks in keys if any(k.startswith(want) for k in ks)]
+    if not found and len(want) >= _MIN_PARTIAL:
+        inside = [(max(len(k) for k in ks if k in want), item) for item, ks in keys if any(k in want for k in ks)]
+        longest = max((n for n, _ in inside), default=0)
+        found = [item for n, item in inside if n == longest]
     valid = ", ".join(i.name for i in items)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise HardwareLookupError(
+            f"{what} {name!r} is ambiguous: it matches {', '.join(i.name for i in found)}; give more of the "
+            f"name. Valid names: {valid} (case and punctuation are ignored)")
     raise HardwareLookupError(f"unknown {what} {name!r}; valid names: {valid} (case and punctuation are ignored)")
 
 
 def gpu(name: str | Accelerator) -> Accelerator:
-    """The accelerator called ``name`` ("A100-80GB", "h100 sxm", "MI300X", "cpu"); error lists valid names."""
+    """The accelerator called ``name`` ("A100-80GB", "h100 sxm", "H100-SXM5", "a100 80gb sxm", "MI300X", "cpu"):
+    exact name or alias, else a unique prefix, else the longest contained name; errors list valid names."""
     return _find(catalog(), name, "accelerator")
 
 

@@ -79,7 +79,11 @@ class GPTConfig:
                 f"dimensions. Valid n_head for this n_embd: {', '.join(map(str, ok[-12:]))}"
             )
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
-            raise EstimateError(f"n_kv_head={self.n_kv_head} must be positive and divide n_head={self.n_head}")
+            ok = [k for k in range(1, self.n_head + 1) if self.n_head % k == 0]
+            raise EstimateError(
+                f"n_kv_head={self.n_kv_head} must be positive and divide n_head={self.n_head} (each KV head "
+                f"serves n_head/n_kv_head query heads). Valid n_kv_head for this n_head: {', '.join(map(str, ok))}"
+            )
 
     @property
     def head_dim(self) -> int:

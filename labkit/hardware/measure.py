@@ -431,3 +431,37 @@ def ratios(bench: DeviceBench, peaks: dict[str, float], memory_bw: float | None 
     if memory_bw:
         out["memory"] = bench.copy.bytes_per_s / memory_bw
     return out
+
+
+@dataclass(frozen=True)
+class CatalogComparison:
+    """A worker's measurements as fractions of one catalog entry: the GPU's datasheet, or on a CPU the
+    catalog's ``CPU-node``, a generic reference node (``generic``), not this machine's datasheet."""
+
+    reference: str                   # catalog name
+    generic: bool                    # True for the generic CPU node
+    peak_flops: dict[str, float]     # the entry's peak FLOP/s for the dtypes measured here
+    memory_bw: float                 # the entry's memory bandwidth (bytes/s)
+    flops: dict[str, float]          # measured matmul / peak, per dtype
+    memory: float                    # measured device copy / memory_bw
+
+    @property
+    def label(self) -> str:
+        if self.generic:
+            return f"{self.reference} (the catalog's generic reference node, not this machine's datasheet)"
+        return f"{self.reference} datasheet"
+
+
+def compare_with_catalog(bench: DeviceBench) -> CatalogComparison | None:
+    """Measured / catalog peak for matmul per dtype and for the copy bandwidth. A GPU is compared with its
+    own catalog entry (None when it has none); a CPU with the generic ``CPU-node`` entry, a yardstick."""
+    from labkit.hardware.catalog import gpu, match_device
+
+    cuda = bench.device.startswith("cuda")
+    acc = match_device(bench.device_name, bench.device_memory_bytes) if cuda else gpu("CPU-node")
+    if acc is None:
+        return None
+    peaks = {m.dtype: acc.peak_flops(m.dtype) for m in bench.matmul if m.dtype in acc.peak_tflops}
+    measured = ratios(bench, peaks, acc.memory_bw)
+    return CatalogComparison(acc.name, not cuda, peaks, acc.memory_bw,
+                             {dt: measured[dt] for dt in peaks}, measured["memory"])

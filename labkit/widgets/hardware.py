@@ -7,13 +7,14 @@ Everything renders as a widget in Jupyter and as plain text elsewhere (terminal,
 from __future__ import annotations
 
 import html
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from labkit.hardware.catalog import catalog, gpu as find_gpu, network as find_network, networks
 from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, allreduce_time, plan_run
-from labkit.hardware.inspect import WorkerHardware
-from labkit.hardware.measure import AllReducePoint, ClusterMeasurement, DeviceBench
+from labkit.hardware.inspect import WorkerHardware, inspect_cluster
+from labkit.hardware.measure import AllReducePoint, ClusterMeasurement, DeviceBench, compare_with_catalog
 
 from .live_plot import in_jupyter_kernel
 
@@ -80,6 +81,31 @@ def measurement_table(m: ClusterMeasurement, peaks: dict[str, float] | None = No
     return Table(cols, rows, title="Measured (fraction of peak in brackets)" if peaks else "Measured")
 
 
+def comparison_table(m: ClusterMeasurement) -> Table:
+    """Each worker's matmul and copy bandwidth as a fraction of its catalog entry: a GPU's datasheet, or for
+    a CPU the catalog's generic ``CPU-node`` (a reference node, not this machine's datasheet)."""
+    pct = lambda x: f"{100 * x:.3g}%"
+    rows, generic = [], False
+    for d in m.devices:
+        ref = compare_with_catalog(d)
+        who = d.worker or d.host
+        if ref is None:
+            rows.append([who, f"{d.device_name}: not in the catalog", "-", "-", "-", "-"])
+            continue
+        generic |= ref.generic
+        name = f"{ref.reference} (generic)" if ref.generic else ref.reference
+        for dt, frac in ref.flops.items():
+            rows.append([who, name, f"{dt} matmul", f"{d.flops(dt) / 1e9:.1f} GFLOP/s",
+                         f"{ref.peak_flops[dt] / 1e9:.0f} GFLOP/s", pct(frac)])
+        rows.append([who, name, "memory copy", f"{d.copy.bytes_per_s / 1e9:.1f} GB/s",
+                     f"{ref.memory_bw / 1e9:.0f} GB/s", pct(ref.memory)])
+    title = "Measured vs the catalog"
+    if generic:
+        title += (" (CPU workers: against the catalog's CPU-node, a generic dual-socket reference node, "
+                  "not this machine's datasheet)")
+    return Table(["worker", "catalog entry", "what", "measured", "catalog peak", "fraction"], rows, title=title)
+
+
 def catalog_table(names: Sequence[str] | None = None) -> Table:
     """The catalog's accelerators: dense peaks, memory, bandwidth, links, TDP."""
     accs = [find_gpu(n) for n in names] if names else catalog()
@@ -91,6 +117,78 @@ def catalog_table(names: Sequence[str] | None = None) -> Table:
                      f"{a.link_bw_GBs:g}" if a.link_bw_GBs else "-", f"{a.tdp_W:g}"])
     return Table(["accelerator", "fp32", "tf32", "bf16", "fp16", "fp8", "GB", "GB/s", "PCIe", "link GB/s", "TDP W"],
                  rows, title="Catalog: dense peak TFLOP/s, memory, links (sources in labkit/hardware/catalog.yaml)")
+
+
+class HardwarePanel:
+    """The workers' hardware table with an "Inspect again" button that re-runs ``inspect(client)``
+    (``labkit.hardware.inspect_cluster``), e.g. after the cluster scaled; plain text outside Jupyter."""
+
+    def __init__(self, client: Any, rows: Sequence[WorkerHardware] | None = None, mode: str = "auto",
+                 inspect: Any = inspect_cluster) -> None:
+        self.client = client
+        self._inspect = inspect
+        self.mode = ("widget" if in_jupyter_kernel() else "text") if mode == "auto" else mode
+        self.rows: list[WorkerHardware] = []
+        self.status = ""
+        self.widget = self._build() if self.mode == "widget" else None
+        if rows is None:
+            self.refresh()
+        else:
+            self.rows = list(rows)
+            self.status = f"{len(self.rows)} worker(s)"
+            self._render()
+
+    @property
+    def table(self) -> Table:
+        return hardware_table(self.rows)
+
+    def refresh(self) -> list[WorkerHardware]:
+        """Inspect every worker again and redraw; errors propagate (the button shows them instead)."""
+        start = time.perf_counter()
+        self.rows = list(self._inspect(self.client))
+        self.status = (f"{len(self.rows)} worker(s), inspected at {time.strftime('%H:%M:%S')} "
+                       f"in {time.perf_counter() - start:.1f} s")
+        self._render()
+        return self.rows
+
+    def _clicked(self, _button: Any = None) -> None:
+        self._button.disabled = True
+        try:
+            self.refresh()
+        except Exception as exc:     # shown in the panel: a callback's exception would vanish into the log
+            self.status = (f"inspection failed: {exc!r}; the table shows the previous one. Check the cluster "
+                           "(client.scheduler_info()) and press again")
+            self._render()
+        finally:
+            self._button.disabled = False
+
+    def _render(self) -> None:
+        if self.widget is not None:
+            self._table.value = self.table._repr_html_()
+            self._status.value = html.escape(self.status)
+
+    def _build(self) -> Any:
+        import ipywidgets as w
+
+        self._button = w.Button(description="Inspect again", icon="refresh",
+                                tooltip="re-run labkit.hardware.inspect_cluster(client)")
+        self._button.on_click(self._clicked)
+        self._status = w.HTML()
+        self._table = w.HTML()
+        return w.VBox([w.HBox([self._button, self._status]), self._table])
+
+    def __str__(self) -> str:
+        return f"{self.table}\n({self.status}; call .refresh() to inspect again)"
+
+    __repr__ = __str__
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        """The live widget in Jupyter; the table as HTML and text for viewers without widgets."""
+        bundle = {"text/plain": str(self), "text/html": self.table._repr_html_()}
+        if self.widget is not None:
+            bundle["application/vnd.jupyter.widget-view+json"] = \
+                self.widget._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+        return bundle
 
 
 # ---------------------------------------------------------------------------------------------- charts
