@@ -121,3 +121,11 @@ def test_ambiguous_or_unknown_lookups_say_which_and_list_valid(spelling, candida
         assert "H100" not in head
     else:
         assert msg.startswith("unknown accelerator")
+
+
+def test_a_contained_name_with_a_different_number_left_over_is_not_taken():
+    """'Tesla V100-SXM2-16GB' holds the V100's name, but the catalog only has the 32 GB part: an error
+    listing the valid names, not a silently wrong memory size."""
+    with pytest.raises(KeyError, match="unknown accelerator 'Tesla V100-SXM2-16GB'; valid names"):
+        gpu("Tesla V100-SXM2-16GB")
+    assert gpu("NVIDIA H100 PCIe").name == "H100-PCIe-80GB"

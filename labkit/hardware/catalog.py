@@ -159,7 +159,13 @@ def _find(items, name: str, what: str):
     if not found and len(want) >= _MIN_PARTIAL:
         found = [item for item, ks in keys if any(k.startswith(want) for k in ks)]
     if not found and len(want) >= _MIN_PARTIAL:
-        inside = [(max(len(k) for k in ks if k in want), item) for item, ks in keys if any(k in want for k in ks)]
+        # a contained name counts only when every number left over is in the entry's full name:
+        # "h200 141gb" is the H200-SXM-141GB, but "tesla v100 sxm2 16gb" must not become the 32 GB part
+        def fits(k: str, item) -> bool:
+            return k in want and all(n in _key(item.name) for n in re.findall(r"\d+", want.replace(k, "", 1)))
+
+        inside = [(max(len(k) for k in ks if fits(k, item)), item) for item, ks in keys
+                  if any(fits(k, item) for k in ks)]
         longest = max((n for n, _ in inside), default=0)
         found = [item for n, item in inside if n == longest]
     valid = ", ".join(i.name for i in items)
