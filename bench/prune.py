@@ -51,7 +51,7 @@ def minilm_curve(amounts=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), draws=16, repeats=10) -
     model, tok = load_minilm()
     points = head_curve(model, tok, amounts=amounts, importance="gradient", sentences=SENTENCES, draws=draws)
     scores = bert_head_importance(model, "gradient", tokenize(tok, calibration_sentences()), draws=draws)
-    pruned = prune_bert(model, 0.3, scores=scores)
+    pruned = prune_bert(model, 0.3, "gradient", scores=scores)
     t = time_models({"MiniLM": model, "MiniLM -30% heads": pruned}, tokenize(tok, SENTENCES), repeats=repeats, warmup=2)
     return points, t
 
