@@ -6,8 +6,8 @@
 Targets: 50% of heads + 50% of FFN neurons removed gives >= 1.7x inference speedup over the
 unpruned GPT (same run, interleaved timing, float32, batch 4, vocab 512); MiniLM with 30% of its
 heads removed (per-sentence gradient importance on stdlib docstrings, heads ranked on raw scores)
-keeps mean embedding cosine >= 0.95 on labkit's fixed sentences. Also printed: unstructured 50% (no dense speedup), the CSR crossover,
-and the whole MiniLM curve. Exit status 1 when a target is missed.
+keeps mean embedding cosine >= 0.95 on labkit's fixed sentences. Also printed: unstructured 50% (no
+dense speedup), the CSR crossover, and the whole MiniLM curve. Exit status 1 when a target is missed.
 """
 
 from __future__ import annotations
