@@ -1,7 +1,8 @@
 """A small GPT in one readable file: config, model, sampling, and checkpoints that carry their tokenizer.
 
 Decoder-only, pre-LayerNorm, causal self-attention through ``torch.nn.functional.
-scaled_dot_product_attention`` (or labkit's own attention formula, ``attention="labkit"``), and the
+scaled_dot_product_attention`` (or labkit's own: the formula as written, ``attention="labkit"``, or
+the block-by-block online softmax that never builds T x T, ``attention="online"``), and the
 token embedding tied to the output head.
 
 Module names (other labkit modules, e.g. pruning, rely on them)::
@@ -42,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-ATTENTIONS = ("sdpa", "labkit")
+ATTENTIONS = ("sdpa", "labkit", "online")
 CHECKPOINT_MAGIC = b"LABKIT-CKPT 1"
 
 
@@ -93,6 +94,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.attention={self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and self.attention != "sdpa":
+            raise ValueError(f"GPTConfig(attention={self.attention!r}) has no attention dropout; "
+                             "use dropout=0.0, or attention='sdpa'")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
@@ -182,16 +186,14 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 # ---------------------------------------------------------------------------------------- model
 
 
-def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention through labkit's own formula (issue 6), imported only when asked for."""
-    try:
-        from labkit.attention import scaled_dot_product_attention
-    except ImportError as err:  # pragma: no cover - depends on which modules are installed
-        raise ImportError(
-            "GPTConfig(attention='labkit') needs labkit.attention.scaled_dot_product_attention; "
-            "use attention='sdpa' or install a labkit that has it"
-        ) from err
-    return scaled_dot_product_attention(q, k, v, causal=True)
+def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
+    """Causal attention through labkit.attention: the formula as written (``"labkit"``) or the
+    online-softmax version whose memory stays O(T) in training too (``"online"``)."""
+    from labkit import attention as A
+
+    if how == "online":
+        return A.online_softmax_attention(q, k, v, causal=True)
+    return A.scaled_dot_product_attention(q, k, v, causal=True)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -224,7 +226,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = _linear(inner, config.n_embd, config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.use_labkit = config.attention == "labkit"
+        self.attention = config.attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -234,8 +236,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(inner, dim=2)
         # (B, T, H*D) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.use_labkit:
-            y = _labkit_attention(q, k, v)
+        if self.attention != "sdpa":
+            y = _labkit_attention(q, k, v, self.attention)
         else:
             y = _sdpa(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, inner)
