@@ -1,5 +1,6 @@
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -146,19 +147,49 @@ def test_runs_dir_falls_back_to_home_when_checkout_runs_unusable(tmp_path):
     assert "not writable" in why and "LABKIT_RUN_DIR" in why
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in read-only folders; the file case above covers it")
-def test_runs_dir_falls_back_for_read_only_shared_checkout(tmp_path):
+CHOICE = "import sys; from pathlib import Path; from labkit.config import runs_dir_choice; " \
+         "print(runs_dir_choice({'HOME': sys.argv[2]}, checkout=Path(sys.argv[1]))[0])"
+
+
+def _choice_with_read_only(checkout: Path, home: Path, read_only: Path) -> Path:
+    """runs_dir_choice while ``read_only`` cannot be written to. Root writes through permission
+    bits, so as root the folder is bind-mounted read-only in a private mount namespace
+    (``unshare -m``), where even root gets EROFS; otherwise plain 0555 permissions do it."""
+    import shutil
+    import subprocess
+    import sys
+
     from labkit.config import runs_dir_choice
 
+    if os.geteuid() != 0:
+        read_only.chmod(0o555)
+        try:
+            return runs_dir_choice({"HOME": str(home)}, checkout=checkout)[0]
+        finally:
+            read_only.chmod(0o755)
+    if shutil.which("unshare") is None:
+        from conftest import skip_unless_ci
+
+        skip_unless_ci("running as root without util-linux's unshare: cannot make a folder read-only for root")
+    ro = str(read_only)
+    script = (f'mount --bind "{ro}" "{ro}" && mount -o remount,bind,ro "{ro}" && '
+              f'exec "{sys.executable}" -c "$0" "$1" "$2"')
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, CHOICE, str(checkout), str(home)],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert r.returncode == 0, r.stderr
+    return Path(r.stdout.strip())
+
+
+def test_runs_dir_falls_back_for_read_only_shared_checkout(tmp_path):
     root = _checkout(tmp_path)
-    home = {"HOME": str(tmp_path / "home")}
-    root.chmod(0o555)  # a class-wide checkout owned by the instructor, no runs/ yet
-    try:
-        assert runs_dir_choice(home, checkout=root)[0] == tmp_path / "home" / "labkit-runs"
-    finally:
-        root.chmod(0o755)
-    (root / "runs").mkdir(mode=0o555)  # runs/ made by the instructor, read-only for learners
-    try:
-        assert runs_dir_choice(home, checkout=root)[0] == tmp_path / "home" / "labkit-runs"
-    finally:
-        (root / "runs").chmod(0o755)
+    home = tmp_path / "home"
+    # a class-wide checkout owned by the instructor, no runs/ yet
+    assert _choice_with_read_only(root, home, root) == home / "labkit-runs"
+    # runs/ made by the instructor, read-only for learners
+    (root / "runs").mkdir()
+    assert _choice_with_read_only(root, home, root / "runs") == home / "labkit-runs"
+    # and writable again: the checkout's own runs/ is used
+    from labkit.config import runs_dir_choice
+
+    assert runs_dir_choice({"HOME": str(home)}, checkout=root)[0] == root / "runs"
