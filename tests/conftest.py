@@ -63,3 +63,13 @@ def slurm():
     if not ok:
         skip_unless_ci(info)
     return info
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """A tiny set of token shards (stdlib text, seconds to build), shared read-only by the training tests."""
+    from labkit.data.shards import make_tiny_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    make_tiny_shards(out)
+    return out

@@ -16,17 +16,6 @@ from labkit.train import TrainConfig, list_checkpoints, start_distributed, train
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from labkit.data.shards import make_tiny_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    make_tiny_shards(out)
-    return out
-
-
-
-
 def cfg(**kw) -> TrainConfig:
     base = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=20, warmup_steps=3,
                 lr=1e-2, eval_interval=10, eval_iters=1, sample_tokens=0, precision="float32", seed=5,
