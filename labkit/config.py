@@ -145,6 +145,13 @@ _MEM_UNITS = {
 }
 
 
+def unknown_fields(cls: Any, names: Any) -> tuple[list[str], list[str]]:
+    """The ``names`` that are not fields of dataclass ``cls``, and its valid field names (both
+    sorted): what every settings error needs in order to list the valid choices."""
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    return sorted(set(names) - set(valid)), valid
+
+
 def parse_memory(text: str | int, *, key: str = "memory") -> int:
     """Parse ``"4GiB"``, ``"500MB"``, ``"2G"`` or a byte count into bytes."""
     if isinstance(text, int) and not isinstance(text, bool):

@@ -136,10 +136,11 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         """Build a config from ``to_dict`` output; unknown keys are an error that lists valid ones."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - valid
+        from labkit.config import unknown_fields
+
+        unknown, valid = unknown_fields(cls, d)
         if unknown:
-            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; valid: {sorted(valid)}")
+            raise ValueError(f"unknown GPTConfig keys {unknown}; valid: {valid}")
         return cls(**d)
 
 

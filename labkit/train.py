@@ -121,7 +121,7 @@ class TrainConfig:
     def for_scale(cls, name: str | None = None, **overrides: Any) -> "TrainConfig":
         """The preset of a scale (None = the lab's active scale), with the config files' ``train``
         section and then ``overrides`` applied on top."""
-        from labkit.config import load_config
+        from labkit.config import load_config, unknown_fields
 
         lab = load_config()
         scale = lab.scale(name)
@@ -130,10 +130,9 @@ class TrainConfig:
         values = {"scale": scale.name, **_PRESETS[scale.name]}
         values.update(scale.section("train"))
         values.update(overrides)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
+        unknown, valid = unknown_fields(cls, values)
         if unknown:
-            raise ValueError(f"unknown training settings {unknown} (scale {scale.name!r}); valid: {sorted(valid)}")
+            raise ValueError(f"unknown training settings {unknown} (scale {scale.name!r}); valid: {valid}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> "TrainConfig":

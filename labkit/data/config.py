@@ -50,10 +50,11 @@ class DataConfig:
 
     def replace(self, **changes: Any) -> "DataConfig":
         """A copy with some fields changed; unknown names are an error listing the valid ones."""
-        valid = {f.name for f in dataclasses.fields(self)}
-        bad = sorted(set(changes) - valid)
+        from labkit.config import unknown_fields
+
+        bad, valid = unknown_fields(type(self), changes)
         if bad:
-            raise ValueError(f"unknown data setting {bad[0]!r}; valid settings: {', '.join(sorted(valid))}")
+            raise ValueError(f"unknown data setting {bad[0]!r}; valid settings: {', '.join(valid)}")
         cfg = dataclasses.replace(self, **changes)
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")

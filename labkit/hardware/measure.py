@@ -7,7 +7,6 @@ Each benchmark warms up, repeats, and reports the median. Sizes come from ``Meas
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import statistics
@@ -42,16 +41,15 @@ class MeasureConfig:
     @classmethod
     def for_scale(cls, name: str | None = None) -> "MeasureConfig":
         """Presets per scale (tiny, binder, workshop, full), then the ``hardware`` overrides of the config."""
-        from labkit.config import load_config
+        from labkit.config import load_config, unknown_fields
 
         scale = load_config().scale(name)
         base = dict(_PRESETS[scale.name])
         overrides = scale.section("hardware")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - valid
+        unknown, valid = unknown_fields(cls, overrides)
         if unknown:
-            raise ValueError(f"unknown hardware setting(s) {sorted(unknown)} in scale {scale.name!r}; "
-                             f"valid: {', '.join(sorted(valid))}")
+            raise ValueError(f"unknown hardware setting(s) {unknown} in scale {scale.name!r}; "
+                             f"valid: {', '.join(valid)}")
         base.update(overrides)
         for key in ("allreduce_sizes", "dtypes"):
             if base.get(key) is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,16 +27,15 @@ class PruneConfig:
     def for_scale(cls, name: str | None = None, **overrides: Any) -> "PruneConfig":
         """The preset of a scale (None = the lab's active one), then the config files' ``prune``
         section, then ``overrides``."""
-        from labkit.config import load_config
+        from labkit.config import load_config, unknown_fields
 
         scale = load_config().scale(name)
         values = dict(_PRESETS.get(scale.name, {}))
         values.update(scale.section("prune"))
         values.update(overrides)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
+        unknown, valid = unknown_fields(cls, values)
         if unknown:
-            raise ValueError(f"unknown prune settings {unknown} (scale {scale.name!r}); valid: {sorted(valid)}")
+            raise ValueError(f"unknown prune settings {unknown} (scale {scale.name!r}); valid: {valid}")
         for key in ("amounts", "minilm_amounts", "sparse_sparsities"):
             if key in values:
                 values[key] = tuple(float(v) for v in values[key])

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from labkit.config import SCALES, ConfigError
+from labkit.config import SCALES, ConfigError, unknown_fields
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,9 @@ class ServeConfig:
 
     def replace(self, **changes: Any) -> "ServeConfig":
         """A copy with some knobs changed; unknown knobs are an error listing the valid ones."""
-        valid = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - valid)
+        unknown, valid = unknown_fields(type(self), changes)
         if unknown:
-            raise ConfigError(f"unknown serve setting(s) {unknown}; valid: {', '.join(sorted(valid))}")
+            raise ConfigError(f"unknown serve setting(s) {unknown}; valid: {', '.join(valid)}")
         new = dataclasses.replace(self, **changes)
         for f in dataclasses.fields(new):
             if getattr(new, f.name) is not None and getattr(new, f.name) <= 0:
