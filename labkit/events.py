@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -65,7 +66,12 @@ def emit(kind: str, sink: Sink | None = None, **fields: Any) -> Event:
     if worker is not None:
         event.setdefault("worker", worker.address)
     if sink is not None:
-        sink(event)
+        try:
+            sink(event)
+        except Exception as exc:  # a broken plot or logger must not end a training run
+            warnings.warn(f"labkit.events: the sink {sink!r} failed on a {kind!r} event "
+                          f"({type(exc).__name__}: {exc}); the event was dropped and the work goes on. "
+                          "Fix the sink, or run without it (sink=None)", RuntimeWarning, stacklevel=2)
     elif worker is not None:
         try:
             worker.log_event(TOPIC, event)

@@ -173,3 +173,29 @@ def test_liveplot_widget_mode_updates_figure():
     plot.draw()
     ys = list(plot.widget.data[0].y)
     assert ys == [3.0, 2.0]
+
+
+def test_a_failing_sink_warns_and_never_breaks_the_caller():
+    """emit() promises that delivery problems cannot break a training run: a sink that raises
+    gives a warning naming the event, and the caller still gets its event back."""
+    from labkit.events import emit
+
+    def broken(event):
+        raise RuntimeError("plot went away")
+
+    with pytest.warns(RuntimeWarning, match="failed on a 'train' event.*plot went away"):
+        event = emit("train", broken, step=3, loss=1.5)
+    assert event["kind"] == "train" and event["step"] == 3
+
+
+def test_training_goes_on_when_its_sink_fails(shards):
+    from labkit.train import TrainConfig, train
+
+    def broken(event):
+        raise ValueError("no display")
+
+    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=3, warmup_steps=1,
+                      eval_interval=0, sample_tokens=0, precision="float32", num_threads=1)
+    with pytest.warns(RuntimeWarning, match="no display"):
+        res = train(cfg, shards, sink=broken)
+    assert res.steps == 3
