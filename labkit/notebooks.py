@@ -33,7 +33,9 @@ def inject_parameters(nb: nbformat.NotebookNode, params: Mapping[str, Any]) -> n
     """Insert a cell after the ``parameters`` cell that sets ``params``; raises if there is not exactly one."""
     idx = parameters_cells(nb)
     if len(idx) != 1:
-        raise ValueError(f"expected exactly one cell tagged 'parameters', found {len(idx)}")
+        raise ValueError(f"expected exactly one cell tagged 'parameters', found {len(idx)}: in JupyterLab select "
+                         "the cell that sets scale/profile and add the tag 'parameters' (right sidebar, Property "
+                         "Inspector, Cell Tags), and remove it from any other cell")
     lines = ["# Parameters injected by labkit"] + [f"{k} = {v!r}" for k, v in params.items()]
     cell = nbformat.v4.new_code_cell("\n".join(lines))
     cell.metadata["tags"] = ["injected-parameters"]

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import nbformat
 
 from labkit.memwatch import TreeMemoryWatch
-from labkit.notebooks import NOTEBOOK_DIR, execute_notebook, list_notebooks
+from labkit.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
 
 MiB = 1024 * 1024
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -86,7 +86,8 @@ def resolve_notebooks(names: Sequence[str], directory: Path = NOTEBOOK_DIR) -> l
     available = list_notebooks(directory)
     if not names:
         if not available:
-            raise SystemExit(f"no notebooks found in {directory}")
+            raise SystemExit(f"no notebooks found in {directory}: run from the labkit checkout, or name the "
+                             "notebooks to run (paths, or stems such as 03_preprocessing)")
         return available
     found: list[Path] = []
     for name in names:
@@ -106,6 +107,11 @@ def resolve_notebooks(names: Sequence[str], directory: Path = NOTEBOOK_DIR) -> l
 def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
     """Execute one notebook with the run's parameters, watching its kernel's memory; write the executed copy."""
     params = {k: v for k, v in (("scale", opts.scale), ("profile", opts.profile)) if v}
+    try:
+        inject_parameters(nbformat.read(path, as_version=4), params)  # a malformed notebook: its own error row
+    except (ValueError, OSError, nbformat.reader.NotJSONError) as exc:
+        return RunResult(name=path.stem, source=str(path), executed="", seconds=0.0, peak_bytes=0,
+                         peak_rss_bytes=0, memory_measure="not run", processes=0, error=f"not run: {exc}")
     watch = TreeMemoryWatch(interval=opts.sample_interval)
     with watch:
         run = execute_notebook(
@@ -176,8 +182,9 @@ def render_html(results: Sequence[RunResult], ctx: dict[str, str]) -> str:
             problems += "<br>".join(e(x) for x in r.over_budget)
         if r.error:
             problems += f"<details><summary>error</summary><pre>{e(r.error[-6000:])}</pre></details>"
+        link = f'<a href="{e(Path(r.executed).name)}">{e(r.name)}</a>' if r.executed else e(r.name)
         rows.append(
-            f'<tr class="{status.replace(" ", "-")}"><td><a href="{e(Path(r.executed).name)}">{e(r.name)}</a></td>'
+            f'<tr class="{status.replace(" ", "-")}"><td>{link}</td>'
             f"<td>{status}</td><td>{r.seconds:.1f}</td><td>{r.peak_mib:.0f}</td>"
             f"<td>{r.cpu_seconds:.1f}</td><td>{r.processes}</td><td>{problems}</td></tr>"
         )

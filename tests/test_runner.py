@@ -141,3 +141,18 @@ def test_default_output_is_under_the_runs_folder_not_cwd(tmp_path, monkeypatch):
     assert RunOptions().output.parent == tmp_path / "runs"
     given = options_from_args(build_parser().parse_args(["run", "--output", str(tmp_path / "x")]))
     assert given.output == tmp_path / "x"
+
+
+def test_a_notebook_without_parameters_cell_is_a_failed_row_not_a_crash(tmp_path):
+    """The run goes on and the report says how to tag the cell; the next notebook still runs."""
+    bad = tmp_path / "00_untagged.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("scale = None")]
+    nbformat.write(nb, bad)
+    good = make_notebook(tmp_path / "01_fine.ipynb", "print('ok')")
+    results = run_notebooks([bad, good], RunOptions(scale="tiny", output=tmp_path / "out"))
+    assert [r.name for r in results] == ["00_untagged", "01_fine"]
+    assert not results[0].ok and "add the tag 'parameters'" in results[0].error
+    assert results[1].ok
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Property Inspector" in page and 'href="01_fine.ipynb"' in page
