@@ -114,8 +114,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_steps < 0 or self.keep_last < 1:
-            raise ValueError("warmup_steps must be >= 0 and keep_last >= 1")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0 (0 = no warmup), got {self.warmup_steps}")
+        if self.keep_last < 1:
+            raise ValueError(f"TrainConfig.keep_last must be >= 1 (checkpoints kept), got {self.keep_last}")
 
     @classmethod
     def for_scale(cls, name: str | None = None, **overrides: Any) -> "TrainConfig":

@@ -30,7 +30,8 @@ def make_messy_corpus(out_dir: str | Path, *, seed: int = 0) -> Path:
     root = stdlib_root()
     texts = [(root / m).read_text(encoding="utf-8") for m in MODULES if (root / m).is_file()]
     if len(texts) < 4:
-        raise FileNotFoundError(f"too few standard library modules under {root} to build the demo corpus")
+        raise FileNotFoundError(f"too few standard library modules under {root} to build the demo corpus: this Python "
+                                "ships without its .py sources; use a full Python install, or pass your own folder of texts")
     for i, t in enumerate(texts):
         (out / f"doc_{i:02d}.txt").write_text(t, encoding="utf-8")
     (out / "z_exact_copy_of_01.txt").write_text(texts[1], encoding="utf-8")

@@ -277,7 +277,8 @@ class ShardReader:
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start+length)`` of the split's stream, across shard boundaries (int64)."""
         if start < 0 or start + length > self.num_tokens:
-            raise IndexError(f"tokens [{start}, {start + length}) outside [0, {self.num_tokens})")
+            raise IndexError(f"tokens [{start}, {start + length}) outside [0, {self.num_tokens}): ask for "
+                             "start >= 0 and start + length <= reader.num_tokens")
         out = np.empty(length, dtype=np.int64)
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         pos, filled = start, 0

@@ -161,7 +161,8 @@ def on_each_worker(client: Any, fn: Any, *args: Any, timeout: float = 120.0, one
                                "(client.get_worker_logs()) or restart the cluster")
         for a, f in zip(group, futures):
             if f.status == "error":
-                raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed on worker {a}: {f.exception()!r}")
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed on worker {a}: {f.exception()!r}; check its "
+                                   "log (client.get_worker_logs()) or restart the cluster")
             results.append(f.result())
     return results
 

