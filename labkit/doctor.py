@@ -11,11 +11,13 @@ import importlib.metadata as md
 import json
 import os
 import platform
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .cluster import slurmcli
+from .cluster.errors import ClusterError
+from .cluster.preflight import gres_gpus
 from .config import ConfigError, load_config
 
 # package -> needed? (a missing needed package fails the doctor)
@@ -65,12 +67,7 @@ class SlurmPartition:
     @property
     def gpus_per_node(self) -> int:
         """GPUs per node declared as GRES (``gpu:2`` or ``gpu:a100:4`` -> the count)."""
-        total = 0
-        for item in self.gres.split(","):
-            parts = item.split("(")[0].split(":")
-            if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
-                total += int(parts[-1])
-        return total
+        return gres_gpus(self.gres)
 
 
 @dataclass
@@ -111,21 +108,17 @@ class DoctorReport:
 
 
 def slurm_partitions(timeout: float = 10.0) -> list[SlurmPartition]:
-    """Partitions and their GRES from ``sinfo``; raises RuntimeError when Slurm does not answer."""
-    sinfo = shutil.which("sinfo")
-    if not sinfo:
-        raise RuntimeError("sinfo not found: Slurm's client tools are not installed or not on PATH")
+    """Partitions and their GRES from ``sinfo``; raises ClusterError (a RuntimeError) when Slurm does not answer."""
+    if slurmcli.which("sinfo") is None:
+        raise ClusterError("sinfo not found: Slurm's client tools are not installed or not on PATH")
     try:
-        out = subprocess.run(
-            [sinfo, "-h", "-o", "%P|%a|%D|%T|%G"],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"sinfo did not answer within {timeout:.0f} s: is slurmctld running?") from exc
-    if out.returncode != 0:
-        raise RuntimeError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}")
+        out = slurmcli.run(["sinfo", "-h", "-o", "%P|%a|%D|%T|%G"], timeout=timeout)
+    except ClusterError as exc:  # the doctor's own wording: it reports on Slurm, not on starting a cluster
+        if isinstance(exc.__cause__, subprocess.TimeoutExpired):
+            raise ClusterError(f"sinfo did not answer within {timeout:.0f} s: is slurmctld running?") from exc
+        raise ClusterError(f"sinfo failed: {str(exc).partition(' failed: ')[2]}") from exc
     parts: dict[str, SlurmPartition] = {}
-    for line in out.stdout.splitlines():
+    for line in out.splitlines():
         fields = line.strip().split("|")
         if len(fields) != 5:
             continue

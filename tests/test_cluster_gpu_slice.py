@@ -38,6 +38,33 @@ def test_slices_of_a_job_are_disjoint_and_cover_it():
     assert sum(parts, []) == job.split(",")
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("-1", []),                    # CUDA's "no GPU"
+    ("NoDevFiles", []),            # Slurm's value for a job without GPU device files
+    ("", []),
+    (None, []),
+    ("0,1", ["0", "1"]),
+    (" 2, 3 ", ["2", "3"]),
+    ("0,,1", ["0", "1"]),          # empty entries dropped
+    ("0,-1,1", ["0"]),             # CUDA ignores every id after an invalid one
+    (["4", " 5 "], ["4", "5"]),
+])
+def test_parse_ids_is_the_one_reading_of_cuda_visible_devices(value, expected):
+    assert gpu_slice.parse_ids(value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "NoDevFiles", " -1 ", ""])
+def test_every_gpu_helper_sees_no_gpu_where_cuda_sees_none(monkeypatch, value):
+    from labkit.check.cluster import _probe
+    from labkit.cluster.handle import _visible_gpus
+    from labkit.cluster.local import local_gpu_ids
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+    assert _visible_gpus() == [] and local_gpu_ids() == [] and _probe() == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", " 2, 3 ")
+    assert _visible_gpus() == ["2", "3"] == local_gpu_ids() and _probe() == "2,3"
+
+
 @pytest.mark.parametrize("job, index, gpus, workers, needle", [
     ("0", 0, 1, 2, "1 GPU(s) in CUDA_VISIBLE_DEVICES=0, but workers_per_job=2 x gpus_per_worker=1 need 2"),
     ("", 0, 1, 2, "CUDA_VISIBLE_DEVICES=(unset or empty)"),

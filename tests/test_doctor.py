@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from labkit.doctor import (
     FAIL,
     OK,
@@ -57,6 +59,22 @@ def test_doctor_proxy_check(monkeypatch):
 def test_sinfo_parse(slurm):
     parts = slurm_partitions()
     assert any(p.name == "gpu" and "gpu:2" in p.gres for p in parts)
+
+
+@pytest.mark.parametrize("script, needle", [
+    (None, "sinfo not found: Slurm's client tools are not installed or not on PATH"),
+    ("echo 'slurm_load_partitions: Unable to contact slurm controller' >&2; exit 1",
+     "sinfo failed: slurm_load_partitions: Unable to contact slurm controller"),
+    ("exec sleep 5", "sinfo did not answer within 1 s: is slurmctld running?"),
+])
+def test_sinfo_problems_keep_the_doctor_wording(monkeypatch, tmp_path, script, needle):
+    if script is not None:  # a stand-in sinfo that fails the way a broken or hung Slurm does
+        (tmp_path / "sinfo").write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin" if script else str(tmp_path))
+    with pytest.raises(RuntimeError) as err:
+        slurm_partitions(timeout=1)
+    assert str(err.value) == needle
 
 
 def test_doctor_runs_folder(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ import os
 from typing import Any, Callable
 
 from labkit.check import defined_function, solution_book
+from labkit.cluster.gpu_slice import parse_ids
 
 
 class CheckFailed(AssertionError):
@@ -14,7 +15,7 @@ class CheckFailed(AssertionError):
 
 def _probe() -> str:
     """Runs on a worker: the GPU ids it may use."""
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return ",".join(parse_ids(os.environ.get("CUDA_VISIBLE_DEVICES")))
 
 
 class _RecordingClient:

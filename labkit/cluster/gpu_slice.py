@@ -24,10 +24,23 @@ class GpuSliceError(RuntimeError):
     """The job's GPU list cannot be split between its worker processes; the message names the fix."""
 
 
+NO_GPU = ("-1", "NoDevFiles")  # CUDA's "hide every GPU" and Slurm's value for a job without GPU files
+
+
 def parse_ids(value: str | Sequence[str] | None) -> list[str]:
-    """GPU ids from a ``CUDA_VISIBLE_DEVICES`` value (``"0,1"``) or a list; empty entries dropped."""
+    """GPU ids from a ``CUDA_VISIBLE_DEVICES`` value (``"0,1"``) or a list; empty entries dropped.
+
+    The one parser labkit uses for that variable. ``-1`` or ``NoDevFiles`` ends the list: CUDA shows only
+    the ids before an invalid one, so ``"-1"`` means no GPU and ``"0,-1,1"`` means GPU 0 only.
+    """
     items = value.split(",") if isinstance(value, str) else list(value or [])
-    return [str(i).strip() for i in items if str(i).strip()]
+    ids: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if item in NO_GPU:
+            break
+        if item:
+            ids.append(item)
+    return ids
 
 
 def slice_gpus(job_gpus: str | Sequence[str] | None, index: int, gpus_per_worker: int,
@@ -105,5 +118,7 @@ def dask_setup(server: Any) -> None:
 
 # dask loads this file in each nanny's constructor, where an exception stops the worker command and so
 # the job (its log then says why); an exception in dask_setup would only be logged, and the workers
-# would start sharing every GPU of the job.
-check_job(os.environ)
+# would start sharing every GPU of the job. Only there: as ``labkit.cluster.gpu_slice`` (for parse_ids) it is
+# also imported in worker processes, whose list is already narrowed to their own slice.
+if not __package__:
+    check_job(os.environ)

@@ -14,6 +14,7 @@ from distributed import Client
 from ..config import Profile
 from . import slurmcli
 from .errors import ClusterError, ClusterTimeout
+from .gpu_slice import parse_ids
 from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
@@ -23,8 +24,8 @@ TERMINAL = {"FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL", "OUT_OF_
 
 
 def _visible_gpus() -> list[str]:
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [g for g in (cvd or "").split(",") if g.strip()]
+    """Runs on a worker: the GPU ids its CUDA_VISIBLE_DEVICES lets it use ([] for ``-1`` or unset)."""
+    return parse_ids(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 @dataclass

@@ -10,6 +10,7 @@ import dask
 from distributed import LocalCluster, Nanny
 
 from ..config import Profile, parse_memory
+from .gpu_slice import parse_ids
 
 
 class NonDaemonNanny(Nanny):
@@ -25,7 +26,7 @@ def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     env = os.environ if env is None else env
     cvd = env.get("CUDA_VISIBLE_DEVICES")
     if cvd is not None:
-        return [g for g in cvd.split(",") if g.strip() and g.strip() != "-1"]
+        return parse_ids(cvd)
     return sorted(p.removeprefix("/dev/nvidia") for p in glob.glob("/dev/nvidia[0-9]*"))
 
 

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from labkit.hardware.catalog import catalog, gpu as find_gpu, network as find_network, networks
 from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, allreduce_time, plan_run
 from labkit.hardware.inspect import WorkerHardware, inspect_cluster
-from labkit.hardware.measure import AllReducePoint, ClusterMeasurement, DeviceBench, compare_with_catalog
+from labkit.hardware.measure import AllReducePoint, ClusterMeasurement, DeviceBench, compare_with_catalog, ratios
 
 from .live_plot import in_jupyter_kernel
 
@@ -69,9 +69,10 @@ def measurement_table(m: ClusterMeasurement, peaks: dict[str, float] | None = No
     rows = []
     for d in m.devices:
         cells = [d.worker or d.host, d.device_name, str(d.threads)]
+        fractions = ratios(d, peaks) if peaks else {}
         for dt in dtypes:
             f = d.flops(dt)
-            frac = f" ({f / peaks[dt]:.0%})" if f and peaks and peaks.get(dt) else ""
+            frac = f" ({fractions[dt]:.0%})" if f and dt in fractions else ""
             cells.append(f"{f / 1e9:.1f}{frac}" if f else "-")
         cells.append(f"{d.copy.bytes_per_s / 1e9:.1f}")
         h2d = f"{d.host_to_device.bytes_per_s / 1e9:.1f}" if d.host_to_device else "-"
