@@ -6,7 +6,6 @@ the notebook process that owns it; it is stale when that process is gone.
 
 from __future__ import annotations
 
-import getpass
 import re
 
 from . import slurmcli
@@ -17,7 +16,7 @@ _NAME = re.compile(rf"^{TAG}-[0-9a-f]{{8}}$")
 
 def labkit_jobs(user: str | None = None) -> list[slurmcli.JobInfo]:
     """This user's jobs that labkit submitted (name tag and owner comment)."""
-    user = user or getpass.getuser()
+    user = user or slurmcli.current_user()
     return [j for j in slurmcli.jobs(user=user) if _NAME.match(j.name) and j.comment.startswith(f"{TAG}:")]
 
 

@@ -97,7 +97,7 @@ class ClusterHandle:
         if self.kind != "slurm":
             return []
         self.job_ids()
-        return [j for j in slurmcli.jobs(user=_user()) if j.name == self.session.job_name]
+        return [j for j in slurmcli.jobs(user=slurmcli.current_user()) if j.name == self.session.job_name]
 
     def pending(self) -> list[slurmcli.JobInfo]:
         """Jobs not yet running, with their squeue reason."""
@@ -169,7 +169,7 @@ class ClusterHandle:
         if self.kind != "slurm":
             return []
         try:
-            listed = slurmcli.run(["squeue", "-h", "-o", "%i|%T", "-u", _user()])
+            listed = slurmcli.run(["squeue", "-h", "-o", "%i|%T", "-u", slurmcli.current_user()])
         except ClusterError:
             return []
         live = {line.split("|")[0].strip() for line in listed.splitlines()
@@ -286,9 +286,3 @@ class ClusterHandle:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _user() -> str:
-    import getpass
-
-    return getpass.getuser()

@@ -97,14 +97,12 @@ def stale_sessions() -> list[Session]:
 def end_session(session: Session, credentials: object | None, slurm: bool, job_ids: list[str] | tuple = ()) -> None:
     """Cancel every job of the session (by id and by name tag), delete its keys and its directory."""
     if slurm:
-        import getpass
-
         from . import slurmcli
         from .errors import ClusterError
 
         try:
             slurmcli.cancel(job_ids)
-            slurmcli.run(["scancel", "--name", session.job_name, "-u", getpass.getuser()], check=False)
+            slurmcli.cancel_by_name(session.job_name)
         except ClusterError:
             pass
     delete = getattr(credentials, "delete", None)

@@ -81,6 +81,18 @@ def jobs(job_ids: Iterable[str] | None = None, user: str | None = None, timeout:
     return found
 
 
+def current_user() -> str:
+    """The user whose jobs labkit lists and cancels (this process's login name)."""
+    import getpass
+
+    return getpass.getuser()
+
+
+def cancel_by_name(job_name: str, timeout: float = 30.0) -> None:
+    """scancel every job of this user named ``job_name`` (queued or running); a missing scancel is an error."""
+    run(["scancel", "--name", job_name, "-u", current_user()], timeout=timeout, check=False)
+
+
 def cancel(job_ids: Iterable[str], timeout: float = 10.0) -> None:
     """scancel the given jobs; already-finished ones are ignored."""
     ids = [str(j) for j in job_ids if j]

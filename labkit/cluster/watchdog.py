@@ -37,10 +37,10 @@ def owner_running(pid: int, create_time: float) -> bool:
 
 def cancel_session_jobs(job_name: str) -> None:
     """scancel every job of this user named ``job_name`` (queued or running)."""
-    exe = slurmcli.which("scancel")
-    if exe:
-        subprocess.run([exe, "--name", job_name, "--user", _user()], env=slurmcli.submission_env(),
-                       capture_output=True, timeout=30, check=False)
+    try:
+        slurmcli.cancel_by_name(job_name)
+    except slurmcli.ClusterError:  # no scancel here: nothing this process can cancel
+        pass
 
 
 def watch(pid: int, create_time: float, job_name: str, session_dir: Path, interval: float = 2.0) -> bool:
@@ -66,12 +66,6 @@ def spawn(session: Session, interval: float = 2.0) -> subprocess.Popen:
         )
     finally:
         log.close()
-
-
-def _user() -> str:
-    import getpass
-
-    return getpass.getuser()
 
 
 def main(argv: list[str] | None = None) -> int:
