@@ -8,7 +8,6 @@ cosine similarity: meaning, not shared words.
 from __future__ import annotations
 
 import ast
-import sysconfig
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -69,7 +68,9 @@ def stdlib_docstrings(max_docs: int = 300, per_module: int = 6, min_chars: int =
                       root: str | Path | None = None) -> list[Doc]:
     """Docstrings (first paragraphs) of public modules, classes and functions of the stdlib, at most
     ``per_module`` per module, from modules spread evenly over the alphabet; stable order."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
+    from labkit.data.sources import stdlib_root
+
+    root = Path(root) if root else stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"stdlib folder {root} not found; pass root= to a folder of .py files")
     files = _candidate_files(root)

@@ -332,9 +332,9 @@ class ShardReader:
 
 def tiny_text(max_bytes: int = 300_000) -> str:
     """A few hundred KB of real text: some Python standard library modules, read offline."""
-    import sysconfig
+    from labkit.data.sources import stdlib_root
 
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     names = ["textwrap.py", "argparse.py", "difflib.py", "string.py", "fractions.py", "heapq.py",
              "shlex.py", "bisect.py", "calendar.py", "pprint.py", "statistics.py", "glob.py"]
     parts, total = [], 0
