@@ -110,4 +110,8 @@ def test_bench_smoke(capsys):
     rc = bench.main(["--seq-len", "128", "--batch", "1", "--heads", "2", "--head-dim", "16",
                      "--block-size", "32", "--repeat", "1", "--threads", "0"])  # 0: leave threads as they are
     out = capsys.readouterr().out
-    assert "fwd_mem_vs_naive" in out and "train_mem_vs_naive" in out and rc in (0, 1)
+    rows = re.findall(r"(\w+) =\s+([\d.]+)\s+\(target <= ([\d.]+)\)\s+(ok|MISSED)", out)
+    assert {r[0] for r in rows} == {"fwd_mem_vs_naive", "fwd_time_vs_sdpa", "train_mem_vs_naive"}, out
+    for name, value, target, verdict in rows:  # each verdict follows from its figure, and the exit code from all
+        assert float(value) > 0 and verdict == ("ok" if float(value) <= float(target) else "MISSED"), name
+    assert rc == (1 if any(r[3] == "MISSED" for r in rows) else 0)
