@@ -156,7 +156,7 @@ def parse_memory(text: str | int, *, key: str = "memory") -> int:
     """Parse ``"4GiB"``, ``"500MB"``, ``"2G"`` or a byte count into bytes."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text <= 0:
-            raise ConfigError(f"{key}: {text} must be positive")
+            raise ConfigError(f"{key}: {text} must be positive; write it like '4GiB' or a byte count such as 4294967296")
         return text
     m = _MEM_RE.match(str(text))
     unit = (m.group(2) or "").lower() if m else None
@@ -166,7 +166,7 @@ def parse_memory(text: str | int, *, key: str = "memory") -> int:
         )
     value = int(float(m.group(1)) * _MEM_UNITS[unit])
     if value <= 0:
-        raise ConfigError(f"{key}: {text!r} must be more than zero")
+        raise ConfigError(f"{key}: {text!r} must be more than zero; write it like '4GiB', '500MB' or '16G'")
     return value
 
 
@@ -191,10 +191,10 @@ def parse_walltime(text: str, *, key: str = "walltime") -> int:
     else:
         h, mi, s = parts
     if (len(parts) > 1 and (mi >= 60 and days is None and len(parts) == 3)) or s >= 60:
-        raise ConfigError(f"{key}: {text!r} has minutes or seconds of 60 or more")
+        raise ConfigError(f"{key}: {text!r} has minutes or seconds of 60 or more; carry them into the next unit, e.g. '01:01:00' not '00:61:00'")
     total = int(days or 0) * 86400 + h * 3600 + mi * 60 + s
     if total <= 0:
-        raise ConfigError(f"{key}: {text!r} must be longer than zero")
+        raise ConfigError(f"{key}: {text!r} must be longer than zero; write it like '00:30:00' (HH:MM:SS)")
     return total
 
 
