@@ -324,6 +324,7 @@ def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorR
             f"{name}{' -> ' + prof.name if name == 'auto' else ''} ({prof.kind}), from {prof.source}; {why}",
         ))
         report.checks.append(Check("scale", OK, f"{scale.name}: {scale.description}"))
+        report.checks.append(Check("config files", OK, ", ".join(cfg.layers) + " (later ones override earlier)"))
     except ConfigError as exc:
         report.checks.append(Check("config", FAIL, str(exc), "fix the file or variable named above"))
     report.checks.append(_check_runs())

@@ -191,3 +191,12 @@ def test_server_extension_enabled_agrees_with_jupyter_server(tmp_path):
         assert server_extension_enabled(name, dirs)[0] == bool(theirs.get(name, False)), name
     assert server_extension_enabled("a", dirs) == (False, str(env / "jupyter_server_config.d" / "a.json"))
     assert server_extension_enabled("d", dirs) == (False, "")  # named nowhere: not loaded
+
+
+def test_doctor_lists_the_config_files_it_read(monkeypatch, tmp_path):
+    """The instructor guide promises that the doctor shows which config layers were read."""
+    user = tmp_path / "mine.yaml"
+    user.write_text("scale: tiny\n")
+    monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
+    line = [c for c in run_doctor().checks if c.name == "config files"][0]
+    assert str(user) in line.detail and "defaults.yaml" in line.detail
