@@ -17,6 +17,7 @@ from labkit.hardware.measure import (
     bench_device,
     compare_with_catalog,
     cpu_peak_flops,
+    fit_allreduce,
     host_device_bandwidth,
     measure_cluster,
     median_time,
@@ -125,6 +126,24 @@ def test_median_and_flop_arithmetic():
     gpu_like = dataclasses.replace(r, device="cuda:0", device_name="NVIDIA A100-SXM4-80GB", device_memory_bytes=80 * 2**30)
     peaks, bw, label = peaks_for(gpu_like)
     assert peaks["bf16"] == 312e12 and bw == 2039e9 and label.startswith("A100-SXM4-80GB")
+
+
+def test_fit_allreduce_recovers_latency_and_bandwidth():
+    latency, bw = 7e-6, 12e9
+    for g in (2, 4, 8):
+        steps = 2 * (g - 1)                                       # ring all-reduce: t = steps/G * bytes/bw + steps * latency
+        pts = [AllReducePoint(n, steps / g * n / bw + steps * latency, g, "nccl") for n in (4, 4096, 1 << 20, 1 << 40)]
+        fit = fit_allreduce(list(reversed(pts)))                  # order does not matter
+        assert fit.n_ranks == g
+        assert fit.latency_s == pytest.approx(latency, rel=1e-4) and fit.bus_bandwidth == pytest.approx(bw, rel=1e-4)
+        for p in pts:                                             # the model reproduces the points it came from
+            assert fit.bus_bandwidth_at(p.n_bytes) == pytest.approx(p.bus_bandwidth, rel=1e-3)
+    slow = fit_allreduce([AllReducePoint(1 << 20, 0.5, 4, "gloo")])  # one point: all of its time is latency
+    assert slow.latency_s == pytest.approx(0.5 / 6) and slow.bus_bandwidth == pytest.approx((1 << 20) / 0.5 * 1.5)
+    with pytest.raises(ValueError, match="measure"):
+        fit_allreduce([])
+    with pytest.raises(ValueError, match="2 ranks"):
+        fit_allreduce([AllReducePoint(1024, 1e-3, 1, "gloo")])
 
 
 def test_cpu_measurements_compared_with_the_generic_cpu_node():

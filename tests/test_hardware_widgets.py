@@ -3,7 +3,8 @@
 import pytest
 
 from labkit.hardware.inspect import probe
-from labkit.hardware.measure import AllReducePoint, BandwidthResult, ClusterMeasurement, DeviceBench, MatmulResult, MeasureConfig
+from labkit.hardware.measure import (AllReducePoint, BandwidthResult, ClusterMeasurement, DeviceBench, MatmulResult,
+                                    MeasureConfig, fit_allreduce)
 from labkit.widgets.hardware import (
     EstimatorPanel,
     busbw_figure,
@@ -63,6 +64,9 @@ def test_roofline_and_busbw_charts():
     assert fig.data[0].y[-1] > fig.data[0].y[0]                 # bandwidth grows with message size
     assert len(fig.layout.shapes) == 2                           # NDR and NVLink reference lines
     assert "model" in fig.data[1].name
+    fit = fit_allreduce(pts)                                     # the drawn curve is the capability's fit
+    assert list(fig.data[1].y) == pytest.approx([fit.bus_bandwidth_at(p.n_bytes) for p in pts])
+    assert f"{fit.latency_s * 1e6:.0f} µs/step" in fig.data[1].name
     bundle = fig._repr_mimebundle_()
     spec = bundle["application/vnd.plotly.v1+json"]
     assert not hasattr(fig, "_ipython_display_") and not hasattr(fig, "_repr_html_")

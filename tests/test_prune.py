@@ -12,7 +12,8 @@ from labkit.prune import (
     select, shrink, sparsity,
 )
 from labkit.prune.importance import batches_of, gated, normalize_per_layer
-from labkit.prune.evaluate import apply, perplexity, removed_fraction, sparsity_curve, val_windows
+from labkit.prune.evaluate import (apply, evaluate_point, measure_point, perplexity, removed_fraction, sparsity_curve,
+                                  val_windows)
 from labkit.prune.speed import SparseLinear, sparse_kernel_study, speedups, time_models, to_sparse
 
 torch.set_num_threads(1)
@@ -298,6 +299,24 @@ def test_perplexity_curve_and_apply():
     with pytest.raises(ValueError, match="unstructured, heads, ffn, structured"):
         apply(m, "channels", 0.5)
     assert removed_fraction(m, m) == 0.0
+
+
+def test_measure_point_scores_and_times_the_pruned_copy():
+    m = tiny_gpt()
+    val = windows(4)
+    before = {n: p.clone() for n, p in m.state_dict().items()}
+    row = measure_point(m, "unstructured", 0.5, val, repeats=1, warmup=0)
+    point = evaluate_point(m, "unstructured", 0.5, val)
+    assert set(row) == {"method", "amount", "sparsity", "perplexity", "perplexity_dense", "ms", "ms_dense", "speedup"}
+    assert (row["method"], row["amount"]) == ("unstructured", 0.5)
+    assert row["sparsity"] == pytest.approx(point.sparsity) and row["perplexity"] == pytest.approx(point.perplexity)
+    assert row["perplexity_dense"] == pytest.approx(perplexity(m, val)) and row["perplexity_dense"] != row["perplexity"]
+    assert row["ms"] > 0 and row["ms_dense"] > 0 and row["speedup"] == pytest.approx(row["ms_dense"] / row["ms"])
+    assert all(torch.equal(before[n], p) for n, p in m.state_dict().items())        # the model is not changed
+    small = measure_point(m, "structured", 0.5, val, x=val[:1, :8], repeats=1, warmup=0, dense_perplexity=42.0)
+    assert small["perplexity_dense"] == 42.0 and 0.4 < small["sparsity"] < 0.6     # given dense value reused
+    with pytest.raises(ValueError, match="choose one of"):
+        measure_point(m, "channels", 0.5, val)
 
 
 def test_val_windows_from_a_stream():

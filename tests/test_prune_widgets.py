@@ -18,6 +18,7 @@ def test_slider_update_measures_the_pruned_copy():
     assert row["sparsity"] == pytest.approx(0.5, abs=1e-3) and row["ms"] > 0 and row["perplexity"] > 1
     row2 = s.update(0.5, method="structured")
     assert row2["method"] == "structured" and len(s.history) == 2
+    assert row["perplexity_dense"] == row2["perplexity_dense"] == s.base_ppl > 1      # measured once, shown on every row
     assert all((p != 0).all() for n, p in m.named_parameters() if n.endswith("c_fc.weight"))  # original untouched
     assert "perplexity" in s.text(row) and "x)" in s.text(row)
     box = s.widget()

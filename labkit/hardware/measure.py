@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from labkit.hardware.estimate import allreduce_time
+
 KB, MB = 1024, 1024**2
 
 
@@ -196,6 +198,31 @@ class AllReducePoint:
         """nccl-tests' bus bandwidth: algo bandwidth x 2(G-1)/G, comparable with the link speed."""
         g = self.world_size
         return self.algo_bandwidth * 2 * (g - 1) / g
+
+
+@dataclass(frozen=True)
+class AllreduceFit:
+    """Alpha-beta model of a ring all-reduce fitted to measurements: latency per step and bus bandwidth."""
+
+    latency_s: float
+    bus_bandwidth: float      # bytes/s
+    n_ranks: int
+
+    def bus_bandwidth_at(self, n_bytes: float) -> float:
+        """Bus bandwidth the model predicts for one message size, to draw against the measured points."""
+        return allreduce_time(n_bytes, self.n_ranks, self.bus_bandwidth, self.latency_s).bus_bandwidth
+
+
+def fit_allreduce(points: Sequence[AllReducePoint]) -> AllreduceFit:
+    """Fit t = 2(G-1)/G * bytes/bw + 2(G-1) * latency to measured points (G = their world size): latency
+    from the fastest message spread over its 2(G-1) steps, bandwidth from the best bus bandwidth."""
+    if not points:
+        raise ValueError("no all-reduce points to fit: measure some first (measure_allreduce or measure_cluster)")
+    g = points[0].world_size
+    if g < 2:
+        raise ValueError(f"an all-reduce fit needs at least 2 ranks, the points have {g}: measure on 2+ workers")
+    latency = min(p.seconds for p in points) / (2 * (g - 1))
+    return AllreduceFit(latency, max(p.bus_bandwidth for p in points), g)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .importance import batches_of
+from .speed import speedups, time_models
 from .structured import prune_ffn, prune_heads, prune_structured
 from .unstructured import check_amount, magnitude, sparsity
 
@@ -96,12 +97,31 @@ class CurvePoint:
         return dict(self.__dict__)
 
 
+def _pruned_point(model: nn.Module, method: str, amount: float, val: torch.Tensor, importance: str,
+                  calib: Any) -> tuple[nn.Module, CurvePoint]:
+    pruned = apply(model, method, amount, importance, calib if calib is not None else val)
+    return pruned, CurvePoint(method, float(amount), removed_fraction(model, pruned),
+                              sum(p.numel() for p in pruned.parameters()), perplexity(pruned, val))
+
+
 def evaluate_point(model: nn.Module, method: str, amount: float, val: torch.Tensor, importance: str = "magnitude",
                    calib: Any = None) -> CurvePoint:
     """Prune a copy one way and measure it on ``val`` windows."""
-    pruned = apply(model, method, amount, importance, calib if calib is not None else val)
-    return CurvePoint(method, float(amount), removed_fraction(model, pruned),
-                      sum(p.numel() for p in pruned.parameters()), perplexity(pruned, val))
+    return _pruned_point(model, method, amount, val, importance, calib)[1]
+
+
+def measure_point(model: nn.Module, method: str, amount: float, val: torch.Tensor, x: torch.Tensor | None = None,
+                  repeats: int = 3, warmup: int = 3, dense_perplexity: float | None = None,
+                  importance: str = "magnitude") -> dict:
+    """``evaluate_point`` plus latency: the pruned copy and the dense model timed on ``x`` (default: the
+    first two ``val`` windows). Pass ``dense_perplexity`` to reuse it; the row the sparsity slider shows."""
+    pruned, point = _pruned_point(model, method, amount, val, importance, None)
+    t = time_models({"dense": model, "pruned": pruned}, x if x is not None else val[:2, :-1],
+                    repeats=repeats, warmup=warmup)
+    dense_ppl = perplexity(model, val) if dense_perplexity is None else float(dense_perplexity)
+    return {"method": method, "amount": point.amount, "sparsity": point.sparsity, "perplexity": point.perplexity,
+            "perplexity_dense": dense_ppl, "ms": t["pruned"].ms, "ms_dense": t["dense"].ms,
+            "speedup": speedups(t, "dense")["pruned"]}
 
 
 def sparsity_curve(model: nn.Module, val: torch.Tensor, amounts: Sequence[float] = (0.0, 0.25, 0.5, 0.75),

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from labkit.hardware.catalog import catalog, gpu as find_gpu, network as find_network, networks
-from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, allreduce_time, plan_run
+from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, plan_run
 from labkit.hardware.inspect import WorkerHardware, inspect_cluster
-from labkit.hardware.measure import AllReducePoint, ClusterMeasurement, DeviceBench, compare_with_catalog, ratios
+from labkit.hardware.measure import (AllReducePoint, ClusterMeasurement, DeviceBench, compare_with_catalog, fit_allreduce,
+                                     ratios)
 
 from .live_plot import in_jupyter_kernel
 
@@ -251,8 +252,8 @@ def roofline_figure(devices: Sequence[DeviceBench] = (), gpus: Sequence[str] = (
 
 def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HDR-200", "IB-NDR-400", "RoCE-100GbE"),
                  nvlink_of: str | None = "H100-SXM") -> Any:
-    """Bus bandwidth vs message size: measured all-reduce, an alpha-beta model fitted to it (latency of
-    the smallest message, bandwidth of the largest), and the catalog's links as horizontal lines."""
+    """Bus bandwidth vs message size: measured all-reduce, the alpha-beta model ``fit_allreduce`` fits to
+    it, and the catalog's links as horizontal lines."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -260,13 +261,11 @@ def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HD
         sizes = [p.n_bytes for p in points]
         fig.add_trace(go.Scatter(x=sizes, y=[p.bus_bandwidth for p in points], mode="lines+markers",
                                  name=f"measured ({points[0].backend}, {points[0].world_size} ranks)"))
-        g = points[0].world_size
-        if g > 1:
-            lat = min(p.seconds for p in points) / (2 * (g - 1))
-            bw = max(p.bus_bandwidth for p in points)
-            fig.add_trace(go.Scatter(x=sizes, y=[allreduce_time(s, g, bw, lat).bus_bandwidth for s in sizes],
-                                     mode="lines", line={"dash": "dot"},
-                                     name=f"model: latency {lat * 1e6:.0f} µs/step, {bw / 1e9:.2f} GB/s"))
+        if points[0].world_size > 1:
+            fit = fit_allreduce(points)
+            fig.add_trace(go.Scatter(x=sizes, y=[fit.bus_bandwidth_at(s) for s in sizes], mode="lines",
+                                     line={"dash": "dot"}, name=f"model: latency {fit.latency_s * 1e6:.0f} µs/step, "
+                                                               f"{fit.bus_bandwidth / 1e9:.2f} GB/s"))
     lines = [(find_network(n).name, find_network(n).bandwidth) for n in nets]
     if nvlink_of:
         a = find_gpu(nvlink_of)

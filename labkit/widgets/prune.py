@@ -13,8 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from labkit.prune.evaluate import METHODS, apply, perplexity, removed_fraction
-from labkit.prune.speed import speedups, time_models
+from labkit.prune.evaluate import METHODS, measure_point
 
 
 class SparsitySlider:
@@ -29,8 +28,8 @@ class SparsitySlider:
         if method not in METHODS:
             raise ValueError(f"method={method!r}: choose from {', '.join(METHODS)}")
         self.model, self.val, self.method, self.repeats = model, val, method, repeats
-        self.x = x if x is not None else val[:2, :-1]
-        self.base_ppl = perplexity(model, val)
+        self.x = x
+        self.base_ppl: float | None = None      # the dense perplexity, measured by the first update
         self.history: list[dict] = []
         self.max_amount, self.step = max_amount, step
         self._box = None
@@ -38,12 +37,9 @@ class SparsitySlider:
 
     def update(self, amount: float, method: str | None = None) -> dict:
         """Prune a copy to ``amount`` and measure it against the dense model; returns the row."""
-        method = method or self.method
-        pruned = apply(self.model, method, amount)
-        t = time_models({"dense": self.model, "pruned": pruned}, self.x, repeats=self.repeats, warmup=3)
-        row = {"method": method, "amount": float(amount), "sparsity": removed_fraction(self.model, pruned),
-               "perplexity": perplexity(pruned, self.val), "perplexity_dense": self.base_ppl,
-               "ms": t["pruned"].ms, "ms_dense": t["dense"].ms, "speedup": speedups(t, "dense")["pruned"]}
+        row = measure_point(self.model, method or self.method, amount, self.val, self.x, repeats=self.repeats,
+                            dense_perplexity=self.base_ppl)
+        self.base_ppl = row["perplexity_dense"]
         self.history.append(row)
         if self._label is not None:
             self._label.value = self.html(row)
