@@ -52,6 +52,14 @@ def softmax_at_scales(scores: torch.Tensor, d_k: int, factors: Sequence[float]) 
 
 
 # ------------------------------------------------------------------------------------------ masks
+def attention_stats(probs: torch.Tensor) -> dict[str, float]:
+    """How peaked attention rows (..., T_q, T_k) are, averaged over all rows: mean entropy in nats
+    (log T_k = uniform, 0 = one-hot) and the mean of each row's largest weight."""
+    p = probs.detach().float()
+    entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+    return {"entropy": entropy, "mean_max_weight": float(p.max(-1).values.mean())}
+
+
 def causal_mask(t_q: int, t_k: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (t_q, t_k) mask, True on and below the diagonal: query i may see keys 0..i.
 

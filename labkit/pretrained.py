@@ -159,6 +159,18 @@ def recompute_attention(model, inputs, layer: int | None = None, scale: float | 
 
 
 @torch.no_grad()
+def attention_probs(model, tokenizer, text: str, scale: float | None = None,
+                    causal: bool = False) -> tuple[list[str], torch.Tensor]:
+    """Tokenize one text and recompute every layer's attention: (tokens, probs (L, H, T, T)).
+
+    What the attention views draw; ``scale`` and ``causal`` as in :func:`recompute_attention`."""
+    inputs = tokenizer(text, return_tensors="pt")
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    layers = recompute_attention(model, inputs, scale=scale, causal=causal)
+    return tokens, torch.stack([la.probs[0] for la in layers])
+
+
+@torch.no_grad()
 def model_attention(model, inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """What transformers itself returns: per layer the attention probabilities (``output_attentions``)
     and the self-attention output (captured with a forward hook on each ``attention.self``)."""

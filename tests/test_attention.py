@@ -224,3 +224,19 @@ def test_softmax_at_scales_saturates_as_the_scale_grows():
     torch.testing.assert_close(rows[1][1], torch.softmax(scores / 8.0, -1))
     peaks = [float(p.max()) for _, p in rows]
     assert peaks[0] < peaks[1] < peaks[2] and peaks[2] > 0.9  # sqrt(d_k) = no scaling: close to one-hot
+
+
+def test_attention_stats_uniform_one_hot_and_mixed():
+    t = 7
+    uniform = torch.full((2, 3, t, t), 1.0 / t)
+    s = A.attention_stats(uniform)
+    assert s["entropy"] == pytest.approx(math.log(t), abs=1e-5)
+    assert s["mean_max_weight"] == pytest.approx(1.0 / t, abs=1e-6)
+    one_hot = torch.eye(t)[torch.randperm(t, generator=torch.Generator().manual_seed(0))]
+    s = A.attention_stats(one_hot)
+    assert s["entropy"] == pytest.approx(0.0, abs=1e-6) and s["mean_max_weight"] == pytest.approx(1.0)
+    # half the rows uniform over 2 keys, half one-hot: averages of log 2 and 0, of 1/2 and 1
+    mixed = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]])
+    s = A.attention_stats(mixed)
+    assert s["entropy"] == pytest.approx(math.log(2) / 2, abs=1e-6)
+    assert s["mean_max_weight"] == pytest.approx(0.75)

@@ -17,6 +17,16 @@ def test_nfkc_control_and_whitespace():
     assert C.normalise_whitespace("\n\na  \r\nb\t\r\n\n\n\n\nc  \n\n") == "a\nb\n\n\nc"
 
 
+def test_apply_normalisers_runs_them_in_order_and_names_valid_ones():
+    text = "ﬁne\x07  \r\nmail a@b.org\n"
+    assert C.apply_normalisers(text, []) == text
+    assert C.apply_normalisers(text, ["nfkc", "control", "whitespace"]) == "fine\nmail a@b.org"
+    assert C.apply_normalisers(text, ["nfkc", "control", "whitespace", "scrub_pii"]) == "fine\nmail <EMAIL>"
+    assert C.apply_normalisers("a\x07b", ["control"]) == "ab" and C.apply_normalisers("ﬁ", ["nfkc"]) == "fi"
+    with pytest.raises(ValueError, match="unknown normaliser 'lowercase'; valid: nfkc, control, whitespace, scrub_pii"):
+        C.apply_normalisers("x", ["nfkc", "lowercase"])
+
+
 def test_scrub_pii_keeps_version_numbers():
     out = C.scrub_pii("Mail guido@python.org, host 10.0.0.255, v3.11.7, addr fe80:0:0:0:202:b3ff:fe1e:8329.")
     assert out == "Mail <EMAIL>, host <IP>, v3.11.7, addr <IP>."

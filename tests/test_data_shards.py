@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from labkit.data.shards import (
-    ShardError, ShardReader, ShardWriter, dtype_for_vocab, finish, make_tiny_shards, sha256_file,
+    ShardError, ShardReader, ShardWriter, dtype_for_vocab, finish, make_tiny_shards, rank_frequency, sha256_file,
+    token_counts,
 )
 from labkit.data.tokenizer import train_bpe
 
@@ -162,3 +163,19 @@ def test_rewrite_removes_only_its_own_stale_shards(tmp_path):
     assert n_before > 1 and sorted(p.name for p in tmp_path.glob("train_*.bin")) == ["train_00000.bin"]
     assert (tmp_path / "mine_00001.bin").read_bytes() == b"user data"
     ShardReader(tmp_path)
+
+
+def test_token_counts_and_rank_frequency(tiny):
+    counts = token_counts([3, 1, 3, 3, 0, 1], 6)
+    assert counts.tolist() == [1, 2, 0, 3, 0, 0] and counts.dtype == np.int64
+    rank, freq = rank_frequency(counts)
+    assert rank.tolist() == [1, 2, 3] and freq.tolist() == [3, 2, 1]  # zero counts left out
+    assert token_counts([], 4).tolist() == [0, 0, 0, 0]
+    for bad in ([0, 6], [-1, 2]):
+        with pytest.raises(ValueError, match=r"\[0, 6\).*vocab_size"):
+            token_counts(bad, 6)
+    r = ShardReader(tiny)
+    ids = r.read(0, r.num_tokens)
+    counts = token_counts(ids, r.vocab_size)
+    assert counts.size == r.vocab_size and counts.sum() == ids.size
+    assert counts[int(ids[0])] == int((ids == ids[0]).sum())

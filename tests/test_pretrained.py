@@ -94,3 +94,19 @@ def test_embed_matches_sentence_transformers_pipeline(bert):
     assert P.default_bert() is P.default_bert()
     with pytest.raises(TypeError, match="list of strings"):
         P.embed("one string", *bert)
+
+
+def test_attention_probs_is_recompute_attention_for_one_text(bert):
+    model, tok = bert
+    text = "The cat sat on the mat."
+    tokens, probs = P.attention_probs(model, tok, text, scale=0.5, causal=True)
+    inputs = tok(text, return_tensors="pt")
+    assert tokens == tok.convert_ids_to_tokens(inputs["input_ids"][0]) and tokens[0] == "[CLS]"
+    layers = P.recompute_attention(model, inputs, scale=0.5, causal=True)
+    t = len(tokens)
+    assert probs.shape == (model.config.num_hidden_layers, model.config.num_attention_heads, t, t)
+    for la in layers:
+        torch.testing.assert_close(probs[la.layer], la.probs[0], atol=0, rtol=0)
+    assert torch.all(probs.triu(1) == 0)  # causal: no weight on later tokens
+    _, default = P.attention_probs(model, tok, text)
+    assert not torch.allclose(default, probs)  # scale and causal are passed on

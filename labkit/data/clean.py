@@ -54,6 +54,16 @@ NORMALISERS: dict[str, Callable[[str], str]] = {
     "nfkc": nfkc, "control": strip_control, "whitespace": normalise_whitespace, "scrub_pii": scrub_pii,
 }
 
+
+def apply_normalisers(text: str, names: Sequence[str]) -> str:
+    """Run the named normalisers (keys of :data:`NORMALISERS`) on ``text``, in the given order."""
+    unknown = [n for n in names if n not in NORMALISERS]
+    if unknown:
+        raise ValueError(f"unknown normaliser {unknown[0]!r}; valid: {', '.join(NORMALISERS)}")
+    for name in names:
+        text = NORMALISERS[name](text)
+    return text
+
 # ------------------------------------------------------------------ quality measures
 
 _TEXTLIKE = re.compile(r"[\w\s.,;:!?'\"()\[\]{}<>=+\-*/\\#%&|^~`@$]")

@@ -41,6 +41,22 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size < 2**16 else np.dtype("<u4")
 
 
+def token_counts(ids: np.ndarray | Sequence[int], vocab_size: int) -> np.ndarray:
+    """How often each token id occurs: an int64 array of length ``vocab_size`` (for Zipf plots)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}; "
+                         "pass the tokenizer's vocab_size")
+    return np.bincount(ids, minlength=vocab_size)
+
+
+def rank_frequency(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rank, frequency) from token counts: most frequent first, ranks from 1, zero counts left out."""
+    counts = np.asarray(counts)
+    freq = np.sort(counts[counts > 0])[::-1]
+    return np.arange(1, freq.size + 1), freq
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()

@@ -17,7 +17,7 @@ import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
 
-from labkit.attention import softmax_at_scales
+from labkit.attention import attention_stats, softmax_at_scales
 
 COLORSCALE = "Blues"
 
@@ -159,12 +159,10 @@ class AttentionExplorer:
 
     def compute(self, sentence: str | None = None, factor: float = 1.0, causal: bool = False):
         """(tokens, probs (L, H, T, T)) with scale = factor / sqrt(d_k)."""
-        from labkit.pretrained import recompute_attention
+        from labkit.pretrained import attention_probs
 
-        inputs = self.tokenizer(sentence or self.sentence, return_tensors="pt")
-        tokens = self.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-        layers = recompute_attention(self.model, inputs, scale=factor / math.sqrt(self.d_k), causal=causal)
-        return tokens, torch.stack([la.probs[0] for la in layers])
+        return attention_probs(self.model, self.tokenizer, sentence or self.sentence,
+                               scale=factor / math.sqrt(self.d_k), causal=causal)
 
     def text(self, layer: int = 0, head: int = 0, factor: float = 1.0, causal: bool = False) -> str:
         """The console fallback: for each query, the key it attends to most."""
@@ -199,10 +197,9 @@ class AttentionExplorer:
                     target.data = []
                     target.add_traces(list(fig.data))
                     target.layout = fig.layout
-            p = pr[layer.value, head.value]
-            entropy = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+            stats = attention_stats(pr[layer.value, head.value])
             note.value = (f"scale = {factor.value:.3g} / sqrt({self.d_k}); mean max weight "
-                          f"{float(p.max(-1).values.mean()):.2f}, mean entropy {entropy:.2f} nats "
+                          f"{stats['mean_max_weight']:.2f}, mean entropy {stats['entropy']:.2f} nats "
                           f"(at scale x {math.sqrt(self.d_k):g} = no 1/sqrt(d_k): near one-hot)")
 
         for w in (text, layer, head, factor, causal):

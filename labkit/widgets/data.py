@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from labkit.data import clean as C
+from labkit.data import shards as S
 
 PALETTE = ("#dbeafe", "#fde68a", "#bbf7d0", "#fbcfe8", "#ddd6fe", "#fed7aa")
 
@@ -35,21 +36,19 @@ def length_histogram(lengths: Sequence[int], title: str = "document length (char
 
 def zipf_data(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(rank, frequency) of token ids, most frequent first, zero counts left out."""
-    counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)
-    freq = np.sort(counts[counts > 0])[::-1]
-    return np.arange(1, freq.size + 1), freq
+    return S.rank_frequency(S.token_counts(ids, vocab_size))
 
 
 def zipf_plot(ids: np.ndarray, vocab_size: int, tokenizer=None, label_top: int = 8):
     """Token frequency against rank on log-log axes, with the ideal Zipf line f(r) = f(1)/r."""
     import plotly.graph_objects as go
 
-    rank, freq = zipf_data(ids, vocab_size)
+    counts = S.token_counts(ids, vocab_size)
+    rank, freq = S.rank_frequency(counts)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=rank, y=freq, mode="lines", name="tokens"))
     fig.add_trace(go.Scatter(x=rank, y=freq[0] / rank, mode="lines", name="Zipf 1/rank", line=dict(dash="dot")))
     if tokenizer is not None and label_top:
-        counts = np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size)
         top = np.argsort(counts)[::-1][:label_top]
         fig.add_trace(go.Scatter(x=np.arange(1, len(top) + 1), y=counts[top], mode="markers+text",
                                  text=[repr(tokenizer.decode([int(t)])) for t in top], textposition="middle right",
@@ -103,11 +102,7 @@ def _short(path: str, keep: int = 2) -> str:
 
 def try_text(text: str, normalisers: Sequence[str], tokenizer=None) -> dict:
     """Run chosen normalisers (names in ``labkit.data.clean.NORMALISERS``) and a tokenizer on ``text``."""
-    out = text
-    for name in normalisers:
-        if name not in C.NORMALISERS:
-            raise ValueError(f"unknown normaliser {name!r}; valid: {', '.join(C.NORMALISERS)}")
-        out = C.NORMALISERS[name](out)
+    out = C.apply_normalisers(text, normalisers)
     pieces = []
     if tokenizer is not None and out:
         pieces = [(i, tokenizer.decode([i])) for i in tokenizer.encode(out).ids]
