@@ -417,11 +417,13 @@ def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
 def test_device_choice(monkeypatch):
     from labkit.serve.cli import pick_device
 
-    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    assert pick_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="no GPU"):  # refused before any model is loaded
+        pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node (mocked: none here)
-    assert pick_device("auto") == "cuda"
+    assert pick_device("auto") == "cuda" and pick_device("cuda:1") == "cuda:1"
 
 
 def test_sample_rows_follows_the_distribution():
