@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as _dt
 import os
 import re
 from dataclasses import dataclass, field
@@ -395,6 +396,20 @@ def runs_dir_choice(env: Mapping[str, str] | None = None, checkout: Path | None 
         return lab, where
     return home / USER_RUNS, (f"{where} ({lab}) is not writable, so a folder of your own; "
                               "set LABKIT_RUN_DIR to choose another")
+
+
+RUN_STAMP = "%Y%m%d-%H%M%S"  # one run's folder name: sortable, local time, to the second
+
+
+def run_stamp(now: _dt.datetime | None = None) -> str:
+    """``now`` (default: the current local time) as a run folder's name, e.g. ``20260128-141502``."""
+    return (now or _dt.datetime.now()).strftime(RUN_STAMP)
+
+
+def new_run_dir(kind: str, scale: str, now: _dt.datetime | None = None) -> Path:
+    """A fresh run's folder, ``<runs>/<kind>-<scale>/<stamp>`` (not created): where notebooks 06
+    (``gpt``) and 07 (``pruned``) save, and where 08 and ``labkit serve`` look for the newest checkpoint."""
+    return runs_dir() / f"{kind}-{scale}" / run_stamp(now)
 
 
 def writable_dir(path: Path) -> bool:

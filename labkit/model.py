@@ -144,6 +144,28 @@ class GPTConfig:
         return cls(**d)
 
 
+# ------------------------------------------------------------------------------------ device
+
+
+class DeviceUnavailable(ValueError, RuntimeError):
+    """A device name torch does not know, or CUDA asked for where torch sees no GPU."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device to run on: ``auto`` = CUDA when torch sees a GPU, else CPU; a name (``cpu``,
+    ``cuda``, ``cuda:N``) is checked now, so a wrong one fails at once with what to use instead."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceUnavailable(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"device={str(device)!r} asked for, but torch sees no GPU here; "
+                                "use 'cpu', or 'auto' to take a GPU when there is one")
+    return dev
+
+
 # ------------------------------------------------------------------------------------ precision
 
 

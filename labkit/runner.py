@@ -58,9 +58,9 @@ class RunResult:
 def default_output(now: _dt.datetime | None = None) -> Path:
     """Where a run's copies and report go without ``--output``: ``<runs>/run-<date>-<time>``, under
     ``labkit.config.runs_dir()`` (``$LABKIT_RUN_DIR``, else the lab's ``runs/``), wherever you start it."""
-    from labkit.config import runs_dir
+    from labkit.config import run_stamp, runs_dir
 
-    return runs_dir() / (now or _dt.datetime.now()).strftime("run-%Y%m%d-%H%M%S")
+    return runs_dir() / f"run-{run_stamp(now)}"
 
 
 @dataclass

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 
 from labkit.events import emit
-from labkit.model import GPT, CheckpointError, GPTConfig, read_checked, write_checked
+from labkit.model import GPT, CheckpointError, GPTConfig, read_checked, resolve_device, write_checked
 
 SCALES = ("tiny", "binder", "workshop", "full")
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.pt$")
@@ -321,12 +321,6 @@ def _save_checkpoint(config: TrainConfig, model: GPT, opt: torch.optim.Optimizer
 # ----------------------------------------------------------------------------------- the loop
 
 
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def _mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -372,7 +366,7 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
              should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """The training loop of one rank (the process group, if any, is already up)."""
     t_start = time.time()
-    device = torch.device(device) if device is not None else _device(config)
+    device = resolve_device(config.device if device is None else device)
     if config.num_threads and device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     distributed = world_size > 1

@@ -137,6 +137,20 @@ def test_runs_dir_env_then_checkout(tmp_path):
     assert path == root / "runs" and "checkout" in why  # writable (it will be created there)
 
 
+def test_new_run_dir_and_runner_share_the_stamp(tmp_path, monkeypatch):
+    from datetime import datetime
+
+    from labkit.config import new_run_dir
+    from labkit.runner import default_output
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    now = datetime(2026, 1, 28, 14, 15, 2)
+    assert new_run_dir("gpt", "tiny", now) == tmp_path / "runs" / "gpt-tiny" / "20260128-141502"
+    assert default_output(now) == tmp_path / "runs" / "run-20260128-141502"
+    assert new_run_dir("pruned", "binder").parent == tmp_path / "runs" / "pruned-binder"
+    assert not (tmp_path / "runs").exists()  # a name only: the notebook's save makes it
+
+
 def test_runs_dir_falls_back_to_home_when_checkout_runs_unusable(tmp_path):
     from labkit.config import runs_dir_choice
 

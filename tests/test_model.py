@@ -245,3 +245,34 @@ def test_cpu_attention_runs_in_float32_under_bf16_autocast(monkeypatch):
     with torch.no_grad():
         ref_loss = ref(x, x)[1].item()
     assert abs(ref_loss - loss.item()) < 0.05
+
+
+def test_resolve_device_auto_names_and_a_missing_gpu(monkeypatch):
+    """One choice of device for training, pruning and serving: auto follows the GPU, names are checked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.resolve_device() == torch.device("cpu") and M.resolve_device("auto") == torch.device("cpu")
+    assert M.resolve_device("cpu") == torch.device("cpu") and M.resolve_device(torch.device("cpu")).type == "cpu"
+    for name in ("cuda", "cuda:1", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match="no GPU.*'cpu'"):
+            M.resolve_device(name)
+    with pytest.raises(ValueError, match="unknown device 'gpu'.*'cuda:N'"):
+        M.resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as far as selection goes
+    assert M.resolve_device("auto") == torch.device("cuda") and M.resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_train_prune_and_serve_resolve_the_device_alike(monkeypatch, capsys):
+    from labkit.cli import build_parser
+    from labkit.prune.speed import time_models
+    from labkit.serve.cli import cli as serve_cli, pick_device
+    from labkit.train import TrainConfig, run_loop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for refused in (lambda: pick_device("cuda"),
+                    lambda: time_models({"m": torch.nn.Linear(2, 2)}, torch.zeros(1, 2), device="cuda"),
+                    lambda: run_loop(TrainConfig.for_scale("tiny").replace(device="cuda"), "/nonexistent")):
+        with pytest.raises(ValueError, match="torch sees no GPU here"):
+            refused()
+    # `labkit serve --device cuda` on a CPU node: exit 2 with the advice, no traceback, no server
+    assert serve_cli(build_parser().parse_args(["serve", "--demo", "--device", "cuda"])) == 2
+    assert "--device" in (err := capsys.readouterr().err) and "use 'cpu'" in err

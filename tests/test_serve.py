@@ -296,6 +296,34 @@ def test_checkpoint_serves_like_the_model(tmp_path):
         newest_checkpoint(tmp_path / "nothing")
 
 
+def test_serve_finds_what_06_saves_under_new_run_dir(tmp_path, monkeypatch):
+    """06 trains into new_run_dir("gpt", scale)/checkpoints, 07 saves into new_run_dir("pruned", scale);
+    08 and `labkit serve` pick the newest of them under the runs folder."""
+    from datetime import datetime
+
+    from labkit.config import new_run_dir
+    from labkit.model import save
+    from labkit.serve.checkpoints import pick_generator
+    from labkit.serve.cli import default_run_dir
+    from labkit.train import TrainConfig, _save_checkpoint
+
+    monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
+    pruned = save(demo_model(seed=4), new_run_dir("pruned", "tiny", now=datetime(2026, 1, 1, 9)) / "pruned.pt")
+    os.utime(pruned, (time.time() - 100, time.time() - 100))
+    workdir = new_run_dir("gpt", "tiny")
+    assert workdir.parent == tmp_path / "runs" / "gpt-tiny"
+    model = demo_model(seed=3)
+    config = TrainConfig.for_scale("tiny").replace(checkpoint_dir=str(workdir / "checkpoints"))
+    saved = _save_checkpoint(config, model, torch.optim.SGD(model.parameters(), lr=0.1), 5, 1, None)
+    assert newest_checkpoint(default_run_dir()) == saved
+    gen, why = pick_generator(None, [default_run_dir()])
+    assert str(saved) in why
+    req = GenRequest("run dir", 6, 0.9, 20, 7)
+    assert gen.generate([req]) == ModelGenerator(model, ByteTokenizer()).generate([req])
+    os.utime(pruned, None)  # 07 ran after 06: the pruned model is served
+    assert newest_checkpoint(default_run_dir()) == pruned
+
+
 def test_cli_demo_serves_and_stops_on_sigterm(tmp_path):
     url_file = tmp_path / "url"
     env = {k: v for k, v in os.environ.items() if k != "LABKIT_SERVE_TOKEN"}
@@ -389,11 +417,13 @@ def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
 def test_device_choice(monkeypatch):
     from labkit.serve.cli import pick_device
 
-    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    assert pick_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="no GPU"):  # refused before any model is loaded
+        pick_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node (mocked: none here)
-    assert pick_device("auto") == "cuda"
+    assert pick_device("auto") == "cuda" and pick_device("cuda:1") == "cuda:1"
 
 
 def test_sample_rows_follows_the_distribution():

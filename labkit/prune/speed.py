@@ -18,17 +18,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from labkit.model import resolve_device
+
 from .unstructured import prunable_layers
 
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` = CUDA when torch sees a GPU, else CPU; names are checked with a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} asked for, but torch sees no GPU; use device='cpu' or 'auto'")
-    return dev
+pick_device = resolve_device  # the name this module's callers and tests know
 
 
 def _sync(device: torch.device) -> None:
@@ -88,7 +82,7 @@ def time_models(models: Mapping[str, nn.Module], inputs: Any, repeats: int = 10,
         raise ValueError("give at least one model to time, as {name: model}")
     if repeats < 1 or warmup < 0:
         raise ValueError("repeats must be >= 1 and warmup >= 0")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     x = _to(inputs, dev)
     ref = x["input_ids"] if isinstance(x, Mapping) else x
     seqs, toks = (ref.shape[0], ref.numel()) if ref.dim() > 1 else (1, ref.numel())
@@ -202,7 +196,7 @@ def sparse_kernel_study(out_features: int = 1024, in_features: int = 1024, token
                         repeats: int = 10, seed: int = 0, device: str | torch.device = "cpu") -> SparseStudy:
     """Time ``W @ X`` dense and with W in CSR (best of ``repeats``, interleaved), for weights pruned by
     magnitude to each sparsity."""
-    dev = pick_device(device)
+    dev = resolve_device(device)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(in_features, tokens, generator=g).to(dev)

@@ -44,12 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str = "auto") -> str:
-    """``auto`` = the first CUDA device torch sees, else cpu."""
-    import torch
+    """The device name to serve on (``labkit.model.resolve_device``): ``auto`` = a GPU when torch sees
+    one, else cpu; ``cuda`` where there is no GPU is refused with what to use instead."""
+    from labkit.model import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _serve_config(args: argparse.Namespace):
@@ -147,7 +146,11 @@ def cli(args: argparse.Namespace) -> int:
         return 2
     if args.slurm:
         return _submit(args)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as exc:  # an unknown name, or cuda without a GPU: the message says what to use
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
     try:
         generator = demo_generator(device=device) if args.demo else \
             load_generator(args.checkpoint or newest_checkpoint(default_run_dir()), device=device)
