@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -51,6 +51,8 @@ class NotebookRun:
     seconds: float
     error: str | None
     notebook: nbformat.NotebookNode
+    nudges: list[str] = field(default_factory=list)  # cells whose reply was late: the kernel was nudged
+    stopped: str | None = None  # why the watchdog gave up: a stalled kernel, or a budget from should_stop
 
     @property
     def ok(self) -> bool:
@@ -65,13 +67,22 @@ def execute_notebook(
     env: Mapping[str, str] | None = None,
     kernel_name: str = "python3",
     on_kernel_start: Callable[[int], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    stall_after: float = 55.0,
+    nudge_after: float | None = 5.0,
+    on_stall: Callable[[Any, Any], None] | None = None,
 ) -> NotebookRun:
     """Execute one notebook in its own folder with ``params`` injected; never raises for a cell error.
 
     ``on_kernel_start(pid)`` is called with the kernel's process id once it is up (to watch its memory).
+    A kernel that stops answering is nudged after ``nudge_after`` seconds (None: never) and fails the
+    run about ``stall_after`` seconds later, naming the cell (``on_stall(client, watch)`` runs first);
+    a reason returned by ``should_stop()`` (polled twice a second) stops it at once
+    (see :mod:`labkit.kernel_watch`).
     """
-    from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
+
+    from labkit.kernel_watch import KernelStalled, NotebookStopped, WatchedClient
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
@@ -86,18 +97,22 @@ def execute_notebook(
     if params and params.get("profile"):
         kernel_env["LABKIT_PROFILE"] = str(params["profile"])
     kernel_env.update(env or {})
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name=kernel_name,
+    client = WatchedClient(
+        nb, timeout=timeout, kernel_name=kernel_name, should_stop=should_stop, stall_after=stall_after,
+        nudge_after=nudge_after, on_stall=on_stall,
         resources={"metadata": {"path": str(path.parent)}},
     )
     if on_kernel_start is not None:
         client.on_notebook_start = lambda notebook: on_kernel_start(client.km.provisioner.pid)
     start = time.monotonic()
-    error = None
+    error = stopped = None
     try:
         client.execute(env=kernel_env)
     except CellExecutionError as exc:
         error = str(exc)
+    except (KernelStalled, NotebookStopped) as exc:
+        error = stopped = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a dead kernel or timeout is an error of this notebook, not of the runner
         error = f"{type(exc).__name__}: {exc}"
-    return NotebookRun(path=path, seconds=time.monotonic() - start, error=error, notebook=nb)
+    return NotebookRun(path=path, seconds=time.monotonic() - start, error=error, notebook=nb,
+                       nudges=list(client.watch_log.nudges), stopped=stopped)

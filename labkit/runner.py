@@ -17,6 +17,7 @@ import platform
 import re
 import socket
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -45,6 +46,7 @@ class RunResult:
     cpu_seconds: float = 0.0
     error: str | None = None
     over_budget: list[str] = field(default_factory=list)
+    nudges: list[str] = field(default_factory=list)  # cells whose late reply the watchdog had to wake
 
     @property
     def ok(self) -> bool:
@@ -113,21 +115,39 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
         return RunResult(name=path.stem, source=str(path), executed="", seconds=0.0, peak_bytes=0,
                          peak_rss_bytes=0, memory_measure="not run", processes=0, error=f"not run: {exc}")
     watch = TreeMemoryWatch(interval=opts.sample_interval)
+    started = time.monotonic()
+
+    def over_budget() -> str | None:  # polled while the notebook runs: a budget stops it at once
+        took = time.monotonic() - started
+        if opts.max_seconds is not None and took > opts.max_seconds:
+            return f"ran {took:.0f} s, over --max-seconds {opts.max_seconds:g}"
+        if opts.max_memory is not None and watch.peak > opts.max_memory:
+            return f"peak memory {watch.peak / MiB:.0f} MiB, over --max-memory {opts.max_memory / MiB:.0f} MiB"
+        return None
+
     with watch:
         run = execute_notebook(
-            path, params, timeout=opts.timeout, kernel_name=opts.kernel_name, on_kernel_start=watch.watch
+            path, params, timeout=opts.timeout, kernel_name=opts.kernel_name, on_kernel_start=watch.watch,
+            should_stop=over_budget,
         )
     executed = out_dir / path.name
     nbformat.write(run.notebook, executed)
+    stopped_by_budget = bool(run.stopped and run.stopped.startswith("NotebookStopped"))
+    error = ANSI_RE.sub("", run.error) if run.error and not stopped_by_budget else None
     result = RunResult(
         name=path.stem, source=str(path), executed=str(executed), seconds=round(run.seconds, 2),
         peak_bytes=watch.peak, peak_rss_bytes=watch.peak_rss, memory_measure=watch.measure,
-        processes=watch.peak_processes, cpu_seconds=round(watch.cpu_seconds, 2), error=ANSI_RE.sub("", run.error) if run.error else None,
+        processes=watch.peak_processes, cpu_seconds=round(watch.cpu_seconds, 2), error=error,
+        nudges=list(run.nudges),
     )
-    if opts.max_seconds is not None and result.seconds > opts.max_seconds:
-        result.over_budget.append(f"took {result.seconds:.0f} s > {opts.max_seconds:.0f} s")
-    if opts.max_memory is not None and result.peak_bytes > opts.max_memory:
-        result.over_budget.append(f"peak memory {result.peak_mib:.0f} MiB > {opts.max_memory / MiB:.0f} MiB")
+    if stopped_by_budget:
+        result.over_budget.append(run.stopped.split(": ", 1)[1])
+    else:  # a budget crossed in the last half second, after the watchdog's final look
+        if opts.max_seconds is not None and result.seconds > opts.max_seconds:
+            result.over_budget.append(f"took {result.seconds:.0f} s, over --max-seconds {opts.max_seconds:g}")
+        if opts.max_memory is not None and result.peak_bytes > opts.max_memory:
+            result.over_budget.append(
+                f"peak memory {result.peak_mib:.0f} MiB, over --max-memory {opts.max_memory / MiB:.0f} MiB")
     return result
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import time
+
 import pytest
 
 from labkit.cluster import ClusterConfigError, choose_profile, start_cluster
@@ -120,6 +122,11 @@ def test_gpu_task_checker(local_cluster):
         check_gpu_task(local_cluster, lambda client, fn: client.submit(fn, pure=False))
     with pytest.raises(CheckFailed, match="not a Future"):
         check_gpu_task(local_cluster, lambda client, fn: fn())
+    # more GPUs than any worker owns: the task would wait for ever; the checker says so at once
+    start = time.monotonic()
+    with pytest.raises(CheckFailed, match=r"no worker offers that much .*'GPU': 1"):
+        check_gpu_task(local_cluster, lambda client, fn: client.submit(fn, resources={"GPU": 2}, pure=False))
+    assert time.monotonic() - start < 10
 
 
 def test_sidebar_factory_through_dask_labextension():
@@ -149,3 +156,27 @@ def test_sidebar_factory_through_dask_labextension():
 
     session_dir = asyncio.run(asyncio.wait_for(run(), 60))
     assert not session_dir.exists()  # closing from the sidebar ends the session too
+
+
+def test_a_script_without_main_guard_fails_fast_naming_the_fix(tmp_path):
+    """Local workers are spawned processes that import the script again: unguarded, they die at start.
+    The error comes in seconds (not a 60 s timeout), speaks of local worker processes (not of Slurm
+    jobs) and names the main guard."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "train_me.py"
+    script.write_text("import labkit\nh = labkit.start_cluster(profile='local', workers=2, timeout=120)\n"
+                      "print('READY')\nh.close()\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env,
+                       cwd=tmp_path)
+    took = time.monotonic() - start
+    assert r.returncode != 0 and "READY" not in r.stdout
+    assert "local worker process(es) exited while starting" in r.stderr, r.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in r.stderr
+    assert "squeue" not in r.stderr and "Slurm" not in r.stderr.split("ClusterError")[-1]
+    assert took < 60, f"the failure took {took:.0f} s: it must not wait for the start timeout"

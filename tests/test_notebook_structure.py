@@ -243,3 +243,26 @@ def test_hint_check_catches_an_unbound_name():
     assert hint_problems(_nb(hint, ("code", "import labkit.check.prune\ncheck_x()"))) == []
     late = _nb(("md", 'Stuck? `print(solution("x"))`'), ("code", "check()"), ("code", "from m import solution"))
     assert hint_problems(late)  # bound only after the exercise's cell: too late
+
+
+# Calls that can block for ever on a busy partition or an unsatisfiable request unless given a timeout.
+# (a training run's .result() is not one: it is busy, and its ranks fail on their own when a peer is lost)
+UNBOUNDED_WAIT_RE = re.compile(r"\b(wait_for_workers|wait_url|wait)\(([^()]*)\)")
+
+
+def unbounded_waits(source: str) -> list[str]:
+    """The blocking calls in ``source`` that pass no timeout."""
+    return [m.group(0) for m in UNBOUNDED_WAIT_RE.finditer(source) if "timeout" not in m.group(2)]
+
+
+def test_the_wait_scanner_catches_a_bare_wait():
+    assert unbounded_waits("cluster.scale(4)\nclient.wait_for_workers(4)\n") == ["wait_for_workers(4)"]
+    assert unbounded_waits("client.wait_for_workers(4, timeout=300)\njob.wait_url(timeout=60)") == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_wait_without_a_timeout(path):
+    """A notebook never waits for workers or a job without a timeout (a busy partition would hang it)."""
+    nb = nbformat.read(path, as_version=4)
+    bad = [(i, w) for i, c in enumerate(nb.cells) if c.cell_type == "code" for w in unbounded_waits(c.source)]
+    assert not bad, f"{path.name}: waits without a timeout (give timeout=..., e.g. cluster.scale(n, wait=True, timeout=300)): {bad}"

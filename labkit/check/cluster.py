@@ -75,7 +75,23 @@ def check_gpu_task(handle: Any, submit_on_a_gpu: Callable[[Any, Callable[[], Any
             f"the task asked for resources {wanted or 'none'}, so Dask may run it on any worker, GPU or not; "
             "pass resources={'GPU': 1} to client.submit"
         )
-    seen = fut.result(timeout=timeout)
+    offered = [dict(info.get("resources") or {}) for info in handle.workers().values()]
+    if not any(all(res.get(k, 0) >= v for k, v in wanted.items()) for res in offered):
+        fut.cancel()
+        most = {k: max((res.get(k, 0) for res in offered), default=0) for k in wanted}
+        raise CheckFailed(
+            f"the task asked for resources {wanted}, but no worker offers that much (the most any worker has: "
+            f"{most}); Dask would keep it waiting for ever. Ask for what one worker has: resources={{'GPU': 1}}"
+        )
+    try:
+        seen = fut.result(timeout=timeout)
+    except TimeoutError:
+        fut.cancel()
+        raise CheckFailed(
+            f"the task (resources {wanted}) did not finish within {timeout:.0f} s although a worker offers those "
+            "resources: the GPU workers may be busy with other tasks (see the dashboard) or gone; check "
+            "cluster.gpu_map() and run the cell again"
+        ) from None
     gpu_ids = {",".join(v) for v in handle.gpu_map().values() if v}
     if seen not in gpu_ids:
         raise CheckFailed(f"the task saw CUDA_VISIBLE_DEVICES={seen!r}, not one of the GPU workers' {sorted(gpu_ids)}; "

@@ -15,6 +15,7 @@ from ..config import Profile
 from . import slurmcli
 from .errors import ClusterError, ClusterTimeout
 from .gpu_slice import parse_ids
+from .local import explain_failed_start, failed_to_start
 from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
@@ -207,6 +208,11 @@ class ClusterHandle:
                 dead = self._dead_jobs(jobs)
                 if dead:
                     self._fail(f"worker job(s) {', '.join(dead)} ended before their worker joined", jobs)
+            if self.kind == "local":
+                failed = failed_to_start(self.cluster)
+                if failed:
+                    self.close()
+                    raise ClusterError(explain_failed_start(failed, n))
             if now >= deadline:
                 jobs = self.jobs()
                 self._fail(f"only {have} of {n} workers joined within {timeout:.0f} s", jobs, timed_out=True)
@@ -228,6 +234,11 @@ class ClusterHandle:
         return [f"{job_name}{suffix}" for suffix in group] if group else [str(job_name)]
 
     def _fail(self, what: str, jobs: list[slurmcli.JobInfo], timed_out: bool = False) -> None:
+        if self.kind != "slurm":
+            self.close()
+            raise ClusterTimeout(f"{what}: the local worker processes are alive but have not joined the scheduler. "
+                                 "Fix: a busy machine needs a longer start_cluster(timeout=...); `labkit doctor` "
+                                 "checks this machine", jobs)
         states = "; ".join(j.describe() for j in jobs) or "no job left in squeue"
         ids = sorted(set(self.job_ids()) | {j.job_id for j in jobs})
         tails = self.log_tails(ids)

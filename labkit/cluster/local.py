@@ -4,13 +4,59 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from typing import Any, Callable
 
 import dask
 from distributed import LocalCluster, Nanny
+from distributed.core import Status
 
 from ..config import Profile, parse_memory
 from .gpu_slice import parse_ids
+
+
+MAIN_GUARD_FIX = ("put the code that starts the cluster under `if __name__ == \"__main__\":` in your script "
+                  "(local Dask workers are new Python processes that import your script again; unguarded, each "
+                  "of them runs it too)")
+
+
+def importing_main_in_a_child() -> bool:
+    """Whether this call comes from a script's top level while a spawned process re-imports it.
+
+    multiprocessing's spawn runs the parent's main script again as ``__mp_main__`` in each new
+    process (a local Dask worker): a ``start_cluster`` there is the missing main guard, not a cluster.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "__mp_main__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def run_from_a_script() -> bool:
+    """Whether this process runs a Python script (not a notebook kernel or a REPL)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    return main.endswith(".py") and "ipykernel" not in os.path.basename(main)
+
+
+def failed_to_start(cluster: LocalCluster) -> list[str]:
+    """Names of the local workers whose process ended while starting (their Nanny failed or closed)."""
+    gone = {Status.failed, Status.closed, Status.closing, Status.closing_gracefully}
+    return sorted(str(name) for name, w in list(getattr(cluster, "workers", {}).items())
+                  if getattr(w, "status", None) in gone)
+
+
+def explain_failed_start(names: list[str], asked: int) -> str:
+    """What to tell a person whose local worker processes died at start, with the likely fix."""
+    msg = (f"{len(names)} of {asked} local worker process(es) exited while starting ({', '.join(names)}; "
+           "distributed says 'Nanny failed to start'); their own error is printed above, on this process's stderr.")
+    if run_from_a_script():
+        msg += f"\nIn a script the usual cause is a missing main guard: {MAIN_GUARD_FIX}."
+    else:
+        msg += ("\nFix: read the worker error above; `labkit doctor` checks the installation, and a smaller "
+                "memory_limit or fewer workers helps when the machine is short of memory.")
+    return msg
 
 
 class NonDaemonNanny(Nanny):

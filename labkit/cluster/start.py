@@ -10,6 +10,7 @@ from ..config import ConfigError, LabConfig, Profile, load_config
 from . import slurmcli
 from .errors import ClusterConfigError
 from .handle import ClusterHandle
+from .local import MAIN_GUARD_FIX, importing_main_in_a_child
 from .session import Session, end_session, stale_sessions
 from .tls import SessionCredentials
 
@@ -94,6 +95,8 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
     ``job_extra=``, ``workers_per_job=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
     and raises ClusterTimeout (jobs cancelled) after ``timeout`` seconds.
     """
+    if importing_main_in_a_child():
+        raise ClusterConfigError(f"start_cluster ran in a Dask worker process that was importing your script: {MAIN_GUARD_FIX}")
     prof, reason = resolve_profile(profile, overrides)
     n = prof.workers if workers is None else workers
     gpus = prof.gpus_per_worker if gpus_per_worker is None else gpus_per_worker

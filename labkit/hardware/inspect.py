@@ -147,7 +147,7 @@ def on_each_worker(client: Any, fn: Any, *args: Any, timeout: float = 120.0, one
 
     addrs = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     if not addrs:
-        raise RuntimeError("the Dask cluster has no workers yet; wait with client.wait_for_workers(n) and retry")
+        raise RuntimeError("the Dask cluster has no workers yet; wait with client.wait_for_workers(n, timeout=300) and retry")
     groups = [[a] for a in addrs] if one_at_a_time else [addrs]
     results: list[Any] = []
     for group in groups:

@@ -1,0 +1,163 @@
+"""Execute notebook cells with a watchdog: a kernel that stops answering fails in about a minute, not 600 s.
+
+nbclient waits for two things per cell: the kernel's ``status: idle`` on IOPub (the cell finished)
+and the ``execute_reply`` on the shell channel. With ipykernel 7 the reply can stay stuck until
+another message reaches the kernel's shell socket (ipykernel issue #1554: the reply is sent from
+the shell-channel thread straight on the ROUTER socket, which can swallow the socket's wake-up, so
+the stream does not look at it again until new traffic arrives). The lab pins ``ipykernel<7``
+for that reason; this watchdog is the second line, for kernels we do not install ourselves:
+
+* the cell finished (IOPub idle) but no reply came within ``nudge_after`` seconds, or the kernel
+  never said it started the cell: send one ``kernel_info_request`` on the shell channel (harmless,
+  and the new traffic wakes a stuck socket); if nothing comes ``stall_after`` seconds after that,
+  fail with :class:`KernelStalled` naming the cell.
+* a cell that is busy (IOPub ``busy``, no ``idle`` yet) is never failed by the watchdog: training
+  for minutes is legitimate; only the cell timeout applies to it.
+* ``should_stop()`` is polled every ``poll`` seconds; a reason it returns (a time or memory budget
+  crossed) stops the notebook at once with :class:`NotebookStopped` naming the running cell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from nbclient import NotebookClient
+
+
+def cell_label(cell: Any, index: int) -> str:
+    """``cell 7 (panel = EstimatorPanel(...))``: the index and the first line of its source."""
+    first = next((line.strip() for line in str(cell.get("source", "")).splitlines() if line.strip()), "")
+    if len(first) > 60:
+        first = first[:57] + "..."
+    return f"cell {index} ({first})" if first else f"cell {index}"
+
+
+class KernelStalled(RuntimeError):
+    """The kernel finished a cell (or never started it) and then stopped answering."""
+
+
+class NotebookStopped(RuntimeError):
+    """A budget given by the caller (time, memory) was crossed while a cell ran."""
+
+
+@dataclass
+class CellWatch:
+    """What the watchdog knows about the cell that is running."""
+
+    label: str
+    sent: float
+    busy_at: float | None = None
+    idle_at: float | None = None
+    last_iopub: float | None = None
+    nudged_at: float | None = None
+
+
+@dataclass
+class WatchLog:
+    """What the watchdog did during one notebook: cells nudged and how their replies came."""
+
+    nudges: list[str] = field(default_factory=list)
+    rescued: list[str] = field(default_factory=list)
+
+
+class WatchedClient(NotebookClient):
+    """A :class:`nbclient.NotebookClient` whose cells run under the watchdog described in this module."""
+
+    def __init__(self, nb: Any, *, nudge_after: float | None = 5.0, stall_after: float = 55.0, poll: float = 0.5,
+                 should_stop: Callable[[], str | None] | None = None,
+                 on_stall: Callable[["WatchedClient", CellWatch], None] | None = None, **kw: Any) -> None:
+        super().__init__(nb, **kw)
+        self.nudge_after = nudge_after
+        self.stall_after = stall_after
+        self.poll = poll
+        self.should_stop = should_stop
+        self.on_stall = on_stall
+        self.watch_log = WatchLog()
+        self.current: CellWatch | None = None
+
+    def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
+        """Note IOPub traffic and busy/idle of the running cell, then let nbclient handle the message."""
+        watch = self.current
+        if watch is not None:
+            now = time.monotonic()
+            watch.last_iopub = now
+            if msg.get("msg_type") == "status":
+                state = msg.get("content", {}).get("execution_state")
+                if state == "busy" and watch.busy_at is None:
+                    watch.busy_at = now
+                elif state == "idle":
+                    watch.idle_at = now
+        return super().process_message(msg, cell, cell_index)  # raises CellExecutionComplete at idle
+
+    async def async_execute_cell(self, cell: Any, cell_index: int, execution_count: int | None = None,
+                                 store_history: bool = True) -> Any:
+        """Run one cell as nbclient does, racing it against the watchdog."""
+        if cell.cell_type != "code" or not cell.source.strip():
+            return await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        self.current = CellWatch(label=cell_label(cell, cell_index), sent=time.monotonic())
+        before = asyncio.all_tasks()
+        run = asyncio.ensure_future(super().async_execute_cell(cell, cell_index, execution_count, store_history))
+        dog = asyncio.ensure_future(self._watch(self.current))
+        try:
+            done, _ = await asyncio.wait({run, dog}, return_when=asyncio.FIRST_COMPLETED)
+            if run in done:
+                if self.current.nudged_at is not None:
+                    self.watch_log.rescued.append(self.current.label)
+                return run.result()
+            run.cancel()
+            try:
+                await run
+            except BaseException:  # noqa: BLE001 - nbclient turns the cancel into DeadKernelError; ours wins
+                pass
+            for task in asyncio.all_tasks() - before - {dog, asyncio.current_task()}:
+                task.cancel()  # nbclient's own pollers of this cell (kernel alive, IOPub), left behind
+            raise dog.exception() or KernelStalled(self.current.label)
+        finally:
+            dog.cancel()
+            self.current = None
+
+    async def _watch(self, watch: CellWatch) -> None:
+        """Return (by raising) only when the cell must be given up; otherwise wait for ever."""
+        while True:
+            await asyncio.sleep(self.poll)
+            reason = self.should_stop() if self.should_stop is not None else None
+            if reason:
+                raise NotebookStopped(f"stopped at {watch.label}: {reason}")
+            now = time.monotonic()
+            if watch.busy_at is not None and watch.idle_at is None:
+                continue  # the cell runs: legitimately busy, never a stall
+            waited_since = watch.idle_at if watch.idle_at is not None else watch.sent
+            if watch.nudged_at is None:
+                if self.nudge_after is not None and now - waited_since >= self.nudge_after:
+                    self._nudge(watch, now)
+                elif self.nudge_after is None and now - waited_since >= self.stall_after:
+                    self._stalled(watch, now)
+            elif now - watch.nudged_at >= self.stall_after:
+                self._stalled(watch, now)
+
+    def _nudge(self, watch: CellWatch, now: float) -> None:
+        watch.nudged_at = now
+        self.watch_log.nudges.append(watch.label)
+        self.log.warning("labkit: no execute_reply for %s %.0f s after it %s; nudging the kernel",
+                         watch.label, now - (watch.idle_at or watch.sent),
+                         "finished" if watch.idle_at else "was sent")
+        assert self.kc is not None
+        self.kc.kernel_info()  # any shell traffic wakes a socket that swallowed its event (ipykernel #1554)
+
+    def _stalled(self, watch: CellWatch, now: float) -> None:
+        if self.on_stall is not None:
+            self.on_stall(self, watch)
+        if watch.idle_at is not None:
+            what = (f"the kernel finished {watch.label} {now - watch.idle_at:.0f} s ago (IOPub idle) but its "
+                    "execute_reply never came")
+        else:
+            what = f"the kernel never started {watch.label} ({now - watch.sent:.0f} s after it was sent)"
+        nudge = ", not even after a kernel_info nudge" if watch.nudged_at is not None else ""
+        raise KernelStalled(
+            f"{what}{nudge}: the kernel stopped answering. Known cause: ipykernel 7's shell channel "
+            "(ipykernel issue #1554); labkit needs ipykernel<7 (pip install 'ipykernel>=6.29,<7'), then run "
+            "the notebook again. See `labkit doctor` for the versions in use."
+        )

@@ -1,0 +1,82 @@
+"""The notebook watchdog: a kernel that stops answering fails in about a minute, naming the cell; a busy
+cell is never failed by it; `labkit run`'s time budget stops a notebook while it runs.
+
+The lost and the late reply are made inside a real ipykernel: a cell replaces the kernel's
+``session.send`` so that its own ``execute_reply`` is dropped (lost), or held until the next shell
+message arrives (late: what ipykernel #1554 does to a reply), exactly what nbclient then waits for.
+"""
+
+import time
+
+from labkit.notebooks import execute_notebook
+from labkit.runner import RunOptions, run_notebooks
+from test_runner import make_notebook as notebook
+
+HOLD_REPLY = '''
+k = get_ipython().kernel
+_send, held = k.session.send, []
+def send(stream, msg_type, *a, **kw):
+    if msg_type == "execute_reply" and not held:
+        held.append((stream, msg_type, a, kw))
+        return None
+    return _send(stream, msg_type, *a, **kw)
+k.session.send = send
+'''
+
+RELEASE_ON_NEXT_SHELL_MESSAGE = '''
+_info = k.shell_handlers["kernel_info_request"]
+def info(*a, **kw):
+    while len(held) == 1:
+        s, t, aa, kk = held.pop()
+        held.append("sent")
+        _send(s, t, *aa, **kk)
+    return _info(*a, **kw)
+k.shell_handlers["kernel_info_request"] = info
+'''
+
+
+def test_a_lost_reply_fails_within_seconds_naming_the_cell(tmp_path):
+    path = notebook(tmp_path / "lost.ipynb", "x = 1", "# the reply to this cell is lost\n" + HOLD_REPLY,
+                    "print('never reached')")
+    start = time.monotonic()
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=600, nudge_after=2, stall_after=4)
+    took = time.monotonic() - start
+    assert not run.ok and run.stopped, run.error
+    assert "KernelStalled" in run.error and "cell 3 (# the reply to this cell is lost)" in run.error, run.error
+    assert "ipykernel" in run.error and "execute_reply never came" in run.error
+    assert run.nudges == ["cell 3 (# the reply to this cell is lost)"]
+    assert took < 120, f"a lost reply must not wait out the 600 s cell timeout (took {took:.0f} s)"
+
+
+def test_a_late_reply_is_woken_by_the_nudge(tmp_path):
+    path = notebook(tmp_path / "late.ipynb", HOLD_REPLY + RELEASE_ON_NEXT_SHELL_MESSAGE, "print('after', 6 * 7)")
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=600, nudge_after=2, stall_after=30)
+    assert run.ok, run.error
+    assert len(run.nudges) == 1 and run.nudges[0].startswith("cell 2 ")
+    assert "after 42" in str(run.notebook.cells[-1].outputs)
+
+
+def test_without_the_nudge_a_late_reply_is_a_stall(tmp_path):
+    """The control for the test above: the nudge is what rescues the held reply."""
+    path = notebook(tmp_path / "late.ipynb", HOLD_REPLY + RELEASE_ON_NEXT_SHELL_MESSAGE, "print('after')")
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=600, nudge_after=None, stall_after=4)
+    assert not run.ok and "KernelStalled" in run.error and not run.nudges
+
+
+def test_a_busy_cell_is_never_taken_for_a_stall(tmp_path):
+    path = notebook(tmp_path / "busy.ipynb", "import time\ntime.sleep(8)\nprint('slept')")
+    run = execute_notebook(path, {"scale": "tiny"}, timeout=600, nudge_after=1, stall_after=2)
+    assert run.ok, run.error
+    assert not run.nudges
+
+
+def test_max_seconds_stops_a_notebook_while_it_runs(tmp_path):
+    path = notebook(tmp_path / "sleepy.ipynb", "print('start')", "import time\ntime.sleep(3600)")
+    opts = RunOptions(scale="tiny", output=tmp_path / "out", max_seconds=5)
+    start = time.monotonic()
+    [result] = run_notebooks([path], opts)
+    took = time.monotonic() - start
+    assert took < 60, f"--max-seconds 5 let the notebook run {took:.0f} s"
+    assert not result.ok and result.error is None
+    [why] = result.over_budget
+    assert "cell 3 (import time)" in why and "--max-seconds 5" in why, why
