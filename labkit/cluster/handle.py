@@ -19,8 +19,7 @@ from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
-TERMINAL = {"FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED", "GONE"}
+TERMINAL = slurmcli.TERMINAL_STATES  # the one set of ended-job states (kept under its old name)
 
 
 def _visible_gpus() -> list[str]:
