@@ -14,6 +14,7 @@ from dask_jobqueue.slurm import SLURMCluster, SLURMJob
 
 from ..config import Profile, parse_memory, parse_walltime
 from . import gpu_slice, slurmcli
+from .jobscript import gpu_directives, uses_mem_per_gpu
 from .session import Session
 from .tls import SessionCredentials
 
@@ -128,16 +129,11 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     """
     per_job = profile.workers_per_job
     job_gpus = gpus_per_worker * per_job
-    directives = [f"--comment={session.owner_comment}"]
-    skip: list[str] = []
-    if gpus_per_worker > 0:
-        directives.append(f"--gres=gpu:{job_gpus}")
     memory = profile.memory or "4GiB"
-    if profile.memory_mode == "mem-per-gpu" and gpus_per_worker > 0:
-        per_gpu = parse_memory(memory) // gpus_per_worker
-        directives.append(f"--mem-per-gpu={max(1, per_gpu // 2**20)}M")
-        skip.append("--mem")
-    directives += list(profile.job_extra)
+    # partition, account, --mem and walltime: dask-jobqueue's own directives; GPUs and extras: labkit's
+    directives = [f"--comment={session.owner_comment}",
+                  *gpu_directives(profile, job_gpus, parse_memory(memory) * per_job), *profile.job_extra]
+    skip = ["--mem"] if uses_mem_per_gpu(profile, job_gpus) else []
     worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
     if gpus_per_worker > 0:
         worker_args += ["--resources", f"GPU={gpus_per_worker}"]
