@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Callable
-
-import dask
-from distributed import LocalCluster, Nanny
+from typing import Any
 
 from ..config import Profile, parse_memory
 from .gpu_slice import parse_ids
+from .upstream import LabkitLocalCluster, NonDaemonNanny
 
-
-class NonDaemonNanny(Nanny):
-    """A Nanny whose worker process is not a daemon, so tasks may start DataLoader workers."""
-
-    async def instantiate(self):  # type: ignore[override]
-        with dask.config.set({"distributed.worker.daemon": False}):
-            return await super().instantiate()
+__all__ = ["LabkitLocalCluster", "NonDaemonNanny", "build_local_cluster", "local_gpu_ids"]
 
 
 def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
@@ -28,37 +20,6 @@ def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     if cvd is not None:
         return parse_ids(cvd)
     return sorted(p.removeprefix("/dev/nvidia") for p in glob.glob("/dev/nvidia[0-9]*"))
-
-
-class LabkitLocalCluster(LocalCluster):
-    """LocalCluster whose new workers each take a free GPU slot (CUDA_VISIBLE_DEVICES + resource GPU)."""
-
-    on_close: Callable[[], None] | None = None
-
-    def __init__(self, *args: Any, gpu_slots: list[str] | None = None, gpus_per_worker: int = 0, **kwargs: Any):
-        self._gpu_slots = list(gpu_slots or [])
-        self._gpus_per_worker = gpus_per_worker
-        super().__init__(*args, **kwargs)
-
-    async def _close(self) -> None:
-        await super()._close()
-        if self.on_close is not None:
-            self.on_close()
-
-    def new_worker_spec(self) -> dict[str, Any]:
-        spec = super().new_worker_spec()
-        if self._gpus_per_worker <= 0:
-            return spec
-        used = {g for s in self.worker_spec.values()
-                for g in s.get("options", {}).get("env", {}).get("CUDA_VISIBLE_DEVICES", "").split(",") if g}
-        free = [g for g in self._gpu_slots if g not in used][: self._gpus_per_worker]
-        if len(free) < self._gpus_per_worker:
-            return spec  # no GPU left: a CPU-only worker (no GPU resource, so GPU tasks avoid it)
-        ((name, body),) = spec.items()
-        opts = dict(body["options"])
-        opts["env"] = {**opts.get("env", {}), "CUDA_VISIBLE_DEVICES": ",".join(free)}
-        opts["resources"] = {**(opts.get("resources") or {}), "GPU": self._gpus_per_worker}
-        return {name: {**body, "options": opts}}
 
 
 def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int, security: Any = None,
