@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,6 +29,56 @@ def test_job_script_follows_the_profile(tmp_path):
         job_script(profile.replace(account=None, require_account=True), ["true"], job_name="x", directory=tmp_path)
 
 
+@pytest.mark.parametrize("state", ["NODE_FAIL", "PREEMPTED", "DEADLINE", "BOOT_FAIL", "OUT_OF_MEMORY"])
+def test_wait_url_stops_at_once_when_the_job_ended(tmp_path, monkeypatch, state):
+    # states the local Slurm cannot produce on demand: squeue is stood in for
+    from labkit.cluster import slurmcli
+    from labkit.serve.slurm import ServeJob
+
+    monkeypatch.setattr(slurmcli, "jobs", lambda ids, **kw: [slurmcli.JobInfo(ids[0], "labkit-serve", state, "None")])
+    (tmp_path / "job.log").write_text("slurmstepd: error: *** JOB 42 ON vm CANCELLED: node went away ***\n")
+    job = ServeJob("42", "labkit-serve", tmp_path, "token", tls=False)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        job.wait_url(timeout=20)
+    assert time.monotonic() - t0 < 1, f"waited for the timeout instead of stopping at {state}"
+    msg = str(err.value)
+    assert f"ended ({state})" in msg and "node went away" in msg and "sacct -j 42" in msg
+
+
+def test_submit_goes_through_slurmcli_submit(tmp_path, monkeypatch):
+    import labkit.serve.slurm as serve_slurm
+    from labkit.cluster import slurmcli
+    from labkit.serve.server import TOKEN_ENV
+
+    monkeypatch.setattr(serve_slurm, "check_slurm_profile", lambda *a, **k: None)  # no sinfo here
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("raw subprocess, not slurmcli.submit"))
+    monkeypatch.setenv("SLURM_JOB_ID", "999")  # as if this notebook ran inside a job
+    seen = {}
+
+    def fake_submit(script_path, env=None, timeout=60.0, args=()):
+        seen.update(script=Path(script_path), env=dict(env or {}), timeout=timeout)
+        return "4242"
+
+    monkeypatch.setattr(slurmcli, "submit", fake_submit)
+    profile = load_config().profile("slurm")
+    job = submit(profile, directory=tmp_path, token="tok-secret-123")
+    assert job.job_id == "4242" and seen["script"] == job.directory / "job.sh"
+    assert seen["env"][TOKEN_ENV] == "tok-secret-123" and "SLURM_JOB_ID" not in seen["env"]
+    assert "tok-secret-123" not in seen["script"].read_text()
+
+
+def test_job_script_shares_the_cluster_layers_directives(tmp_path):
+    from labkit.cluster.jobscript import job_directives
+
+    profile = load_config().profile("slurm").replace(account="proj1", gpus_per_worker=2, memory="4GiB",
+                                                     walltime="00:10:00", job_extra=["--qos=normal"])
+    script = job_script(profile, ["true"], job_name="x", directory=tmp_path)
+    for directive in job_directives(profile, 2, 4 * 2**30):
+        assert f"#SBATCH {directive}\n" in script, directive
+    assert "#SBATCH --mem=4096M" in script and "#SBATCH --time=00:10:00" in script
+
+
 def _job_cli(argv, tmp_path, monkeypatch):
     """Run ``labkit serve ... --slurm`` up to the submission, which is captured instead of made; returns
     (exit code, the job's command line parsed by the same CLI, the job folder)."""
@@ -37,7 +89,7 @@ def _job_cli(argv, tmp_path, monkeypatch):
     def no_sbatch(*a, **k):
         raise AssertionError("the test ran a Slurm command (sinfo, sbatch)")
 
-    monkeypatch.setattr(slurm.subprocess, "run", no_sbatch)
+    monkeypatch.setattr(subprocess, "run", no_sbatch)
     seen = {}
 
     def capture(profile, serve_args, **kw):
@@ -82,12 +134,9 @@ def test_slurm_job_defaults(tmp_path, monkeypatch, capsys):
     (["--port", "70000"], "port 70000 is out of range"),
 ])
 def test_slurm_options_it_cannot_honour_are_refused(tmp_path, monkeypatch, capsys, argv, says):
-    import labkit.serve.slurm as slurm
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cert.pem").write_text("x")
-    monkeypatch.setattr(slurm.subprocess, "run",
-                        lambda *a, **k: pytest.fail("the test ran a Slurm command (sinfo, sbatch)"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the test ran a Slurm command (sinfo, sbatch)"))
     from labkit.cli import main
 
     rc = main(["serve", "--demo", "--slurm", *argv])
@@ -130,7 +179,6 @@ def test_serve_as_slurm_job_on_a_gpu_node(slurm, tmp_path):
 def test_cli_slurm_prints_url_and_token(slurm, tmp_path, monkeypatch):
     import os
     import re
-    import subprocess
     import sys
     from pathlib import Path
 

@@ -1,8 +1,10 @@
 """The cluster layer: ``start_cluster`` gives a local or Slurm Dask cluster behind one handle.
 
 Modules: ``start`` (profile choice, start-up), ``handle`` (ClusterHandle), ``local`` (LocalCluster),
-``slurm`` (dask-jobqueue SLURMCluster), ``preflight`` (fail-fast checks), ``status`` (snapshots for panels), ``tls`` (per-session
-credentials), ``session`` (private directory, job-name tag), ``slurmcli`` (squeue/scancel),
+``slurm`` (dask-jobqueue SLURMCluster), ``upstream`` (every override of dask-jobqueue's and distributed's
+private API, with the upstream issue it works around), ``jobscript`` (#SBATCH directives from a profile),
+``preflight`` (fail-fast checks), ``status`` (snapshots for panels), ``tls`` (per-session
+credentials), ``session`` (private directory, job-name tag), ``slurmcli`` (sbatch/squeue/scancel, job states),
 ``cleanup`` (``labkit cleanup``), ``sidebar`` (the dask-labextension factory).
 """
 

@@ -12,16 +12,16 @@ from typing import Any, Callable
 from distributed import Client
 
 from ..config import Profile
-from . import slurmcli
+from . import slurmcli, upstream
 from .errors import ClusterError, ClusterTimeout
 from .gpu_slice import parse_ids
-from .local import explain_failed_start, failed_to_start
+from .local import explain_failed_start
+from .upstream import failed_to_start
 from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
-TERMINAL = {"FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED", "GONE"}
+TERMINAL = slurmcli.TERMINAL_STATES  # the one set of ended-job states (kept under its old name)
 
 
 def _visible_gpus() -> list[str]:
@@ -151,7 +151,7 @@ class ClusterHandle:
             self.forget_lost_jobs()
         self.cluster.scale(n)
         if self.kind == "slurm":
-            self.cluster.sync(self.cluster._correct_state)  # sbatch errors surface here, not in a log
+            upstream.submit_now(self.cluster)  # sbatch errors surface here, not in a log
             self.job_ids()
         if wait:
             self.wait(n, timeout)
@@ -179,8 +179,7 @@ class ClusterHandle:
         for name, job in list(getattr(self.cluster, "workers", {}).items()):
             job_id = str(getattr(job, "job_id", "") or "")
             if job_id and job_id not in live:
-                self.cluster.worker_spec.pop(name, None)
-                self.cluster.workers.pop(name, None)
+                upstream.forget_job(self.cluster, name)
                 lost.append(job_id)
         if lost:
             self.say(f"Slurm job(s) {', '.join(lost)} ended; scale() will submit new ones in their place")
@@ -230,8 +229,7 @@ class ClusterHandle:
 
     def _worker_names(self, job_name: Any) -> list[str]:
         """The Dask worker names of one job: ``<job>`` alone, or ``<job>-0``... with several per job."""
-        group = (getattr(self.cluster, "worker_spec", {}).get(job_name) or {}).get("group")
-        return [f"{job_name}{suffix}" for suffix in group] if group else [str(job_name)]
+        return upstream.worker_names(self.cluster, job_name)
 
     def _fail(self, what: str, jobs: list[slurmcli.JobInfo], timed_out: bool = False) -> None:
         if self.kind != "slurm":

@@ -5,15 +5,13 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from typing import Any, Callable
-
-import dask
-from distributed import LocalCluster, Nanny
-from distributed.core import Status
+from typing import Any
 
 from ..config import Profile, parse_memory
 from .gpu_slice import parse_ids
+from .upstream import LabkitLocalCluster, NonDaemonNanny
 
+__all__ = ["LabkitLocalCluster", "NonDaemonNanny", "build_local_cluster", "local_gpu_ids"]
 
 MAIN_GUARD_FIX = ("put the code that starts the cluster under `if __name__ == \"__main__\":` in your script "
                   "(local Dask workers are new Python processes that import your script again; unguarded, each "
@@ -40,13 +38,6 @@ def run_from_a_script() -> bool:
     return main.endswith(".py") and "ipykernel" not in os.path.basename(main)
 
 
-def failed_to_start(cluster: LocalCluster) -> list[str]:
-    """Names of the local workers whose process ended while starting (their Nanny failed or closed)."""
-    gone = {Status.failed, Status.closed, Status.closing, Status.closing_gracefully}
-    return sorted(str(name) for name, w in list(getattr(cluster, "workers", {}).items())
-                  if getattr(w, "status", None) in gone)
-
-
 def explain_failed_start(names: list[str], asked: int) -> str:
     """What to tell a person whose local worker processes died at start, with the likely fix."""
     msg = (f"{len(names)} of {asked} local worker process(es) exited while starting ({', '.join(names)}; "
@@ -59,14 +50,6 @@ def explain_failed_start(names: list[str], asked: int) -> str:
     return msg
 
 
-class NonDaemonNanny(Nanny):
-    """A Nanny whose worker process is not a daemon, so tasks may start DataLoader workers."""
-
-    async def instantiate(self):  # type: ignore[override]
-        with dask.config.set({"distributed.worker.daemon": False}):
-            return await super().instantiate()
-
-
 def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     """GPU ids this process may use: its CUDA_VISIBLE_DEVICES, else the NVIDIA device files."""
     env = os.environ if env is None else env
@@ -74,37 +57,6 @@ def local_gpu_ids(env: dict[str, str] | None = None) -> list[str]:
     if cvd is not None:
         return parse_ids(cvd)
     return sorted(p.removeprefix("/dev/nvidia") for p in glob.glob("/dev/nvidia[0-9]*"))
-
-
-class LabkitLocalCluster(LocalCluster):
-    """LocalCluster whose new workers each take a free GPU slot (CUDA_VISIBLE_DEVICES + resource GPU)."""
-
-    on_close: Callable[[], None] | None = None
-
-    def __init__(self, *args: Any, gpu_slots: list[str] | None = None, gpus_per_worker: int = 0, **kwargs: Any):
-        self._gpu_slots = list(gpu_slots or [])
-        self._gpus_per_worker = gpus_per_worker
-        super().__init__(*args, **kwargs)
-
-    async def _close(self) -> None:
-        await super()._close()
-        if self.on_close is not None:
-            self.on_close()
-
-    def new_worker_spec(self) -> dict[str, Any]:
-        spec = super().new_worker_spec()
-        if self._gpus_per_worker <= 0:
-            return spec
-        used = {g for s in self.worker_spec.values()
-                for g in s.get("options", {}).get("env", {}).get("CUDA_VISIBLE_DEVICES", "").split(",") if g}
-        free = [g for g in self._gpu_slots if g not in used][: self._gpus_per_worker]
-        if len(free) < self._gpus_per_worker:
-            return spec  # no GPU left: a CPU-only worker (no GPU resource, so GPU tasks avoid it)
-        ((name, body),) = spec.items()
-        opts = dict(body["options"])
-        opts["env"] = {**opts.get("env", {}), "CUDA_VISIBLE_DEVICES": ",".join(free)}
-        opts["resources"] = {**(opts.get("resources") or {}), "GPU": self._gpus_per_worker}
-        return {name: {**body, "options": opts}}
 
 
 def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int, security: Any = None,

@@ -2,84 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable
-
-import dask
-from dask.utils import parse_timedelta
-from dask_jobqueue.slurm import SLURMCluster, SLURMJob
+from typing import Any
 
 from ..config import Profile, parse_memory, parse_walltime
-from . import gpu_slice, slurmcli
+from . import gpu_slice
+from .jobscript import gpu_directives, uses_mem_per_gpu
 from .session import Session
 from .tls import SessionCredentials
+from .upstream import LabkitSLURMCluster, LabkitSLURMJob
+
+__all__ = ["LabkitSLURMCluster", "LabkitSLURMJob", "build_slurm_cluster", "lifetime_args", "parse_walltime_like"]
 
 # Worker processes must be allowed children (torch DataLoader workers inside a task).
 NON_DAEMONIC = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
 DEATH_TIMEOUT_S = 30  # a worker whose scheduler is gone (kernel killed) exits after this
-
-
-class LabkitSLURMJob(SLURMJob):
-    """A SLURMJob submitted with the environment of an enclosing job stripped."""
-
-    async def _submit_job(self, script_filename: str) -> str:
-        return await self._call(shlex.split(self.submit_command) + [script_filename], env=slurmcli.submission_env())
-
-
-class LabkitSLURMCluster(SLURMCluster):
-    """SLURMCluster whose jobs use :class:`LabkitSLURMJob` and whose retired workers are replaced.
-
-    A worker that reached its ``--lifetime`` leaves, its job ends, and SpecCluster forgets it (a job
-    of several workers once all of them left); every 2 s this cluster submits a new job for each job
-    it should have but does not.
-    ``on_close`` (if set) runs after the cluster closed: it cancels leftovers and deletes keys.
-    """
-
-    job_cls = LabkitSLURMJob
-    on_close: Callable[[], None] | None = None
-
-    async def _start(self) -> None:
-        from tornado.ioloop import PeriodicCallback
-
-        self.periodic_callbacks["labkit-replace-retired"] = PeriodicCallback(self._replace_retired, 2000)
-        await super()._start()
-
-    def _replace_retired(self) -> None:
-        if self.status.name == "running" and set(self.worker_spec) - set(self.workers):
-            self.loop.add_callback(self._correct_state)
-
-    def _update_worker_status(self, op: str, msg: Any) -> None:
-        # SpecCluster forgets a job when a worker *named like the job* left; with several workers per
-        # job they are named <job>-0, <job>-1..., so forget the job here once none of them is left.
-        info = self.scheduler_info.get("workers", {})
-        if op == "remove" and msg in info:
-            job = self._job_of(str(info[msg].get("name")))
-            if job is not None:
-                delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
-                asyncio.get_running_loop().call_later(delay, self._forget_if_empty, job)
-        super()._update_worker_status(op, msg)
-
-    def _job_of(self, worker_name: str) -> str | None:
-        """The job of a worker named ``<job><suffix>`` in a multi-worker job; None for one-worker jobs."""
-        for suffix in self.new_spec.get("group") or ():
-            job = worker_name[: -len(suffix)]
-            if worker_name.endswith(suffix) and job in self.workers:
-                return job
-        return None
-
-    def _forget_if_empty(self, job: str) -> None:
-        names = {f"{job}{suffix}" for suffix in self.new_spec.get("group") or ()}
-        alive = {str(d.get("name")) for d in self.scheduler_info.get("workers", {}).values()}
-        if job in self.workers and not names & alive:
-            self._futures.add(asyncio.ensure_future(self.workers.pop(job).close()))
-
-    async def _close(self) -> None:
-        await super()._close()
-        if self.on_close is not None:
-            self.on_close()
 
 
 def _seconds_text(seconds: int) -> str:
@@ -128,16 +67,11 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     """
     per_job = profile.workers_per_job
     job_gpus = gpus_per_worker * per_job
-    directives = [f"--comment={session.owner_comment}"]
-    skip: list[str] = []
-    if gpus_per_worker > 0:
-        directives.append(f"--gres=gpu:{job_gpus}")
     memory = profile.memory or "4GiB"
-    if profile.memory_mode == "mem-per-gpu" and gpus_per_worker > 0:
-        per_gpu = parse_memory(memory) // gpus_per_worker
-        directives.append(f"--mem-per-gpu={max(1, per_gpu // 2**20)}M")
-        skip.append("--mem")
-    directives += list(profile.job_extra)
+    # partition, account, --mem and walltime: dask-jobqueue's own directives; GPUs and extras: labkit's
+    directives = [f"--comment={session.owner_comment}",
+                  *gpu_directives(profile, job_gpus, parse_memory(memory) * per_job), *profile.job_extra]
+    skip = ["--mem"] if uses_mem_per_gpu(profile, job_gpus) else []
     worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
     if gpus_per_worker > 0:
         worker_args += ["--resources", f"GPU={gpus_per_worker}"]

@@ -1,4 +1,4 @@
-"""Thin, time-limited calls to Slurm's command line tools (squeue, sinfo, scontrol, scancel)."""
+"""Thin, time-limited calls to Slurm's command line tools (sbatch, squeue, sinfo, scontrol, scancel)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ _KEEP = {"SLURM_CONF"}
 _LEAKY_PREFIXES = ("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")
 _LEAKY_NAMES = {"CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES"}
 
+# Job states after which a job never runs again (squeue's long names), plus GONE: no longer listed.
+TERMINAL_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                             "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT", "GONE"})
+
 
 def submission_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for sbatch: ours, minus what an enclosing Slurm job set."""
@@ -31,19 +35,44 @@ def which(tool: str) -> str | None:
     return shutil.which(tool)
 
 
-def run(args: list[str], timeout: float = 10.0, check: bool = True) -> str:
-    """Run a Slurm command with a clean env and a time limit; return stdout."""
+def _call(args: list[str], timeout: float, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a Slurm command (``env``: default ours minus an enclosing job's) within ``timeout`` seconds."""
     exe = which(args[0])
     if exe is None:
         raise ClusterError(f"{args[0]} not found on PATH: load your site's Slurm module, or use profile='local'")
     try:
-        out = subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout,
-                             env=submission_env(), check=False)
+        return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=timeout,
+                              env=submission_env() if env is None else dict(env), check=False)
     except subprocess.TimeoutExpired as exc:
         raise ClusterError(f"{args[0]} did not answer within {timeout:.0f} s: is slurmctld up? (try: sinfo)") from exc
+
+
+def run(args: list[str], timeout: float = 10.0, check: bool = True) -> str:
+    """Run a Slurm command with a clean env and a time limit; return stdout."""
+    out = _call(args, timeout)
     if check and out.returncode != 0:
         raise ClusterError(f"{' '.join(args)} failed: {(out.stderr or out.stdout).strip()}")
     return out.stdout
+
+
+def submit(script_path: str | os.PathLike, env: Mapping[str, str] | None = None, timeout: float = 60.0,
+           args: Iterable[str] = ()) -> str:
+    """``sbatch --parsable [args] script``; return the job id.
+
+    ``env`` is the environment sbatch (and so the job) gets, by default :func:`submission_env`.
+    A refusal raises ClusterError with sbatch's reason and where to look.
+    """
+    out = _call(["sbatch", "--parsable", *args, str(script_path)], timeout, env)
+    lines = out.stdout.strip().splitlines() or [""]
+    job_id = lines[-1].split(";")[0].strip()  # --parsable: "<id>" or "<id>;<cluster>"
+    if out.returncode != 0 or not job_id.isdigit():
+        reason = (out.stderr or out.stdout).strip() or f"exit status {out.returncode}, no output"
+        raise ClusterError(
+            f"sbatch refused the job script {script_path}: {reason}. Fix: check the profile's partition, account, "
+            "GPUs, memory and walltime against what this site offers (sinfo -s; sacctmgr show assoc user=$USER), "
+            "or its job_extra lines"
+        )
+    return job_id
 
 
 @dataclass(frozen=True)

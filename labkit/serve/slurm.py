@@ -9,9 +9,7 @@ The bearer token travels in the job's environment (``LABKIT_SERVE_TOKEN``), neve
 from __future__ import annotations
 
 import os
-import re
 import shlex
-import subprocess
 import sys
 import time
 import uuid
@@ -20,8 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 from labkit.cluster import slurmcli
+from labkit.cluster.jobscript import job_directives
 from labkit.cluster.preflight import check_slurm_profile
-from labkit.config import ConfigError, Profile
+from labkit.config import ConfigError, Profile, parse_memory
 
 from .server import TOKEN_ENV, resolve_token
 
@@ -64,9 +63,11 @@ class ServeJob:
             if self.url_file.is_file() and self.url_file.read_text().strip():
                 return self.url_file.read_text().strip()
             state = self.state()
-            if state in ("GONE", "FAILED", "CANCELLED", "TIMEOUT", "COMPLETED", "OUT_OF_MEMORY"):
+            if state in slurmcli.TERMINAL_STATES:
                 log = self.log_file.read_text()[-2000:] if self.log_file.is_file() else "(no log)"
-                raise RuntimeError(f"serving job {self.job_id} ended ({state}) before it answered; log:\n{log}")
+                raise RuntimeError(f"serving job {self.job_id} ended ({state}) before it answered; log ({self.log_file}):\n"
+                                   f"{log}\nFix: see the log above and sacct -j {self.job_id}; submit it again "
+                                   "(a NODE_FAIL or PREEMPTED job may just be retried)")
             time.sleep(0.5)
         raise TimeoutError(
             f"serving job {self.job_id} gave no URL within {timeout:.0f} s (state {self.state()}); "
@@ -82,38 +83,14 @@ def job_script(profile: Profile, command: Sequence[str], *, job_name: str, direc
                workdir: str | os.PathLike | None = None) -> str:
     """The sbatch script: the profile's partition, account, GPUs, cores, memory, walltime, extra
     directives and prologue, then ``command``."""
-    if profile.require_account and not profile.account:
-        raise ConfigError(
-            f"profile {profile.name!r} requires an account (require_account: true) but sets none; "
-            f"add 'account: <project>' to it in {profile.source}"
-        )
+    memory = parse_memory(profile.memory) if profile.memory else None  # the job's total, as for a Dask worker
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --output={directory / 'job.log'}",
              "#SBATCH --nodes=1", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={profile.cores}"]
-    if profile.partition:
-        lines.append(f"#SBATCH --partition={profile.partition}")
-    if profile.account:
-        lines.append(f"#SBATCH --account={profile.account}")
-    if profile.gpus_per_worker:
-        lines.append(f"#SBATCH --gres=gpu:{profile.gpus_per_worker}")
-    if profile.memory:  # the job's total, as for a Dask worker; mem-per-gpu splits it over its GPUs
-        mem_mb = _megabytes(profile.memory)
-        if profile.memory_mode == "mem-per-gpu" and profile.gpus_per_worker:
-            lines.append(f"#SBATCH --mem-per-gpu={max(1, mem_mb // profile.gpus_per_worker)}M")
-        else:
-            lines.append(f"#SBATCH --mem={max(1, mem_mb)}M")
-    if profile.walltime:
-        lines.append(f"#SBATCH --time={profile.walltime}")
     if workdir:
         lines.append(f"#SBATCH --chdir={workdir}")
-    lines += [f"#SBATCH {extra}" for extra in profile.job_extra]
+    lines += [f"#SBATCH {d}" for d in job_directives(profile, profile.gpus_per_worker, memory)]
     lines += ["", "set -e", *profile.prologue, "", "exec " + shlex.join(command), ""]
     return "\n".join(lines)
-
-
-def _megabytes(memory: str) -> int:
-    from labkit.config import parse_memory
-
-    return parse_memory(memory) // 2**20
 
 
 def job_command(serve_args: Sequence[str], jobdir: Path, *, python: str = "python", port: int = 0,
@@ -167,10 +144,5 @@ def submit(profile: Profile, serve_args: Sequence[str] = ("--demo",), *, job_nam
     script = job_script(profile, command, job_name=job_name, directory=jobdir, workdir=workdir or os.getcwd())
     (jobdir / "job.sh").write_text(script)
     # the notebook may itself run inside a Slurm job: its SLURM_* variables must not leak into this one
-    env = dict(slurmcli.submission_env(), **{TOKEN_ENV: token})
-    r = subprocess.run(["sbatch", "--parsable", str(jobdir / "job.sh")], capture_output=True, text=True, env=env,
-                       timeout=60)
-    if r.returncode != 0:
-        raise RuntimeError(f"sbatch refused the serving job: {r.stderr.strip()} (script: {jobdir / 'job.sh'})")
-    job_id = re.split(r"[;\s]", r.stdout.strip())[0]
+    job_id = slurmcli.submit(jobdir / "job.sh", env=dict(slurmcli.submission_env(), **{TOKEN_ENV: token}))
     return ServeJob(job_id, job_name, jobdir, token, tls, Path(certfile).expanduser().resolve() if certfile else None)
