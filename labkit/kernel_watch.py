@@ -53,6 +53,7 @@ class CellWatch:
     idle_at: float | None = None
     last_iopub: float | None = None
     nudged_at: float | None = None
+    last_nudge: float | None = None
 
 
 @dataclass
@@ -130,22 +131,28 @@ class WatchedClient(NotebookClient):
             if watch.busy_at is not None and watch.idle_at is None:
                 continue  # the cell runs: legitimately busy, never a stall
             waited_since = watch.idle_at if watch.idle_at is not None else watch.sent
-            if watch.nudged_at is None:
-                if self.nudge_after is not None and now - waited_since >= self.nudge_after:
-                    self._nudge(watch, now)
-                elif self.nudge_after is None and now - waited_since >= self.stall_after:
-                    self._stalled(watch, now)
-            elif now - watch.nudged_at >= self.stall_after:
+            if watch.nudged_at is not None and now - watch.nudged_at >= self.stall_after:
                 self._stalled(watch, now)
+            if self.nudge_after is None:
+                if now - waited_since >= self.stall_after:
+                    self._stalled(watch, now)
+            elif now - max(waited_since, watch.last_nudge or 0.0) >= self.nudge_after:
+                self._nudge(watch, now)
 
     def _nudge(self, watch: CellWatch, now: float) -> None:
-        watch.nudged_at = now
-        self.watch_log.nudges.append(watch.label)
-        self.log.warning("labkit: no execute_reply for %s %.0f s after it %s; nudging the kernel",
-                         watch.label, now - (watch.idle_at or watch.sent),
-                         "finished" if watch.idle_at else "was sent")
+        """Send shell traffic that cannot change the notebook: new messages wake a socket whose wake-up
+        was swallowed (ipykernel #1554). Repeated every ``nudge_after`` seconds until ``stall_after``."""
+        if watch.nudged_at is None:
+            watch.nudged_at = now
+            self.watch_log.nudges.append(watch.label)
+            self.log.warning("labkit: no execute_reply for %s %.0f s after it %s; nudging the kernel",
+                             watch.label, now - (watch.idle_at or watch.sent),
+                             "finished" if watch.idle_at else "was sent")
+        watch.last_nudge = now
         assert self.kc is not None
-        self.kc.kernel_info()  # any shell traffic wakes a socket that swallowed its event (ipykernel #1554)
+        self.kc.kernel_info()
+        if watch.idle_at is not None:  # the cell is done: an empty silent request is a no-op for the notebook
+            self.kc.execute("", silent=True, store_history=False, allow_stdin=False)
 
     def _stalled(self, watch: CellWatch, now: float) -> None:
         if self.on_stall is not None:
@@ -155,7 +162,7 @@ class WatchedClient(NotebookClient):
                     "execute_reply never came")
         else:
             what = f"the kernel never started {watch.label} ({now - watch.sent:.0f} s after it was sent)"
-        nudge = ", not even after a kernel_info nudge" if watch.nudged_at is not None else ""
+        nudge = ", not even after nudges (kernel_info and an empty silent request)" if watch.nudged_at is not None else ""
         raise KernelStalled(
             f"{what}{nudge}: the kernel stopped answering. Known cause: ipykernel 7's shell channel "
             "(ipykernel issue #1554); labkit needs ipykernel<7 (pip install 'ipykernel>=6.29,<7'), then run "
