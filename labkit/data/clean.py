@@ -270,6 +270,11 @@ def jaccard(a: str, b: str, n: int = 5) -> float:
     return len(sa & sb) / max(len(sa | sb), 1)
 
 
+def _area(y: np.ndarray, x: np.ndarray) -> float:
+    """Area under ``y(x)`` by the trapezoid rule (NumPy's own trapezoid needs NumPy 2; the floor is 1.26)."""
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
+
+
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising false positives + false negatives.
 
@@ -283,7 +288,7 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     for r in range(1, num_perm + 1):
         b = num_perm // r
         p = 1 - (1 - s**r) ** b
-        err = np.trapezoid(np.where(s < threshold, p, 0), s) + np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
+        err = _area(np.where(s < threshold, p, 0), s) + _area(np.where(s >= threshold, 1 - p, 0), s)
         if err < best_err:
             best, best_err = (b, r), err
     return best
