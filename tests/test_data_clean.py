@@ -105,3 +105,82 @@ def test_near_duplicates_found_and_threshold_matters():
     assert set(hi) == {6} and hi[6][0] == 2 and hi[6][1] > 0.8
     lo = C.near_duplicates(sigs, 0.3)
     assert set(lo) == {6, 7} and lo[7][0] == 4
+
+
+def _assert_honest(sigs, found, threshold):
+    """Every dropped document names a kept one, with their real estimated similarity >= threshold."""
+    for j, (k, sim) in found.items():
+        assert sim == sim, f"{j} is a duplicate of {k} with similarity nan"
+        assert k not in found, f"{j} names {k} as its partner, but {k} was dropped too"
+        assert k < j and sim == float(np.mean(sigs[j] == sigs[k])) and sim >= threshold, (j, k, sim)
+
+
+def _chain(order):
+    """Signatures A ~ B (0.84), B ~ C (0.84), A !~ C (0.69), all in one LSH bucket of band 0."""
+    b, r = C.lsh_params(0.8, 128)
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+    bb, c = a.copy(), a.copy()
+    bb[r:r + 20] += 1        # B differs from A at 20 positions outside band 0
+    c[r:r + 20] += 1
+    c[r + 20:r + 40] += 1    # C differs from B at 20 others, from A at 40
+    docs = {"A": a, "B": bb, "C": c}
+    return np.stack([docs[x] for x in order])
+
+
+@pytest.mark.parametrize("order,want", [("ABC", {1: (0, 108 / 128)}),   # B goes (like A); C is not like A
+                                        ("ACB", {2: (0, 108 / 128)})])  # middle last: once "of 0 (similarity nan)"
+def test_near_duplicates_chain_names_a_kept_partner_with_its_similarity(order, want):
+    sigs = _chain(order)
+    found = C.near_duplicates(sigs, 0.8)
+    _assert_honest(sigs, found, 0.8)
+    assert found == want
+
+
+def test_near_duplicates_corpus_with_injected_copies_and_chains():
+    rng = random.Random(7)
+    docs = [_words(rng, 200) for _ in range(60)]
+    bases = list(range(0, 60, 3))
+    for i in bases:                         # chains: each copy edits its predecessor a little more
+        w = docs[i].split()
+        for _ in range(4):
+            for p in rng.sample(range(len(w)), 2):
+                w[p] = _words(rng, 1)
+            docs.append(" ".join(w))
+    for i in bases[:5]:                     # and a few plain near-copies
+        docs.append(docs[i] + " " + _words(rng, 3))
+    sigs = C.MinHasher(num_perm=128).signatures(docs)
+    found = C.near_duplicates(sigs, 0.8)
+    _assert_honest(sigs, found, 0.8)
+    assert not any(j < 60 for j in found)   # the originals all stay
+    assert set(range(len(docs) - 5, len(docs))) <= set(found)
+    assert all(found[60 + 4 * n][0] == i for n, i in enumerate(bases))  # each chain's first copy: its base
+    assert len(found) > 40
+
+
+def test_near_duplicates_of_one_big_cluster_are_linear():
+    rng = random.Random(3)
+    base = _words(rng, 400).split()
+    docs = [" ".join(base)]
+    for _ in range(1200):                   # one document and 1,200 near-copies of it
+        w = list(base)
+        for p in rng.sample(range(len(w)), 3):
+            w[p] = _words(rng, 1)
+        docs.append(" ".join(w))
+    sigs = C.MinHasher(num_perm=128).signatures(docs)
+    res = C.find_near_duplicates(sigs, 0.8)
+    _assert_honest(sigs, res.dropped, 0.8)
+    assert sum(k == 0 for k, _ in res.dropped.values()) >= 1190
+    assert res.comparisons <= 2 * len(docs), res.comparisons   # all pairs: ~720,000
+
+
+def test_near_duplicates_caps_representatives_per_bucket():
+    b, r = C.lsh_params(0.8, 128)
+    rng = np.random.default_rng(1)
+    sigs = rng.integers(0, 2**32, (1000, 128), dtype=np.uint64).astype(np.uint32)
+    sigs[:, :r] = sigs[0, :r]               # all share band 0's bucket, yet none is alike
+    res = C.find_near_duplicates(sigs, 0.8, max_representatives=16)
+    assert res.dropped == {}
+    assert res.comparisons <= 16 * len(sigs) and res.capped_buckets == 1
+    with pytest.raises(ValueError, match="max_representatives"):
+        C.find_near_duplicates(sigs, 0.8, max_representatives=0)

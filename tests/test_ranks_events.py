@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,8 +42,25 @@ def test_allreduce_over_two_workers(client):
     # a second run chooses its own port (never a fixed one)
     again = run_ranks(client, _allreduce, 1.0, timeout=60)
     assert again[0]["sum"] == 3.0
-    ports = {out[0]["master"], again[0]["master"]}
-    assert all(":" in m and int(m.rsplit(":", 1)[1]) > 0 for m in ports)
+    _assert_ports_chosen_by_the_os([out[0]["master"], again[0]["master"]])
+
+
+def _assert_ports_chosen_by_the_os(masters: list[str]) -> None:
+    """Each run's master port is new, and one the OS handed out (its ephemeral range), not a fixed one."""
+    ports = [int(m.rsplit(":", 1)[1]) for m in masters]
+    assert len(set(ports)) == len(ports), f"runs in a row got the same master port {ports}: a fixed port?"
+    assert 29500 not in ports, "29500 is torch's default MASTER_PORT: two runs at once would collide"
+    span = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    if span.exists():
+        lo, hi = map(int, span.read_text().split())
+        assert all(lo <= p <= hi for p in ports), f"ports {ports} not in the OS's ephemeral range {lo}-{hi}"
+
+
+def test_port_check_can_fail():
+    with pytest.raises(AssertionError, match="same master port"):
+        _assert_ports_chosen_by_the_os(["h:29500", "h:29500"])
+    with pytest.raises(AssertionError, match="29500"):
+        _assert_ports_chosen_by_the_os(["h:40001", "h:29500"])
 
 
 def _fail_on_rank_one(ctx):

@@ -18,7 +18,7 @@ _LAZY = {
     "preprocess": "pipeline", "PreprocessReport": "pipeline",
     "DataConfig": "config", "default_shard_dir": "config",
     "StdlibSource": "sources", "HFSource": "sources", "SourceError": "sources", "list_sources": "sources",
-    "MinHasher": "clean", "near_duplicates": "clean", "exact_duplicates": "clean",
+    "MinHasher": "clean", "near_duplicates": "clean", "find_near_duplicates": "clean", "exact_duplicates": "clean",
     "make_messy_corpus": "demo",
 }
 

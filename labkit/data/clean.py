@@ -270,6 +270,11 @@ def jaccard(a: str, b: str, n: int = 5) -> float:
     return len(sa & sb) / max(len(sa | sb), 1)
 
 
+def _area(y: np.ndarray, x: np.ndarray) -> float:
+    """Area under ``y(x)`` by the trapezoid rule (NumPy's own trapezoid needs NumPy 2; the floor is 1.26)."""
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2)
+
+
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising false positives + false negatives.
 
@@ -283,53 +288,74 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     for r in range(1, num_perm + 1):
         b = num_perm // r
         p = 1 - (1 - s**r) ** b
-        err = np.trapezoid(np.where(s < threshold, p, 0), s) + np.trapezoid(np.where(s >= threshold, 1 - p, 0), s)
+        err = _area(np.where(s < threshold, p, 0), s) + _area(np.where(s >= threshold, 1 - p, 0), s)
         if err < best_err:
             best, best_err = (b, r), err
     return best
 
 
-def near_duplicates(signatures: np.ndarray, threshold: float = 0.8) -> dict[int, tuple[int, float]]:
-    """``{index: (index it duplicates, estimated Jaccard)}``; the earliest document of a cluster stays.
+@dataclass
+class NearDuplicates:
+    """What ``find_near_duplicates`` found, and what it cost."""
 
-    LSH: signatures are cut into bands; documents sharing a whole band are candidates, and a
-    candidate pair counts only when its estimated similarity reaches ``threshold``.
+    dropped: dict[int, tuple[int, float]]  # index -> (index of the kept document it repeats, estimated Jaccard)
+    comparisons: int = 0                   # signature pairs compared
+    capped_buckets: int = 0                # buckets that reached max_representatives (later kept ones not added)
+
+
+def find_near_duplicates(signatures: np.ndarray, threshold: float = 0.8,
+                         max_representatives: int = 32) -> NearDuplicates:
+    """Near-duplicates by MinHash + LSH; each dropped document names a kept one it is like.
+
+    Signatures are cut into bands; documents sharing a whole band share that band's bucket.
+    Documents are visited in order: each is compared with the *kept* documents that stand in
+    its buckets and dropped when the most similar of them reaches ``threshold`` (that one, and
+    their estimated Jaccard, is its partner; ties go to the earliest); else it is kept. Either
+    way the kept document (itself, or its partner) then stands in its buckets, so a document
+    that shares a band only with a dropped copy is still compared with the original. The
+    earliest document of a group stays, no partner is itself dropped, and a chain (A ~ B, B ~ C,
+    A !~ C) drops only B. A bucket holds at most ``max_representatives`` kept documents, which
+    bounds the work at ``bands * max_representatives`` comparisons per document (a cluster of
+    near-copies costs about one comparison each, not all pairs); a document like only a kept
+    one left out of full buckets may stay (such buckets are counted in ``capped_buckets``).
     """
+    if max_representatives < 1:
+        raise ValueError(f"max_representatives must be at least 1, not {max_representatives}")
     n, num_perm = signatures.shape
+    out = NearDuplicates({})
     if n < 2:
-        return {}
+        return out
     bands, rows = lsh_params(threshold, num_perm)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    best: dict[int, tuple[int, float]] = {}
-    checked: set[tuple[int, int]] = set()
-    for band in range(bands):
-        buckets: dict[bytes, list[int]] = {}
-        part = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
-        for i in range(n):
-            buckets.setdefault(part[i].tobytes(), []).append(i)
-        for members in buckets.values():
-            for j in members[1:]:
-                for i in members[:members.index(j)]:
-                    if (i, j) in checked:
-                        continue
-                    checked.add((i, j))
-                    sim = float(np.mean(signatures[i] == signatures[j]))
-                    if sim >= threshold:
-                        ri, rj = find(i), find(j)
-                        if ri != rj:
-                            parent[max(ri, rj)] = min(ri, rj)
-                        if j not in best or sim > best[j][1]:
-                            best[j] = (i, sim)
-    out = {}
+    keys = [[row.tobytes() for row in np.ascontiguousarray(signatures[:, b * rows:(b + 1) * rows])]
+            for b in range(bands)]
+    reps: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]  # band -> bucket -> kept documents
+    full: set[tuple[int, bytes]] = set()
     for j in range(n):
-        root = find(j)
-        if root != j:
-            out[j] = (best[j][0] if j in best else root, best[j][1] if j in best else float("nan"))
+        candidates = set()
+        for b in range(bands):
+            candidates.update(reps[b].get(keys[b][j], ()))
+        rep = j
+        if candidates:
+            idx = np.array(sorted(candidates))
+            sims = np.mean(signatures[idx] == signatures[j], axis=1)
+            out.comparisons += len(idx)
+            best = int(np.argmax(sims))
+            if sims[best] >= threshold:
+                rep = int(idx[best])
+                out.dropped[j] = (rep, float(sims[best]))
+        for b in range(bands):  # the kept document (j, or its partner) now stands in j's buckets too
+            members = reps[b].setdefault(keys[b][j], [])
+            if rep in members:
+                continue
+            if len(members) < max_representatives:
+                members.append(rep)
+            else:
+                full.add((b, keys[b][j]))
+    out.capped_buckets = len(full)
     return out
+
+
+def near_duplicates(signatures: np.ndarray, threshold: float = 0.8,
+                    max_representatives: int = 32) -> dict[int, tuple[int, float]]:
+    """``{index: (kept index it duplicates, estimated Jaccard)}``; see ``find_near_duplicates``."""
+    return find_near_duplicates(signatures, threshold, max_representatives).dropped
