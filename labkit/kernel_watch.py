@@ -1,16 +1,18 @@
 """Execute notebook cells with a watchdog: a kernel that stops answering fails in about a minute, not 600 s.
 
 nbclient waits for two things per cell: the kernel's ``status: idle`` on IOPub (the cell finished)
-and the ``execute_reply`` on the shell channel. With ipykernel 7 the reply can stay stuck until
-another message reaches the kernel's shell socket (ipykernel issue #1554: the reply is sent from
-the shell-channel thread straight on the ROUTER socket, which can swallow the socket's wake-up, so
-the stream does not look at it again until new traffic arrives). The lab pins ``ipykernel<7``
-for that reason; this watchdog is the second line, for kernels we do not install ourselves:
+and the ``execute_reply`` on the shell channel. With ipykernel 7 the reply can fail to arrive,
+with every kernel thread idle (ipykernel issue #1554: since 7.0 shell messages pass between the
+shell-channel thread and the main thread over inproc ZMQ sockets watched by edge-triggered
+streams, and a swallowed wake-up leaves a message unread). labkit pins ``ipykernel<7`` for that
+reason; this watchdog is the second line, for kernels we do not install ourselves:
 
 * the cell finished (IOPub idle) but no reply came within ``nudge_after`` seconds, or the kernel
-  never said it started the cell: send one ``kernel_info_request`` on the shell channel (harmless,
-  and the new traffic wakes a stuck socket); if nothing comes ``stall_after`` seconds after that,
-  fail with :class:`KernelStalled` naming the cell.
+  never said it started the cell: nudge it with shell traffic that cannot change the notebook
+  (``kernel_info_request``, and an empty silent execute once the cell is done), again every
+  ``nudge_after`` seconds; if nothing comes ``stall_after`` seconds after the first nudge, fail with
+  :class:`KernelStalled` naming the cell. (Nudges wake a socket that only missed its event; on
+  ipykernel 7.4 they did not release the stalls seen in our soak runs, so failing fast matters.)
 * a cell that is busy (IOPub ``busy``, no ``idle`` yet) is never failed by the watchdog: training
   for minutes is legitimate; only the cell timeout applies to it.
 * ``should_stop()`` is polled every ``poll`` seconds; a reason it returns (a time or memory budget
