@@ -26,7 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.channels import AsyncZMQSocketChannel
 from nbclient import NotebookClient
+from traitlets import Type
 
 
 def cell_label(cell: Any, index: int) -> str:
@@ -35,6 +38,49 @@ def cell_label(cell: Any, index: int) -> str:
     if len(first) > 60:
         first = first[:57] + "..."
     return f"cell {index} ({first})" if first else f"cell {index}"
+
+
+POLL_SLICE_S = 1.0  # longest wait on one zmq poll before looking at the socket again
+
+
+class SlicedPollChannel(AsyncZMQSocketChannel):
+    """A kernel channel whose waits look at the socket at least every second.
+
+    zmq.asyncio wakes a waiting ``poll`` from the socket's edge-triggered file descriptor; when
+    that wake-up is missed, a message sits in the socket unread while the poll waits out its whole
+    timeout (nbclient: the cell timeout, 600 s; IOPub: for ever). Seen in labkit's soak runs: at a
+    stall, this client's shell socket held the execute_reply (ZMQ_EVENTS had POLLIN) with the
+    kernel idle, on ipykernel 6.31 and 7.4 alike (pyzmq #2173 describes the same missed wake-up).
+    pyzmq checks the socket itself when a poll times out, so polling in slices of
+    ``POLL_SLICE_S`` bounds a missed wake-up to about a second. ``missed_wakeups`` counts the
+    messages that were found only by that check.
+    """
+
+    missed_wakeups = 0
+
+    async def get_msg(self, timeout: float | None = None) -> dict[str, Any]:
+        """Like the parent's, waiting at most ``timeout`` seconds (None: for ever), in slices."""
+        assert self.socket is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = POLL_SLICE_S if deadline is None else max(0.0, min(POLL_SLICE_S, deadline - time.monotonic()))
+            began = time.monotonic()
+            ready = await self.socket.poll(int(left * 1000))
+            if ready:
+                if left > 0 and time.monotonic() - began >= left * 0.98:  # found by the timeout's own check
+                    self.missed_wakeups += 1
+                return await self._recv()
+            if deadline is not None and time.monotonic() >= deadline:
+                from queue import Empty
+
+                raise Empty
+
+
+class SlicedPollKernelClient(AsyncKernelClient):
+    """An async kernel client whose shell and IOPub waits use :class:`SlicedPollChannel`."""
+
+    shell_channel_class = Type(SlicedPollChannel)  # type: ignore[assignment]
+    iopub_channel_class = Type(SlicedPollChannel)  # type: ignore[assignment]
 
 
 class KernelStalled(RuntimeError):
@@ -64,6 +110,7 @@ class WatchLog:
 
     nudges: list[str] = field(default_factory=list)
     rescued: list[str] = field(default_factory=list)
+    missed_wakeups: int = 0  # replies found only by a poll slice's own check (SlicedPollChannel)
 
 
 class WatchedClient(NotebookClient):
@@ -80,6 +127,12 @@ class WatchedClient(NotebookClient):
         self.on_stall = on_stall
         self.watch_log = WatchLog()
         self.current: CellWatch | None = None
+
+    def create_kernel_manager(self) -> Any:
+        """nbclient's kernel manager, handing out :class:`SlicedPollKernelClient` clients."""
+        km = super().create_kernel_manager()
+        km.client_class = f"{SlicedPollKernelClient.__module__}.{SlicedPollKernelClient.__qualname__}"
+        return km
 
     def process_message(self, msg: dict[str, Any], cell: Any, cell_index: int) -> Any:
         """Note IOPub traffic and busy/idle of the running cell, then let nbclient handle the message."""
@@ -121,6 +174,9 @@ class WatchedClient(NotebookClient):
         finally:
             dog.cancel()
             self.current = None
+            if self.kc is not None:
+                self.watch_log.missed_wakeups = sum(
+                    getattr(ch, "missed_wakeups", 0) for ch in (self.kc.shell_channel, self.kc.iopub_channel))
 
     async def _watch(self, watch: CellWatch) -> None:
         """Return (by raising) only when the cell must be given up; otherwise wait for ever."""

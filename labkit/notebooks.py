@@ -53,6 +53,7 @@ class NotebookRun:
     notebook: nbformat.NotebookNode
     nudges: list[str] = field(default_factory=list)  # cells whose reply was late: the kernel was nudged
     stopped: str | None = None  # why the watchdog gave up: a stalled kernel, or a budget from should_stop
+    missed_wakeups: int = 0  # kernel messages the client's zmq poll missed and found a second later
 
     @property
     def ok(self) -> bool:
@@ -115,4 +116,5 @@ def execute_notebook(
     except Exception as exc:  # a dead kernel or timeout is an error of this notebook, not of the runner
         error = f"{type(exc).__name__}: {exc}"
     return NotebookRun(path=path, seconds=time.monotonic() - start, error=error, notebook=nb,
-                       nudges=list(client.watch_log.nudges), stopped=stopped)
+                       nudges=list(client.watch_log.nudges), stopped=stopped,
+                       missed_wakeups=client.watch_log.missed_wakeups)

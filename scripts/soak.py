@@ -32,6 +32,12 @@ def py_spy_dumps(directory: Path, tag: str):
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
     def dump(client, watch) -> None:
+        import zmq  # is the reply already waiting in this client's own socket (a missed wake-up here)?
+
+        for name in ("shell", "iopub"):
+            sock = getattr(client.kc, f"{name}_channel").socket
+            waiting = bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+            print(f"    client {name} socket: a message is {'WAITING unread' if waiting else 'not there'}", flush=True)
         for who, pid in (("kernel", client.km.provisioner.pid), ("client", os.getpid())):
             out = directory / f"{tag}-{who}-{pid}.txt"
             try:
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = resolve_notebooks(args.notebooks)
     times: dict[str, list[float]] = {p.stem: [] for p in paths}
-    failures, stalls, nudged = [], [], []
+    failures, stalls, nudged, missed = [], [], [], []
     start = time.monotonic()
     for rnd in range(1, args.rounds + 1):
         for path in paths:
@@ -70,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
             if run.nudges:
                 nudged.append((rnd, path.stem, run.nudges))
             extra = f"  nudged: {', '.join(run.nudges)}" if run.nudges else ""
+            if run.missed_wakeups:
+                missed.append((rnd, path.stem, run.missed_wakeups))
+                extra += f"  missed zmq wake-ups found by the poll slices: {run.missed_wakeups}"
             print(f"round {rnd:3d} {path.stem:<26} {run.seconds:7.1f} s  {status}{extra}", flush=True)
             if not run.ok:
                 print("    " + run.error[-800:].replace("\n", "\n    "), flush=True)
     print(f"\n{args.rounds} rounds of {len(paths)} notebook(s) in {time.monotonic() - start:.0f} s")
     for stem, ts in times.items():
         print(f"  {stem:<26} runs {len(ts):3d}  median {statistics.median(ts):6.1f} s  max {max(ts):6.1f} s")
-    print(f"failures {len(failures)}, stalls {len(stalls)}, runs with a nudged cell {len(nudged)}")
+    print(f"failures {len(failures)}, stalls {len(stalls)}, runs with a nudged cell {len(nudged)}, "
+          f"runs with a missed zmq wake-up (found by the poll slices) {len(missed)}")
     return 1 if failures or stalls else 0
 
 

@@ -80,3 +80,52 @@ def test_max_seconds_stops_a_notebook_while_it_runs(tmp_path):
     assert not result.ok and result.error is None
     [why] = result.over_budget
     assert "cell 3 (import time)" in why and "--max-seconds 5" in why, why
+
+
+def _missed_wakeup(channel_class, wait: float) -> tuple[dict | None, float, object]:
+    """Send a kernel message to a channel whose zmq wake-up is swallowed, as at a stall; what arrives?
+
+    Reading ZMQ_EVENTS on the receiving socket from outside the event loop consumes the edge of its
+    file descriptor (pyzmq #2173), so a waiting zmq.asyncio poll is not woken: the message sits in
+    the socket, as this client's execute_reply did at the stalls of the soak runs."""
+    import asyncio
+
+    import zmq
+    import zmq.asyncio
+    from jupyter_client.session import Session
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        tx.bind("inproc://labkit-missed-wakeup")
+        rx.connect("inproc://labkit-missed-wakeup")
+        session = Session(key=b"k")
+        channel = channel_class(rx, session)
+        got = asyncio.ensure_future(channel.get_msg(timeout=wait))
+        await asyncio.sleep(0.2)  # the poll is waiting
+        session.send(zmq.Socket.shadow(tx.underlying), "execute_reply", {"status": "ok"})
+        zmq.Socket.shadow(rx.underlying).getsockopt(zmq.EVENTS)  # swallow the wake-up
+        start = time.monotonic()
+        done, _ = await asyncio.wait({got}, timeout=4)
+        took = time.monotonic() - start
+        msg = got.result() if done else None
+        got.cancel()
+        tx.close(linger=0)
+        rx.close(linger=0)
+        ctx.term()
+        return msg, took, channel
+
+    return asyncio.run(scenario())
+
+
+def test_a_missed_zmq_wakeup_costs_a_second_not_the_cell_timeout():
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    from labkit.kernel_watch import SlicedPollChannel
+
+    plain, took, _ = _missed_wakeup(AsyncZMQSocketChannel, wait=30)
+    assert plain is None and took >= 3.9, "control: the plain channel should miss the swallowed wake-up"
+    sliced, took, channel = _missed_wakeup(SlicedPollChannel, wait=30)
+    assert sliced is not None and sliced["msg_type"] == "execute_reply", "the sliced channel must find it"
+    assert took < 2.5, f"found after {took:.1f} s: the slice is {1.0} s"
+    assert channel.missed_wakeups == 1
