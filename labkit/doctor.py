@@ -10,7 +10,6 @@ import glob
 import importlib.metadata as md
 import json
 import os
-import re
 import platform
 import subprocess
 from dataclasses import dataclass, field
@@ -148,26 +147,6 @@ def _check_packages() -> list[Check]:
                 "reinstall the lab: make setup (or: pip install -c constraints.txt -e .)",
             ))
     return checks
-
-
-# ipykernel 7 can keep a cell's reply until the next message reaches the kernel: notebooks hang
-# with the cell done (ipykernel issue #1554). The lab pins ipykernel<7 in pyproject.toml.
-KERNEL_PIN = "ipykernel>=6.29,<7"
-
-
-def check_ipykernel(version: str | None = None) -> Check:
-    """Warn about an ipykernel whose shell channel can leave a finished cell hanging (ipykernel #1554)."""
-    try:
-        version = version or md.version("ipykernel")
-    except md.PackageNotFoundError:
-        return Check("notebook kernel", FAIL, "ipykernel is not installed", f"pip install '{KERNEL_PIN}'")
-    major = int(re.match(r"\d+", version).group()) if re.match(r"\d+", version) else 0
-    if major >= 7:
-        return Check("notebook kernel", WARN,
-                     f"ipykernel {version}: since 7.0 a finished cell's reply can stay stuck until the next message "
-                     "(ipykernel issue #1554), so notebooks and `labkit run` can hang at a widget cell",
-                     f"pip install '{KERNEL_PIN}' (what the lab's pyproject.toml asks for), then restart the kernel")
-    return Check("notebook kernel", OK, f"ipykernel {version}")
 
 
 def _check_machine() -> list[Check]:
@@ -328,7 +307,6 @@ def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorR
     """Run every check and return the report (never raises for a failed check)."""
     report = DoctorReport()
     report.checks += _check_packages()
-    report.checks.append(check_ipykernel())
     report.checks += _check_machine()
     kind = "local"
     try:

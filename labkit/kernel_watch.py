@@ -1,18 +1,20 @@
-"""Execute notebook cells with a watchdog: a kernel that stops answering fails in about a minute, not 600 s.
+"""Execute notebook cells so that a lost wake-up costs a second and a stopped kernel a minute, not 600 s.
 
 nbclient waits for two things per cell: the kernel's ``status: idle`` on IOPub (the cell finished)
-and the ``execute_reply`` on the shell channel. With ipykernel 7 the reply can fail to arrive,
-with every kernel thread idle (ipykernel issue #1554: since 7.0 shell messages pass between the
-shell-channel thread and the main thread over inproc ZMQ sockets watched by edge-triggered
-streams, and a swallowed wake-up leaves a message unread). labkit pins ``ipykernel<7`` for that
-reason; this watchdog is the second line, for kernels we do not install ourselves:
+and the ``execute_reply`` on the shell channel, each with one long zmq.asyncio ``poll``. The hangs
+of notebook 02 at its widget cell (about 1 run in 15 under load, on ipykernel 6.31 and 7.4 alike)
+were on the client's side: at the stall the kernel was idle in every thread and the reply sat in
+this client's own shell socket (``ZMQ_EVENTS`` had ``POLLIN``), but the poll's edge-triggered
+wake-up never came (pyzmq #2173 reports the same missed wake-up). So:
 
-* the cell finished (IOPub idle) but no reply came within ``nudge_after`` seconds, or the kernel
-  never said it started the cell: nudge it with shell traffic that cannot change the notebook
-  (``kernel_info_request``, and an empty silent execute once the cell is done), again every
-  ``nudge_after`` seconds; if nothing comes ``stall_after`` seconds after the first nudge, fail with
-  :class:`KernelStalled` naming the cell. (Nudges wake a socket that only missed its event; on
-  ipykernel 7.4 they did not release the stalls seen in our soak runs, so failing fast matters.)
+* :class:`SlicedPollChannel` polls in slices of a second; pyzmq looks at the socket itself when a
+  slice ends, so a missed wake-up is found within a second and counted (``missed_wakeups``).
+* the watchdog (:class:`WatchedClient`) fails a cell whose reply still does not come: the cell
+  finished (IOPub idle) or was never started, and ``nudge_after`` seconds later the kernel is
+  nudged with shell traffic that cannot change the notebook (``kernel_info_request``, and an empty
+  silent execute once the cell is done: new messages wake a kernel socket that missed its own
+  event), again every ``nudge_after`` seconds; ``stall_after`` seconds after the first nudge it
+  raises :class:`KernelStalled` naming the cell.
 * a cell that is busy (IOPub ``busy``, no ``idle`` yet) is never failed by the watchdog: training
   for minutes is legitimate; only the cell timeout applies to it.
 * ``should_stop()`` is polled every ``poll`` seconds; a reason it returns (a time or memory budget
@@ -199,7 +201,7 @@ class WatchedClient(NotebookClient):
 
     def _nudge(self, watch: CellWatch, now: float) -> None:
         """Send shell traffic that cannot change the notebook: new messages wake a socket whose wake-up
-        was swallowed (ipykernel #1554). Repeated every ``nudge_after`` seconds until ``stall_after``."""
+        was swallowed. Repeated every ``nudge_after`` seconds until ``stall_after``."""
         if watch.nudged_at is None:
             watch.nudged_at = now
             self.watch_log.nudges.append(watch.label)
@@ -222,7 +224,8 @@ class WatchedClient(NotebookClient):
             what = f"the kernel never started {watch.label} ({now - watch.sent:.0f} s after it was sent)"
         nudge = ", not even after nudges (kernel_info and an empty silent request)" if watch.nudged_at is not None else ""
         raise KernelStalled(
-            f"{what}{nudge}: the kernel stopped answering. Known cause: ipykernel 7's shell channel "
-            "(ipykernel issue #1554); labkit needs ipykernel<7 (pip install 'ipykernel>=6.29,<7'), then run "
-            "the notebook again. See `labkit doctor` for the versions in use."
+            f"{what}{nudge}, although this client looks at its sockets every second: the kernel stopped "
+            "answering (a crash in native code, or a hang in the kernel's own messaging). Run the notebook "
+            "again; if it stops at the same cell again, record where each side waits with "
+            "`python scripts/soak.py --no-nudge --dump DIR <notebook>` and report it with the dumps."
         )

@@ -45,6 +45,7 @@ COMES_WITH = {
     "starlette": "fastapi",      # fastapi is built on starlette
     "IPython": "ipykernel",      # ipykernel depends on ipython
     "jupyter_core": "nbformat",  # nbformat depends on jupyter-core
+    "traitlets": "jupyter_client",  # jupyter-client depends on traitlets
     "tornado": "distributed",    # distributed depends on tornado
     "distributed": "dask",       # declared as dask[distributed]
 }

@@ -201,12 +201,3 @@ def test_doctor_lists_the_config_files_it_read(monkeypatch, tmp_path):
     line = [c for c in run_doctor().checks if c.name == "config files"][0]
     assert str(user) in line.detail and "defaults.yaml" in line.detail
 
-
-def test_doctor_warns_about_ipykernel_7_and_names_the_pin():
-    from labkit.doctor import FAIL, OK, WARN, check_ipykernel
-
-    bad = check_ipykernel("7.4.0")
-    assert bad.status == WARN and "#1554" in bad.detail and "ipykernel>=6.29,<7" in bad.fix
-    assert check_ipykernel("6.31.0").status == OK
-    installed = check_ipykernel()
-    assert installed.status in (OK, WARN, FAIL) and installed.name == "notebook kernel"

@@ -3,7 +3,7 @@ cell is never failed by it; `labkit run`'s time budget stops a notebook while it
 
 The lost and the late reply are made inside a real ipykernel: a cell replaces the kernel's
 ``session.send`` so that its own ``execute_reply`` is dropped (lost), or held until the next shell
-message arrives (late: what ipykernel #1554 does to a reply), exactly what nbclient then waits for.
+message arrives (late: a reply that waits for new traffic), exactly what nbclient then waits for.
 """
 
 import time
@@ -43,7 +43,7 @@ def test_a_lost_reply_fails_within_seconds_naming_the_cell(tmp_path):
     took = time.monotonic() - start
     assert not run.ok and run.stopped, run.error
     assert "KernelStalled" in run.error and "cell 3 (# the reply to this cell is lost)" in run.error, run.error
-    assert "ipykernel" in run.error and "execute_reply never came" in run.error
+    assert "stopped answering" in run.error and "execute_reply never came" in run.error
     assert run.nudges == ["cell 3 (# the reply to this cell is lost)"]
     assert took < 120, f"a lost reply must not wait out the 600 s cell timeout (took {took:.0f} s)"
 
