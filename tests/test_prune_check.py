@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from labkit.check.prune import check_layer_sparsity, check_magnitude_mask, reference_layer_sparsity, \
-    reference_magnitude_mask, solution
+from labkit.check.prune import check, reference_layer_sparsity, reference_magnitude_mask, solution
 
 
 def test_reference_solutions_pass():
-    assert check_magnitude_mask(reference_magnitude_mask)
-    assert check_layer_sparsity(reference_layer_sparsity)
+    assert check("magnitude_mask", reference_magnitude_mask)
+    assert check("layer_sparsity", reference_layer_sparsity)
 
 
 def test_a_different_correct_mask_passes():
@@ -20,7 +19,7 @@ def test_a_different_correct_mask_passes():
         t = w.abs().flatten().kthvalue(k).values
         return w.abs() > t
 
-    assert check_magnitude_mask(by_threshold)
+    assert check("magnitude_mask", by_threshold)
 
 
 @pytest.mark.parametrize("fn,problem", [
@@ -31,11 +30,11 @@ def test_a_different_correct_mask_passes():
     (lambda w, a: w.mul_(0).bool(), "modified_input"),
 ])
 def test_mask_mistakes_are_named(fn, problem):
-    r = check_magnitude_mask(fn)
+    r = check("magnitude_mask", fn)
     if problem is None:
-        assert r.ok
+        assert r.passed
     else:
-        assert not r.ok and r.problem == problem, r.message
+        assert not r.passed and r.problem == problem, r.message
 
 
 def test_signed_ranking_is_caught():
@@ -45,8 +44,8 @@ def test_signed_ranking_is_caught():
         m[torch.topk(w.flatten(), k, largest=False).indices] = False
         return m.view_as(w)
 
-    r = check_magnitude_mask(signed)
-    assert not r.ok and r.problem == "no_abs" and "|w|" in r.message
+    r = check("magnitude_mask", signed)
+    assert not r.passed and r.problem == "no_abs" and "|w|" in r.message
 
 
 def not_yet():
@@ -61,8 +60,8 @@ def not_yet():
     (lambda m: not_yet(), "not_implemented"),
 ])
 def test_sparsity_mistakes_are_named(fn, problem):
-    r = check_layer_sparsity(fn)
-    assert not r.ok and r.problem == problem, r.message
+    r = check("layer_sparsity", fn)
+    assert not r.passed and r.problem == problem, r.message
 
 
 def test_solution_is_source_and_names_are_checked():

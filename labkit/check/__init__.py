@@ -1,5 +1,21 @@
 """Exercise checkers: run the learner's code on fresh inputs and say what is wrong, not just that it is.
 
+One dialect for every topic (``attention``, ``cluster``, ``data``, ``hardware``, ``prune``, ``serve``,
+``train``):
+
+    from labkit.check.<topic> import check, solution
+    check("<exercise>", answer, **options)      # -> Result, never raises for a wrong answer
+
+``answer`` is the learner's function (or, for an exercise about values, the values); ``options`` are
+what a checker needs besides it (``seed=``, ``cluster=``). ``check.names`` lists a topic's exercises;
+an unknown name raises :class:`UnknownExercise`, which lists them. The :class:`Result` has
+``passed`` (True, False, or None while the exercise is not attempted yet: the function still raises
+``NotImplementedError``, or the answer is None), the exercise ``name``, a ``message`` that names the
+mistake, a short ``problem`` tag (None when passed) and ``details``; it is truthy only when passed
+and renders green, red or amber in a notebook. So a notebook with unfinished or wrong exercises runs
+on headless. Topic authors build ``check`` with :func:`checker_book`, call the learner's code through
+:func:`attempt` and return :func:`correct` or :func:`mistake`.
+
 Solutions convention: each topic module offers ``solution(name)`` (e.g.
 ``labkit.check.attention.solution("softmax")``); nothing shows a solution unless that function
 is called. Build it with :func:`solution_book`, or wrap a source string with :func:`reveal`: the
@@ -12,30 +28,111 @@ from __future__ import annotations
 import html
 import inspect
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
-    """A checker's verdict: ``ok``, a message that says what to fix, and a short ``problem`` tag
-    (None when ok) that tests and instructors can match on. Truthy when ok."""
+    """A checker's verdict on one exercise: ``passed`` (None = not attempted yet) and a message naming the mistake."""
 
-    ok: bool
+    passed: bool | None
     message: str
-    problem: str | None = None
-    details: dict = field(default_factory=dict)
+    problem: str | None = None  # a short tag tests and instructors match on; None when passed
+    details: Mapping[str, Any] = field(default_factory=dict)
+    name: str = ""  # the exercise; ``check`` fills it in
 
     def __bool__(self) -> bool:
-        return self.ok
+        return self.passed is True
+
+    @property
+    def icon(self) -> str:
+        """✅ passed, ❌ a mistake, ⏳ not attempted yet."""
+        return {True: "✅", False: "❌"}.get(self.passed, "⏳")
 
     def __str__(self) -> str:
-        return ("✅ " if self.ok else "❌ ") + self.message
+        return f"{self.icon} {self.name + ': ' if self.name else ''}{self.message}"
 
     __repr__ = __str__
 
-    def _repr_markdown_(self) -> str:
-        return str(self)
+    def _repr_html_(self) -> str:
+        color = {True: "#1a7f37", False: "#cf222e"}.get(self.passed, "#9a6700")
+        label = {True: "correct", False: "not right yet"}.get(self.passed, "not attempted yet")
+        name = f"<code>{html.escape(self.name)}</code> " if self.name else ""
+        return (f'<div class="labkit-check" style="color:{color};white-space:pre-wrap">{self.icon} {name}'
+                f"<b>{label}</b>: {html.escape(self.message)}</div>")
+
+
+def correct(message: str, **details: Any) -> Result:
+    """A passing verdict."""
+    return Result(True, message, None, details)
+
+
+def mistake(problem: str, message: str, **details: Any) -> Result:
+    """A failing verdict: ``problem`` is a short tag, ``message`` names the mistake and the fix."""
+    return Result(False, message, problem, details)
+
+
+class _Stopped(Exception):
+    """The learner's code raised: carries the verdict out of a checker's body."""
+
+    def __init__(self, result: Result):
+        super().__init__(result.message)
+        self.result = result
+
+
+def _fn_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", "")
+    return name if name.isidentifier() else "your function"
+
+
+def attempt(fn: Callable[..., Any], *args: Any, on: str = "", **kwargs: Any) -> Any:
+    """Call the learner's ``fn``; if it raises, the check ends there with a Result saying so (``on`` names the input)."""
+    where = f" (on {on})" if on else ""
+    try:
+        return fn(*args, **kwargs)
+    except NotImplementedError:
+        raise _Stopped(Result(None, f"not yet: {_fn_name(fn)} still raises NotImplementedError; replace that "
+                                    "line with your code and run the cell again", "not_implemented")) from None
+    except Exception as exc:  # the learner's bug, reported plainly instead of a traceback
+        raise _Stopped(mistake("error", f"your function raised {type(exc).__name__}: {exc}{where}")) from None
+
+
+def checker_book(topic: str, checkers: Mapping[str, Callable[..., Result]]) -> Callable[..., Result]:
+    """Make a topic's ``check(exercise, answer, **options)`` from ``{exercise: checker(answer, **options)}``.
+    The exercise names are on ``check.names``."""
+    table = dict(checkers)
+
+    def check(exercise: str, answer: Any, **options: Any) -> Result:
+        if exercise not in table:
+            raise UnknownExercise(
+                f"no {topic} exercise named {exercise!r}; valid names: {', '.join(table) or '(none)'}")
+        checker = table[exercise]
+        try:
+            inspect.signature(checker).bind(answer, **options)
+        except TypeError as exc:  # the notebook's call is off, not the learner's answer
+            raise TypeError(f"check({exercise!r}, answer, ...): {exc}; the checker takes "
+                            f"{inspect.signature(checker)}") from None
+        if answer is None:
+            result = Result(None, "not yet: there is no answer to check (None); pass your function or values",
+                            "not_attempted")
+        else:
+            try:
+                result = checker(answer, **options)
+            except _Stopped as stop:
+                result = stop.result
+            except Exception as exc:  # an answer of the wrong kind tripped the checker: say so, never crash
+                result = mistake("unusable", f"your answer could not be checked ({type(exc).__name__}: {exc}); "
+                                             "is it the kind of function or value the exercise asks for?")
+        if not isinstance(result, Result):  # labkit's bug, not the learner's: fail loudly in the tests
+            raise TypeError(f"the {topic} checker of {exercise!r} returned {type(result).__name__}, not a Result: "
+                            "return correct(...) or mistake(...)")
+        return replace(result, name=exercise)
+
+    check.__doc__ = f"Check your answer to a {topic} exercise: a Result that names the mistake, never a traceback."
+    check.__qualname__ = check.__name__ = "check"
+    check.names = tuple(table)  # type: ignore[attr-defined]
+    return check
 
 
 class UnknownExercise(KeyError, ValueError):

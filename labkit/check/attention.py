@@ -1,8 +1,8 @@
 """Checkers for the attention exercises: softmax, attention, a causal mask, head splitting.
 
-Each ``check_*`` runs the learner's function on fresh random inputs and returns a :class:`Result`
-that says what is wrong (wrong shape, missing scale, mask inverted, softmax over the wrong axis,
-overflow, ...), not only that something is. ``solution(name)`` returns a reference solution's
+``check(name, fn, seed=None)`` runs the learner's function on fresh random inputs and returns a
+:class:`~labkit.check.Result` that says what is wrong (wrong shape, missing scale, mask inverted,
+softmax over the wrong axis, overflow, ...), not only that something is. ``solution(name)`` returns a reference solution's
 source; it is only shown when asked for.
 """
 
@@ -15,16 +15,9 @@ import torch
 
 from labkit import attention as A
 
-from labkit.check import Result, solution_book
+from labkit.check import Result, attempt, checker_book, correct, mistake, solution_book
 
-EXERCISES = ("softmax", "attention", "causal_mask", "split_heads")
 TOL = 1e-5
-
-
-
-
-def _fail(problem: str, message: str, **details) -> Result:
-    return Result(False, message, problem, details)
 
 
 def _close(a, b, tol: float = TOL) -> bool:
@@ -32,176 +25,145 @@ def _close(a, b, tol: float = TOL) -> bool:
         a.float(), b.float(), atol=tol, rtol=tol, equal_nan=False)
 
 
-def _call(fn: Callable, *args, **kwargs):
-    """Run the learner's code; turn exceptions into a Result instead of a traceback."""
-    try:
-        return fn(*args, **kwargs), None
-    except NotImplementedError:
-        return None, _fail("not_implemented", "not implemented yet: replace the `raise NotImplementedError` "
-                                              "with your code and run the check again")
-    except Exception as exc:  # the learner's bug, reported plainly
-        return None, _fail("error", f"your function raised {type(exc).__name__}: {exc}")
-
-
 def _gen(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())) if seed is None else seed)
 
 
 # ------------------------------------------------------------------------------------------ softmax
-def check_softmax(fn: Callable[[torch.Tensor], torch.Tensor], seed: int | None = None) -> Result:
+def _check_softmax(fn: Callable[[torch.Tensor], torch.Tensor], seed: int | None = None) -> Result:
     """Check ``fn(x)`` = softmax over the last axis, stable for large inputs."""
     g = _gen(seed)
     x = torch.randn(3, 5, 7, generator=g) * 3
-    got, err = _call(fn, x.clone())
-    if err is not None:
-        return err
+    got = attempt(fn, x.clone())
     want = torch.softmax(x, -1)
     if not isinstance(got, torch.Tensor):
-        return _fail("type", f"return a torch.Tensor, got {type(got).__name__}")
+        return mistake("type", f"return a torch.Tensor, got {type(got).__name__}")
     if got.shape != want.shape:
-        return _fail("shape", f"wrong shape: got {tuple(got.shape)}, expected {tuple(want.shape)} "
-                              "(softmax keeps the shape; did a sum lose keepdim=True?)")
+        return mistake("shape", f"wrong shape: got {tuple(got.shape)}, expected {tuple(want.shape)} "
+                                "(softmax keeps the shape; did a sum lose keepdim=True?)")
     if not _close(got, want):
         for axis in (0, 1):
             if _close(got, torch.softmax(x, axis)):
-                return _fail("wrong_axis", f"softmax over the wrong axis (dim={axis}); normalise over the last "
-                                           "axis, dim=-1, so each row sums to 1")
+                return mistake("wrong_axis", f"softmax over the wrong axis (dim={axis}); normalise over the last "
+                                             "axis, dim=-1, so each row sums to 1")
         if _close(got, torch.exp(x)):
-            return _fail("not_normalised", "you return exp(x): divide by the sum over the last axis")
+            return mistake("not_normalised", "you return exp(x): divide by the sum over the last axis")
         if torch.allclose(got.sum(-1), torch.ones(3, 5), atol=1e-4):
-            return _fail("values", "rows sum to 1 but the values are wrong; compute exp(x) / sum(exp(x))")
-        return _fail("values", f"wrong values: max difference {(got - want).abs().max():.3g}")
+            return mistake("values", "rows sum to 1 but the values are wrong; compute exp(x) / sum(exp(x))")
+        return mistake("values", f"wrong values: max difference {(got - want).abs().max():.3g}")
     big = x * 100 + 500  # scores of an unscaled, large-activation model
-    got_big, err = _call(fn, big.clone())
-    if err is not None:
-        return err
+    got_big = attempt(fn, big.clone())
     if not torch.isfinite(got_big).all():
-        return _fail("overflow", "numerical overflow: exp() of large scores is inf and inf/inf is nan. "
-                                 "Subtract the row maximum first: softmax(x) = softmax(x - max(x)).")
+        return mistake("overflow", "numerical overflow: exp() of large scores is inf and inf/inf is nan. "
+                                   "Subtract the row maximum first: softmax(x) = softmax(x - max(x)).")
     if not _close(got_big, torch.softmax(big, -1)):
-        return _fail("values", "correct on small inputs, wrong on large ones: subtract the row maximum "
-                               "(keepdim=True) before exp")
-    return Result(True, "softmax is right, and stable for large scores")
+        return mistake("values", "correct on small inputs, wrong on large ones: subtract the row maximum "
+                                 "(keepdim=True) before exp")
+    return correct("softmax is right, and stable for large scores")
 
 
 # ---------------------------------------------------------------------------------------- attention
-def check_attention(fn: Callable, seed: int | None = None) -> Result:
+def _check_attention(fn: Callable, seed: int | None = None) -> Result:
     """Check ``fn(q, k, v, mask=None)`` = softmax(q k^T / sqrt(d_k)) v, bool mask True = may attend."""
     g = _gen(seed)
     b, h, t, s, d, dv = 2, 3, 5, 6, 8, 4  # every size distinct, so a swapped axis shows in the shape
     q, k = torch.randn(b, h, t, d, generator=g), torch.randn(b, h, s, d, generator=g)
     v = torch.randn(b, h, s, dv, generator=g)
-    got, err = _call(fn, q, k, v)
-    if err is not None:
-        return err
+    got = attempt(fn, q, k, v)
     want = A.scaled_dot_product_attention(q, k, v)
     if not isinstance(got, torch.Tensor):
-        return _fail("type", f"return a torch.Tensor, got {type(got).__name__}")
+        return mistake("type", f"return a torch.Tensor, got {type(got).__name__}")
     if got.shape != want.shape:
         hint = " (did you return the weights instead of weights @ v?)" if got.shape == (b, h, t, s) else ""
-        return _fail("shape", f"wrong shape: got {tuple(got.shape)}, expected {tuple(want.shape)} = "
-                              f"(..., T_q, d_v){hint}")
+        return mistake("shape", f"wrong shape: got {tuple(got.shape)}, expected {tuple(want.shape)} = "
+                                f"(..., T_q, d_v){hint}")
     if not _close(got, want):
         ref = lambda scale=None, dim=-1: A.softmax((q @ k.transpose(-2, -1)) * (
             1 / math.sqrt(d) if scale is None else scale), dim=dim) @ v
         if _close(got, ref(scale=1.0)):
-            return _fail("missing_scale", "missing scale: divide the scores by sqrt(d_k) = sqrt(q.shape[-1]); "
-                                          "without it softmax saturates as d_k grows")
+            return mistake("missing_scale", "missing scale: divide the scores by sqrt(d_k) = sqrt(q.shape[-1]); "
+                                            "without it softmax saturates as d_k grows")
         if _close(got, ref(scale=1 / d)):
-            return _fail("wrong_scale", "scale is 1/d_k; it should be 1/sqrt(d_k)")
+            return mistake("wrong_scale", "scale is 1/d_k; it should be 1/sqrt(d_k)")
         if _close(got, ref(dim=-2)):
-            return _fail("wrong_axis", "softmax over the wrong axis (the queries); normalise over the keys, dim=-1")
-        return _fail("values", f"wrong values: max difference {(got - want).abs().max():.3g}")
+            return mistake("wrong_axis", "softmax over the wrong axis (the queries); normalise over the keys, dim=-1")
+        return mistake("values", f"wrong values: max difference {(got - want).abs().max():.3g}")
     mask = torch.rand(b, 1, t, s, generator=g) > 0.5
     # every row keeps one allowed and one forbidden key, so an inverted mask never makes a row
     # all -inf (softmax NaN), which would hide the inversion behind a generic message
     mask[..., 0] = True
     mask[..., -1] = False
-    got_m, err = _call(fn, q, k, v, mask=mask)
-    if err is not None:
-        return _fail("mask", f"calling with mask= failed: {err.message}")
+    got_m = attempt(fn, q, k, v, mask=mask, on="a call with mask=")
     if not _close(got_m, A.scaled_dot_product_attention(q, k, v, mask=mask)):
         flipped = ~mask
         flipped[..., 0] = True
         if _close(got_m, A.scaled_dot_product_attention(q, k, v, mask=~mask)) or _close(
                 got_m, A.scaled_dot_product_attention(q, k, v, mask=flipped)):
-            return _fail("mask_inverted", "mask sign inverted: True means 'may attend'; fill the scores with "
-                                          "-inf where the mask is False: scores.masked_fill(~mask, float('-inf'))")
+            return mistake("mask_inverted", "mask sign inverted: True means 'may attend'; fill the scores with "
+                                            "-inf where the mask is False: scores.masked_fill(~mask, float('-inf'))")
         if _close(got_m, want):
-            return _fail("mask_ignored", "the mask is ignored: fill forbidden scores with -inf before softmax")
-        return _fail("mask", "wrong values with a mask; use scores.masked_fill(~mask, float('-inf'))")
+            return mistake("mask_ignored", "the mask is ignored: fill forbidden scores with -inf before softmax")
+        return mistake("mask", "wrong values with a mask; use scores.masked_fill(~mask, float('-inf'))")
     qb, kb = q * 30, k * 30  # large activations
-    got_big, err = _call(fn, qb, kb, v)
-    if err is not None:
-        return err
+    got_big = attempt(fn, qb, kb, v)
     if not torch.isfinite(got_big).all():
-        return _fail("overflow", "numerical overflow with large scores: use a stable softmax "
-                                 "(subtract the row max) or torch.softmax")
-    return Result(True, "attention is right: scaled, masked the right way, stable")
+        return mistake("overflow", "numerical overflow with large scores: use a stable softmax "
+                                   "(subtract the row max) or torch.softmax")
+    return correct("attention is right: scaled, masked the right way, stable")
 
 
 # ------------------------------------------------------------------------------------- causal mask
-def check_causal_mask(fn: Callable[[int], torch.Tensor], seed: int | None = None) -> Result:
+def _check_causal_mask(fn: Callable[[int], torch.Tensor], seed: int | None = None) -> Result:
     """Check ``fn(T)`` = bool (T, T) mask, True where query i may attend key j (j <= i)."""
     t = int(torch.randint(5, 12, (), generator=_gen(seed)))
-    got, err = _call(fn, t)
-    if err is not None:
-        return err
+    got = attempt(fn, t)
     want = A.causal_mask(t)
     if not isinstance(got, torch.Tensor):
-        return _fail("type", f"return a torch.Tensor, got {type(got).__name__}")
+        return mistake("type", f"return a torch.Tensor, got {type(got).__name__}")
     if got.shape != want.shape:
-        return _fail("shape", f"wrong shape: got {tuple(got.shape)} for T={t}, expected ({t}, {t})")
+        return mistake("shape", f"wrong shape: got {tuple(got.shape)} for T={t}, expected ({t}, {t})")
     if got.dtype != torch.bool:
         if got.is_floating_point() and torch.equal(torch.isinf(got), ~want) and (got[want] == 0).all():
-            return _fail("dtype", "this is an additive float mask (0 / -inf); the exercise asks for a bool "
-                                  "mask, True = may attend: torch.ones(T, T, dtype=torch.bool).tril()")
-        return _fail("dtype", f"return a bool tensor (True = may attend), got {got.dtype}")
+            return mistake("dtype", "this is an additive float mask (0 / -inf); the exercise asks for a bool "
+                                    "mask, True = may attend: torch.ones(T, T, dtype=torch.bool).tril()")
+        return mistake("dtype", f"return a bool tensor (True = may attend), got {got.dtype}")
     if torch.equal(got, want):
-        return Result(True, f"causal mask is right (checked at T={t})")
+        return correct(f"causal mask is right (checked at T={t})")
     if torch.equal(got, ~want) or torch.equal(got, want.T & ~torch.eye(t, dtype=torch.bool)):
-        return _fail("mask_inverted", "mask inverted: True must mean 'may attend', i.e. on and below the diagonal")
+        return mistake("mask_inverted", "mask inverted: True must mean 'may attend', i.e. on and below the diagonal")
     if torch.equal(got, want.T):
-        return _fail("transposed", "transposed: query i (row) may see keys j <= i (columns): use .tril(), not .triu()")
+        return mistake("transposed", "transposed: query i (row) may see keys j <= i (columns): use .tril(), not .triu()")
     if torch.equal(got, want & ~torch.eye(t, dtype=torch.bool)):
-        return _fail("diagonal", "the diagonal is missing: a token may attend to itself (tril with diagonal=0)")
-    return _fail("values", "wrong values; row i should be True for columns 0..i")
+        return mistake("diagonal", "the diagonal is missing: a token may attend to itself (tril with diagonal=0)")
+    return mistake("values", "wrong values; row i should be True for columns 0..i")
 
 
 # ------------------------------------------------------------------------------------- split heads
-def check_split_heads(fn: Callable[[torch.Tensor, int], torch.Tensor], seed: int | None = None) -> Result:
+def _check_split_heads(fn: Callable[[torch.Tensor, int], torch.Tensor], seed: int | None = None) -> Result:
     """Check ``fn(x, n_head)``: (B, T, C) -> (B, n_head, T, C // n_head), head h = channels h*D..(h+1)*D."""
     g = _gen(seed)
     b, t, h, d = 2, 5, 3, 4
     x = torch.randn(b, t, h * d, generator=g)
-    got, err = _call(fn, x, h)
-    if err is not None:
-        return err
+    got = attempt(fn, x, h)
     want = A.split_heads(x, h)
     if not isinstance(got, torch.Tensor):
-        return _fail("type", f"return a torch.Tensor, got {type(got).__name__}")
+        return mistake("type", f"return a torch.Tensor, got {type(got).__name__}")
     if got.shape != want.shape:
         if got.shape == (b, t, h, d):
-            return _fail("shape", f"shape {tuple(got.shape)} is (B, T, H, D): transpose(1, 2) to put heads "
-                                  "before time, (B, H, T, D)")
-        return _fail("shape", f"wrong shape: got {tuple(got.shape)}, expected (B, H, T, D) = {tuple(want.shape)}")
+            return mistake("shape", f"shape {tuple(got.shape)} is (B, T, H, D): transpose(1, 2) to put heads "
+                                    "before time, (B, H, T, D)")
+        return mistake("shape", f"wrong shape: got {tuple(got.shape)}, expected (B, H, T, D) = {tuple(want.shape)}")
     if not torch.equal(got, want):
         if torch.equal(got, x.reshape(b, h, t, d)):
-            return _fail("layout", "heads scrambled: x.view(B, H, T, D) mixes time and channels; "
-                                   "view(B, T, H, D) first, then transpose(1, 2)")
-        return _fail("layout", "right shape, wrong values: head h must hold channels h*D:(h+1)*D of every token")
-    return Result(True, "split_heads is right")
+            return mistake("layout", "heads scrambled: x.view(B, H, T, D) mixes time and channels; "
+                                     "view(B, T, H, D) first, then transpose(1, 2)")
+        return mistake("layout", "right shape, wrong values: head h must hold channels h*D:(h+1)*D of every token")
+    return correct("split_heads is right")
 
 
-CHECKS = {"softmax": check_softmax, "attention": check_attention, "causal_mask": check_causal_mask,
-          "split_heads": check_split_heads}
-
-
-def check(name: str, fn: Callable, seed: int | None = None) -> Result:
-    """Run the checker for one exercise (one of ``EXERCISES``)."""
-    if name not in CHECKS:
-        raise ValueError(f"unknown exercise {name!r}; valid choices: {', '.join(EXERCISES)}")
-    return CHECKS[name](fn, seed=seed)
+check = checker_book("attention", {"softmax": _check_softmax, "attention": _check_attention,
+                                   "causal_mask": _check_causal_mask, "split_heads": _check_split_heads})
+EXERCISES = check.names
 
 
 # --------------------------------------------------------------------------------------- solutions

@@ -1,16 +1,16 @@
-"""Checkers for notebook 01_cluster: pinning a task to a GPU worker with Dask resources."""
+"""Checkers for notebook 01_cluster: pinning a task to a GPU worker with Dask resources.
+
+``check("gpu_task", submit_on_a_gpu, cluster=cluster)`` returns a :class:`~labkit.check.Result`;
+a wrong answer never raises, so the notebook runs on headless.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
-from labkit.check import defined_function, solution_book
+from labkit.check import Result, attempt, checker_book, correct, defined_function, mistake, solution_book
 from labkit.cluster.gpu_slice import parse_ids
-
-
-class CheckFailed(AssertionError):
-    """The learner's code ran but did the wrong thing; the message says what to change."""
 
 
 def _probe() -> str:
@@ -55,45 +55,39 @@ def solved(name: str) -> Callable[..., Any]:
     return defined_function(solution(name))
 
 
-def check_gpu_task(handle: Any, submit_on_a_gpu: Callable[[Any, Callable[[], Any]], Any], timeout: float = 60) -> str:
-    """Call ``submit_on_a_gpu(client, fn)`` with a probe and check the task was pinned to a GPU worker.
-
-    Returns what it found; an unfinished exercise (still ``raise NotImplementedError``) gets a
-    "not yet" message, so the notebook runs on headless; a wrong answer raises :class:`CheckFailed`.
-    """
-    client = _RecordingClient(handle.client)
-    try:
-        fut = submit_on_a_gpu(client, _probe)
-    except NotImplementedError:
-        return ("not yet: submit_on_a_gpu still raises NotImplementedError; replace it with one line "
-                "(client.submit(fn, resources=...)) and run the cell again")
+def _check_gpu_task(submit_on_a_gpu: Callable[[Any, Callable[[], Any]], Any], cluster: Any,
+                    timeout: float = 60) -> Result:
+    """Call ``submit_on_a_gpu(client, fn)`` with a probe on ``cluster`` (a labkit cluster handle) and check
+    the task was pinned to a GPU worker."""
+    client = _RecordingClient(cluster.client)
+    fut = attempt(submit_on_a_gpu, client, _probe)
     if not hasattr(fut, "key") or not hasattr(fut, "result"):
-        raise CheckFailed(f"submit_on_a_gpu returned {type(fut).__name__}, not a Future: return client.submit(...)")
+        return mistake("not_a_future", f"submit_on_a_gpu returned {type(fut).__name__}, not a Future: "
+                                       "return client.submit(...)")
     wanted = client.asked[-1] if client.asked else {}
     if wanted.get("GPU", 0) < 1:
-        raise CheckFailed(
-            f"the task asked for resources {wanted or 'none'}, so Dask may run it on any worker, GPU or not; "
-            "pass resources={'GPU': 1} to client.submit"
-        )
-    offered = [dict(info.get("resources") or {}) for info in handle.workers().values()]
+        return mistake("no_resources", f"the task asked for resources {wanted or 'none'}, so Dask may run it on "
+                                       "any worker, GPU or not; pass resources={'GPU': 1} to client.submit")
+    offered = [dict(info.get("resources") or {}) for info in cluster.workers().values()]
     if not any(all(res.get(k, 0) >= v for k, v in wanted.items()) for res in offered):
         fut.cancel()
         most = {k: max((res.get(k, 0) for res in offered), default=0) for k in wanted}
-        raise CheckFailed(
-            f"the task asked for resources {wanted}, but no worker offers that much (the most any worker has: "
-            f"{most}); Dask would keep it waiting for ever. Ask for what one worker has: resources={{'GPU': 1}}"
-        )
+        return mistake("too_much", f"the task asked for resources {wanted}, but no worker offers that much (the "
+                                   f"most any worker has: {most}); Dask would keep it waiting for ever. Ask for what "
+                                   "one worker has: resources={'GPU': 1}")
     try:
         seen = fut.result(timeout=timeout)
     except TimeoutError:
         fut.cancel()
-        raise CheckFailed(
-            f"the task (resources {wanted}) did not finish within {timeout:.0f} s although a worker offers those "
-            "resources: the GPU workers may be busy with other tasks (see the dashboard) or gone; check "
-            "cluster.gpu_map() and run the cell again"
-        ) from None
-    gpu_ids = {",".join(v) for v in handle.gpu_map().values() if v}
+        return mistake("timeout", f"the task (resources {wanted}) did not finish within {timeout:.0f} s although "
+                                  "a worker offers those resources: the GPU workers may be busy with other tasks "
+                                  "(see the dashboard) or gone; check cluster.gpu_map() and run the cell again")
+    gpu_ids = {",".join(v) for v in cluster.gpu_map().values() if v}
     if seen not in gpu_ids:
-        raise CheckFailed(f"the task saw CUDA_VISIBLE_DEVICES={seen!r}, not one of the GPU workers' {sorted(gpu_ids)}; "
-                          "did your function call fn on the worker (client.submit(fn, ...), not fn())?")
-    return f"correct: the task ran on a worker that owns GPU {seen} (resources={wanted})"
+        return mistake("not_on_a_gpu", f"the task saw CUDA_VISIBLE_DEVICES={seen!r}, not one of the GPU "
+                                       f"workers' {sorted(gpu_ids)}; did your function call fn on the worker "
+                                       "(client.submit(fn, ...), not fn())?")
+    return correct(f"the task ran on a worker that owns GPU {seen} (resources={wanted})")
+
+
+check = checker_book("cluster", {"gpu_task": _check_gpu_task})

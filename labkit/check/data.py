@@ -1,4 +1,8 @@
-"""Checkers for the data notebook: write a normaliser, count duplicates. Fresh inputs, clear hints."""
+"""Checkers for the data notebook: write a normaliser, count duplicates. Fresh inputs, clear hints.
+
+``check("normaliser", fn)`` and ``check("count_duplicates", fn)`` return a :class:`~labkit.check.Result`
+that shows the first mismatch and a hint; they never raise for a wrong answer.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import random
 import unicodedata
 from typing import Callable
 
-from labkit.check import solution_book
+from labkit.check import Result, attempt, checker_book, correct, mistake, solution_book
 from labkit.data import clean as C
 
 _NORMALISER_CASES = [
@@ -28,19 +32,17 @@ def reference_normaliser(text: str) -> str:
     return C.normalise_whitespace(text)
 
 
-def check_normaliser(fn: Callable[[str], str], verbose: bool = True) -> bool:
-    """Run ``fn`` on small cases and a stdlib-like random one; print the first mismatch with a hint."""
+def _check_normaliser(fn: Callable[[str], str]) -> Result:
+    """Run ``fn`` on small cases and a stdlib-like random one; name the first mismatch with a hint."""
     rng = random.Random()
     extra = "".join(rng.choice(["x", " ", "\t", "\n", "ﬂ", "\r\n", "\x00", "é", "  \n"]) for _ in range(60))
     cases = _NORMALISER_CASES + [(extra, reference_normaliser(extra), "a random mix of everything above")]
     for given, want, hint in cases:
-        try:
-            got = fn(given)
-        except Exception as exc:  # the learner's code: report, do not crash the notebook
-            return _say(verbose, False, f"your normaliser raised {type(exc).__name__}: {exc} on {given!r}")
+        got = attempt(fn, given, on=repr(given))
         if got != want:
-            return _say(verbose, False, f"on {given!r}\n   expected {want!r}\n   got      {got!r}\n   hint: {hint}")
-    return _say(verbose, True, f"all {len(cases)} cases pass: your normaliser matches the pipeline's")
+            return mistake("mismatch", f"on {given!r}\n   expected {want!r}\n   got      {got!r}\n   hint: {hint}",
+                           given=given, expected=want, got=got)
+    return correct(f"all {len(cases)} cases pass: your normaliser matches the pipeline's")
 
 
 def reference_count_duplicates(docs: list[str]) -> int:
@@ -53,7 +55,7 @@ def reference_count_duplicates(docs: list[str]) -> int:
     return dups
 
 
-def check_count_duplicates(fn: Callable[[list[str]], int], verbose: bool = True) -> bool:
+def _check_count_duplicates(fn: Callable[[list[str]], int]) -> Result:
     """Run ``fn`` on fresh collections with planted duplicates (some only equal after normalising)."""
     rng = random.Random()
     for trial in range(3):
@@ -64,17 +66,19 @@ def check_count_duplicates(fn: Callable[[list[str]], int], verbose: bool = True)
             d = rng.choice(base)
             docs.insert(rng.randrange(len(docs) + 1), rng.choice([d, d + "   \n", d.replace("o", "ｏ")]))
         want = reference_count_duplicates(docs)
-        try:
-            got = fn(list(docs))
-        except Exception as exc:
-            return _say(verbose, False, f"your function raised {type(exc).__name__}: {exc}")
+        got = attempt(fn, list(docs))
         if got != want:
-            naive = len(docs) - len(set(docs))
-            hint = ("that is the count before normalising: normalise first (trailing spaces, full-width letters)"
-                    if got == naive else "count a document when an earlier one has the same normalised text; "
-                    "the first copy is not a duplicate")
-            return _say(verbose, False, f"on {len(docs)} documents expected {want} duplicates, got {got}; hint: {hint}")
-    return _say(verbose, True, "right on 3 fresh collections")
+            if got == len(docs) - len(set(docs)):
+                problem, hint = "not_normalised", ("that is the count before normalising: normalise first "
+                                                   "(trailing spaces, full-width letters)")
+            else:
+                problem, hint = "wrong_count", ("count a document when an earlier one has the same normalised "
+                                                "text; the first copy is not a duplicate")
+            return mistake(problem, f"on {len(docs)} documents expected {want} duplicates, got {got!r}; hint: {hint}")
+    return correct("right on 3 fresh collections")
+
+
+check = checker_book("data", {"normaliser": _check_normaliser, "count_duplicates": _check_count_duplicates})
 
 
 SOLUTIONS = {"normaliser": reference_normaliser, "count_duplicates": reference_count_duplicates}
@@ -82,8 +86,3 @@ SOLUTIONS = {"normaliser": reference_normaliser, "count_duplicates": reference_c
 
 solution = solution_book("data", SOLUTIONS)
 
-
-def _say(verbose: bool, ok: bool, msg: str) -> bool:
-    if verbose:
-        print(("✅ " if ok else "❌ ") + msg)
-    return ok

@@ -1,20 +1,18 @@
 """Checkers for the serving notebook: latency percentiles and a reproducible request.
 
-A checker never raises, so a notebook with an unfinished exercise still runs top to bottom; it
-returns a ``Feedback`` that prints what to fix.
+``check("percentile", fn)`` and ``check("reproducible", [first, second])`` (the two JSON answers of
+``/generate``) never raise for a wrong answer, so a notebook with an unfinished exercise still runs top
+to bottom; they return a :class:`~labkit.check.Result` that says what to fix.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from labkit.check import Result, defined_function, solution_book
+from labkit.check import Result, attempt, checker_book, correct, defined_function, mistake, solution_book
 from labkit.serve.metrics import percentile as _reference
-
-
-Feedback = Result  # the shared verdict type of labkit.check
 
 
 def _nearest_rank(xs: list[float], q: float) -> float:
@@ -22,7 +20,7 @@ def _nearest_rank(xs: list[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
-def percentile(fn: Callable[[list[float], float], float]) -> Feedback:
+def _check_percentile(fn: Callable[[list[float], float], float]) -> Result:
     """Check ``fn(values, q) -> the q-th percentile (q in 0..100), linear interpolation`` on fresh data."""
     rng = random.Random()
     cases = [([3.0, 1.0, 2.0, 4.0], 50), ([10.0], 95), ([1.0, 2.0], 0), ([5.0, 1.0, 9.0, 7.0, 3.0], 100)]
@@ -30,33 +28,30 @@ def percentile(fn: Callable[[list[float], float], float]) -> Feedback:
               for _ in range(6)]
     for values, q in cases:
         want = _reference(values, q)
-        try:
-            have = fn(list(values), q)
-        except Exception as exc:  # the learner's code raised
-            return Feedback(False, f"your function raised {type(exc).__name__}: {exc} (values={values[:5]}..., q={q})")
+        have = attempt(fn, list(values), q, on=f"values={values[:5]}..., q={q}")
         if have is None:
-            return Feedback(False, "your function returned None: return the percentile as a number")
+            return mistake("none", "your function returned None: return the percentile as a number")
         try:
             have = float(have)
         except (TypeError, ValueError):
-            return Feedback(False, f"your function must return a number, it returned {have!r}")
+            return mistake("type", f"your function must return a number, it returned {have!r}")
         if math.isclose(have, want, rel_tol=1e-9, abs_tol=1e-9):
             continue
         if values != sorted(values) and math.isclose(have, _reference_unsorted(values, q), rel_tol=1e-9):
-            return Feedback(False, "sort the values first: a percentile reads positions in sorted order")
+            return mistake("unsorted", "sort the values first: a percentile reads positions in sorted order")
         if 0 < q < 100 and math.isclose(have, _reference(values, q / 100), rel_tol=1e-9):
-            return Feedback(False, "q is in percent (0..100): use q / 100 of the way through the sorted values")
+            return mistake("fraction", "q is in percent (0..100): use q / 100 of the way through the sorted values")
         pos = (len(values) - 1) * q / 100
         if pos != int(pos) and any(math.isclose(have, sorted(values)[i], rel_tol=1e-9)
                                    for i in (math.floor(pos), math.ceil(pos))):
-            return Feedback(False, f"you picked one of the two neighbours; at position {pos:g} interpolate: "
-                                   "xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)")
+            return mistake("neighbour", f"you picked one of the two neighbours; at position {pos:g} interpolate: "
+                                        "xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)")
         if math.isclose(have, _nearest_rank(values, q), rel_tol=1e-9):
-            return Feedback(False, "that is the nearest-rank percentile; interpolate linearly between the two "
-                                   "neighbours at position (n - 1) * q / 100")
-        return Feedback(False, f"for values={[round(v, 2) for v in values[:6]]}{'...' if len(values) > 6 else ''} "
-                               f"and q={q} the percentile is {want:.6g}, yours is {have:.6g}")
-    return Feedback(True, f"your percentile matches labkit's on {len(cases)} cases, including random latencies")
+            return mistake("nearest_rank", "that is the nearest-rank percentile; interpolate linearly between "
+                                           "the two neighbours at position (n - 1) * q / 100")
+        return mistake("values", f"for values={[round(v, 2) for v in values[:6]]}{'...' if len(values) > 6 else ''} "
+                                 f"and q={q} the percentile is {want:.6g}, yours is {have:.6g}")
+    return correct(f"your percentile matches labkit's on {len(cases)} cases, including random latencies")
 
 
 def _reference_unsorted(values: list[float], q: float) -> float:
@@ -66,15 +61,24 @@ def _reference_unsorted(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def reproducible(texts: list[Any], seeds: list[Any]) -> Feedback:
-    """Check two answers to the same request: the same seed must give the same text."""
-    if len(texts) != 2 or len(seeds) != 2:
-        return Feedback(False, "send the same request twice and pass both texts and both seeds")
+def _check_reproducible(answers: list[Any]) -> Result:
+    """Check two answers to the same request (the JSON bodies ``/generate`` returned): same seed, same text."""
+    if not isinstance(answers, (list, tuple)) or len(answers) != 2:
+        return mistake("two_answers", "send the same request twice and pass both answers: "
+                                      "check(\"reproducible\", [first, second])")
+    if not all(isinstance(a, Mapping) and "text" in a and "seed" in a for a in answers):
+        return mistake("not_json", "pass the JSON bodies /generate returned (each has \"text\" and \"seed\"): "
+                                   "client.post(\"/generate\", json=body).json()")
+    texts, seeds = [a["text"] for a in answers], [a["seed"] for a in answers]
     if seeds[0] is None or seeds[0] != seeds[1]:
-        return Feedback(False, f"the seeds differ ({seeds}); put the same \"seed\" in both request bodies")
+        return mistake("seeds_differ", f"the seeds differ ({seeds}); put the same \"seed\" in both request bodies")
     if texts[0] != texts[1]:
-        return Feedback(False, "same seed, different text: were temperature, top_k and max_new_tokens the same too?")
-    return Feedback(True, "same request, same seed, same text: answers can be reproduced")
+        return mistake("text_differs", "same seed, different text: were temperature, top_k and max_new_tokens "
+                                       "the same too?")
+    return correct("same request, same seed, same text: answers can be reproduced")
+
+
+check = checker_book("serving", {"percentile": _check_percentile, "reproducible": _check_reproducible})
 
 
 _SOLUTIONS = {

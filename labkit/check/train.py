@@ -2,8 +2,9 @@
 
 Each checker runs the learner's answer on fresh cases, compares it with ``labkit.train`` and
 says *what* is off (warmup off by one, no floor at ``min_lr``, linear instead of cosine, a
-factor missing from the batch, ...). It never raises, so a notebook with an unfinished
-exercise still runs top to bottom; it returns a ``Feedback`` that prints itself.
+factor missing from the batch, ...). ``check("lr_schedule", fn)`` and ``check("effective_batch", fn)`` never raise for a wrong answer, so a
+notebook with an unfinished exercise still runs top to bottom; they return a
+:class:`~labkit.check.Result` that names the mistake.
 """
 
 from __future__ import annotations
@@ -12,21 +13,14 @@ import math
 import random
 from typing import Any, Callable
 
-from labkit.check import Result, defined_function, solution_book
+from labkit.check import Result, attempt, checker_book, correct, defined_function, mistake, solution_book
 from labkit.train import TrainConfig, lr_at
-
-
-Feedback = Result  # the shared verdict type of labkit.check
-
 
 
 def _diagnose_lr(got: Callable[[int], float], c: TrainConfig) -> str | None:
     """What is wrong with a schedule, as one sentence; None when it matches."""
     want = [lr_at(s, c) for s in range(c.max_steps + 5)]
-    try:
-        have = [got(s) for s in range(c.max_steps + 5)]
-    except Exception as exc:  # the learner's code raised
-        return f"your function raised {type(exc).__name__}: {exc}"
+    have = [got(s) for s in range(c.max_steps + 5)]
     if any(h is None for h in have):
         return "your function returned None: return the learning rate as a float"
     try:
@@ -55,7 +49,7 @@ def _diagnose_lr(got: Callable[[int], float], c: TrainConfig) -> str | None:
             f"yours is {have[bad]:.6g}")
 
 
-def lr_schedule(fn: Callable[..., float]) -> Feedback:
+def _check_lr_schedule(fn: Callable[..., float]) -> Result:
     """Check ``fn(step, lr, min_lr, warmup_steps, max_steps) -> float`` against warmup + cosine decay."""
     rng = random.Random()
     cases = [TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100)]
@@ -64,13 +58,13 @@ def lr_schedule(fn: Callable[..., float]) -> Feedback:
         cases.append(TrainConfig(lr=lr, min_lr=lr * rng.choice([0.0, 0.1]), warmup_steps=rng.randint(1, 20),
                                  max_steps=rng.randint(40, 200)))
     for c in cases:
-        problem = _diagnose_lr(lambda s, c=c: fn(s, c.lr, c.min_lr, c.warmup_steps, c.max_steps), c)
+        problem = _diagnose_lr(lambda s, c=c: attempt(fn, s, c.lr, c.min_lr, c.warmup_steps, c.max_steps), c)
         if problem:
-            return Feedback(False, problem)
-    return Feedback(True, f"your schedule matches labkit.train.lr_at on {len(cases)} random settings")
+            return mistake("schedule", problem)
+    return correct(f"your schedule matches labkit.train.lr_at on {len(cases)} random settings")
 
 
-def effective_batch(fn: Callable[..., int]) -> Feedback:
+def _check_effective_batch(fn: Callable[..., int]) -> Result:
     """Check ``fn(batch_size, grad_accum, world_size, block_size) -> tokens per optimizer step``."""
     rng = random.Random()
     for _ in range(5):
@@ -79,23 +73,23 @@ def effective_batch(fn: Callable[..., int]) -> Feedback:
             if len({b, a, w, t}) == 4:
                 break
         want = b * a * w * t
-        try:
-            have = fn(b, a, w, t)
-        except Exception as exc:
-            return Feedback(False, f"your function raised {type(exc).__name__}: {exc}")
+        have = attempt(fn, b, a, w, t)
         if have is None:
-            return Feedback(False, "your function returned None: return the number of tokens per optimizer step")
+            return mistake("none", "your function returned None: return the number of tokens per optimizer step")
         if have == want:
             continue
         for name, missing in (("grad_accum", a), ("world_size", w), ("block_size", t), ("batch_size", b)):
             if missing > 1 and have * missing == want:
-                return Feedback(False, f"you left out {name}: every one of the {w} ranks does {a} micro-batches of "
-                                       f"{b} sequences of {t} tokens before one optimizer step")
+                return mistake("missing_factor", f"you left out {name}: every one of the {w} ranks does {a} "
+                                                 f"micro-batches of {b} sequences of {t} tokens before one optimizer step")
         if have == b * a * w:
-            return Feedback(False, "that is sequences per step; multiply by block_size for tokens")
-        return Feedback(False, f"for batch_size={b}, grad_accum={a}, world_size={w}, block_size={t} the answer is "
-                               f"{want:,} tokens, yours is {have!r}")
-    return Feedback(True, "right: tokens per step = batch_size × grad_accum × world_size × block_size")
+            return mistake("sequences", "that is sequences per step; multiply by block_size for tokens")
+        return mistake("values", f"for batch_size={b}, grad_accum={a}, world_size={w}, block_size={t} the answer "
+                                 f"is {want:,} tokens, yours is {have!r}")
+    return correct("right: tokens per step = batch_size × grad_accum × world_size × block_size")
+
+
+check = checker_book("training", {"lr_schedule": _check_lr_schedule, "effective_batch": _check_effective_batch})
 
 
 _SOLUTIONS = {
