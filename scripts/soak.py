@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import nbformat  # noqa: E402
+
 from labkit.notebooks import execute_notebook  # noqa: E402
 from labkit.runner import resolve_notebooks  # noqa: E402
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-nudge", action="store_true", help="never nudge: a lost reply becomes a stall")
     parser.add_argument("--stall-after", type=float, default=55.0)
     parser.add_argument("--dump", type=Path, default=None, help="folder for py-spy dumps at a stall")
+    parser.add_argument("--keep", type=Path, default=None, help="folder for the executed copy of each failed run")
     args = parser.parse_args(argv)
     paths = resolve_notebooks(args.notebooks)
     times: dict[str, list[float]] = {p.stem: [] for p in paths}
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if run.ok else ("STALLED" if run.stopped else "FAILED")
             if not run.ok:
                 (stalls if run.stopped else failures).append((rnd, path.stem, run.error[-800:]))
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    nbformat.write(run.notebook, args.keep / f"{path.stem}-r{rnd}.ipynb")
             if run.nudges:
                 nudged.append((rnd, path.stem, run.nudges))
             extra = f"  nudged: {', '.join(run.nudges)}" if run.nudges else ""
