@@ -211,13 +211,14 @@ def _mix(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def open_data(data_dir: str | os.PathLike) -> tuple[Any, Any]:
-    """The train and val ``ShardReader`` of a shard folder (val falls back to train when absent)."""
+def open_data(data_dir: str | os.PathLike, verify: bool = True) -> tuple[Any, Any]:
+    """The train and val ``ShardReader`` of a shard folder (val falls back to train when absent);
+    ``verify=False`` when the run checked the shards' hashes already (``verify_shards``)."""
     from labkit.data.shards import ShardError, ShardReader
 
-    train = ShardReader(data_dir, "train")
+    train = ShardReader(data_dir, "train", verify=verify)
     try:
-        val = ShardReader(data_dir, "val")
+        val = ShardReader(data_dir, "val", verify=verify)
         if len(val) < 2:
             val = train
     except ShardError:
@@ -363,14 +364,15 @@ def _evaluate(model: GPT, val: Any, config: TrainConfig, rank: int, world: int, 
 
 def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
              device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
-             should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """The training loop of one rank (the process group, if any, is already up)."""
+             should_stop: Callable[[], bool] | None = None, verify: bool = True) -> TrainResult:
+    """The training loop of one rank (the process group, if any, is already up); ``verify=False``
+    skips hashing the shards (the run's driver had them verified once for all ranks)."""
     t_start = time.time()
     device = resolve_device(config.device if device is None else device)
     if config.num_threads and device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     distributed = world_size > 1
-    train_data, val_data = open_data(data_dir)
+    train_data, val_data = open_data(data_dir, verify=verify)
     try:
         tokenizer = train_data.tokenizer()
         tokenizer_json = tokenizer.to_str()
@@ -517,7 +519,7 @@ def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool) -> Tr
         return ctx.aborted()
 
     return run_loop(config, data_dir, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                    resume=resume, should_stop=should_stop)
+                    resume=resume, should_stop=should_stop, verify=False)  # train_distributed verified them
 
 
 def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None, *,
@@ -528,7 +530,9 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
 
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
     rank raises ``labkit.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
-    naming the rank; then ``resume=True`` continues from the last checkpoint."""
+    naming the rank; then ``resume=True`` continues from the last checkpoint. The shards' hashes are
+    checked once per call, each file by one worker, not by every rank."""
+    from labkit.data.shards import verify_shards
     from labkit.ranks import run_ranks
 
     data_dir = str(_data_dir(config, data_dir).resolve())
@@ -536,6 +540,7 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints")
     if config.checkpoint_dir:
         config = config.replace(checkpoint_dir=str(Path(config.checkpoint_dir).resolve()))
+    verify_shards(data_dir, client=client)
     results = run_ranks(client, _rank_main, config, data_dir, resume, workers=workers, backend=backend,
                         timeout=timeout)
     return results[0]

@@ -244,3 +244,74 @@ def test_hf_source_is_staged_as_jsonl_with_a_text_field(field, tmp_path, monkeyp
     assert got == [{"text": r[field]} for r in rows]
     with pytest.raises(SourceError, match="has no column 'body'"):
         stage_hf(HFSource("someone/corpus", text_field="body"), tmp_path)
+
+
+class _SpyClient:
+    """A Dask client that records what the pipeline sends: every submit's arguments, every scatter."""
+
+    def __init__(self, client):
+        self.client, self.submitted, self.scattered = client, [], []
+
+    def submit(self, fn, *args, **kwargs):
+        self.submitted.append((fn.__name__, args))
+        return self.client.submit(fn, *args, **kwargs)
+
+    def scatter(self, data, **kwargs):
+        self.scattered.append((data, kwargs))
+        return self.client.scatter(data, **kwargs)
+
+
+def test_workers_write_the_shards_and_the_driver_gets_names_sizes_hashes(tmp_path, monkeypatch):
+    import distributed
+    from distributed import Client, LocalCluster
+
+    from labkit.data.pipeline import TokenCounts
+
+    c = cfg(partition_bytes=40_000, shard_tokens=7_000)  # shards that span partitions, and partitions shards
+    ref = preprocess("stdlib", tmp_path / "w0", config=c, progress=False)
+    received = []
+    result = distributed.Future.result
+
+    def spy_result(self, *args, **kwargs):  # what reaches the driver from tasks
+        r = result(self, *args, **kwargs)
+        received.append(r)
+        return r
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+            Client(cl) as client:
+        spy = _SpyClient(client)
+        monkeypatch.setattr(distributed.Future, "result", spy_result)
+        rep = preprocess("stdlib", tmp_path / "w2", client=spy, config=c, progress=False)
+        monkeypatch.undo()
+    assert _shard_hashes(rep.out_dir) == _shard_hashes(ref.out_dir)
+    assert len(rep.meta["splits"]["train"]) >= 3
+    # the tokenizer went to every worker once, and no task carries it
+    tok_json = (rep.out_dir / "tokenizer.json").read_text()
+    assert [kw.get("broadcast") for data, kw in spy.scattered if isinstance(data, str) and len(data) > 1000] == [True]
+    assert not [name for name, args in spy.submitted for a in args if isinstance(a, str) and len(a) > 1000]
+    assert json.loads(spy.scattered[0][0]) == json.loads(tok_json)
+    # stage 2 hands the driver counts and shard entries only: no token ids ever
+    assert not [r for r in received if isinstance(r, np.ndarray) or hasattr(r, "train") and not isinstance(r, TokenCounts)]
+    entries = [r for r in received if isinstance(r, dict)]
+    key = lambda e: e["file"]  # noqa: E731  (in the order they were written)
+    assert sorted(entries, key=key) == sorted(rep.meta["splits"]["train"] + rep.meta["splits"]["val"], key=key)
+    assert all(set(e) == {"file", "tokens", "bytes", "sha256"} for e in entries)
+    assert sum(isinstance(r, TokenCounts) for r in received) == rep.partitions
+    assert not list(rep.out_dir.glob(".*.tmp"))
+
+
+def test_shard_plan_cuts_like_one_writer():
+    from labkit.data.pipeline import ShardPlan
+
+    rng = np.random.default_rng(1)
+    for size in (1, 5, 64):
+        counts = [int(n) for n in rng.integers(0, 3 * size, 12)] + [0, size, 2 * size]
+        plan = ShardPlan("train", size)
+        cuts = [c for p, n in enumerate(counts) for c in plan.add(p, n)] + plan.close()
+        stream = np.concatenate([np.full(n, p) for p, n in enumerate(counts)])
+        want = [stream[i:i + size] for i in range(0, stream.size, size)]
+        got = [np.concatenate([np.full(hi - lo, p) for p, lo, hi in pieces]) for _, pieces in cuts]
+        assert [c[0] for c in cuts] == [f"train_{k:05d}.bin" for k in range(len(want))]
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
+        for _, pieces in cuts:  # each piece lies inside its partition
+            assert all(0 <= lo < hi <= counts[p] for p, lo, hi in pieces)

@@ -179,3 +179,50 @@ def test_token_counts_and_rank_frequency(tiny):
     counts = token_counts(ids, r.vocab_size)
     assert counts.size == r.vocab_size and counts.sum() == ids.size
     assert counts[int(ids[0])] == int((ids == ids[0]).sum())
+
+
+def test_write_shard_is_atomic_and_a_failed_write_leaves_nothing(tmp_path):
+    from labkit.data.shards import write_shard
+
+    entry = write_shard(tmp_path, "train_00000.bin", [np.arange(5), np.arange(3)], 300)
+    assert entry == {"file": "train_00000.bin", "tokens": 8, "bytes": 16,
+                     "sha256": sha256_file(tmp_path / "train_00000.bin")}
+    with pytest.raises(ValueError, match="token ids must lie in"):  # dies after the first piece was written
+        write_shard(tmp_path, "train_00001.bin", [np.arange(5), np.array([1, 999])], 300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_00000.bin"]
+    with pytest.raises(ShardError, match="does not exist on this worker.*share"):
+        write_shard(tmp_path / "nowhere", "train_00000.bin", [np.arange(3)], 300)
+
+
+def test_writer_keeps_an_open_shard_under_a_temporary_name(tmp_path):
+    w = ShardWriter(tmp_path, 300, shard_tokens=4)
+    w.write("train", np.arange(6))
+    assert (tmp_path / "train_00000.bin").is_file() and not (tmp_path / "train_00001.bin").exists()
+    assert len(list(tmp_path.glob(".train_00001.bin.*.tmp"))) == 1
+    w.close()
+    assert not list(tmp_path.glob(".*.tmp")) and (tmp_path / "train_00001.bin").stat().st_size == 4
+
+
+def test_verify_shards_hashes_each_file_once_and_names_a_corrupt_one(tmp_path, monkeypatch):
+    import labkit.data.shards as S
+
+    make_tiny_shards(tmp_path, TEXT, vocab_size=300, shard_tokens=1000)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    files = sorted(str(tmp_path / e["file"]) for es in meta["splits"].values() for e in es)
+    hashed = []
+    orig = S.sha256_file
+    monkeypatch.setattr(S, "sha256_file", lambda p, *a: hashed.append(str(p)) or orig(p, *a))
+    assert S.verify_shards(tmp_path) == len(files) and sorted(hashed) == files
+    hashed.clear()
+    ShardReader(tmp_path, "train", verify=False)
+    ShardReader(tmp_path, "val", verify=False)
+    assert hashed == []  # a rank of a verified run reads no shard twice
+    shard = tmp_path / "val_00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"val_00000\.bin is corrupt.*rebuild the folder"):
+        S.verify_shards(tmp_path)
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(ShardError, match=r"val_00000\.bin is truncated"):
+        S.verify_shards(tmp_path)

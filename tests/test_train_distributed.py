@@ -123,3 +123,45 @@ def test_lost_worker_is_named_then_resume_continues(client, shards, tmp_path):
     res = train_distributed(client, config.replace(max_steps=int(saved[-1].name[5:13]) + 5), shards,
                             resume=True, timeout=60)
     assert res.start_step >= 5 and res.steps == 5
+
+
+def _count_hashes_here(dask_worker=None):
+    import labkit.data.shards as S
+
+    S._orig_sha256_file = getattr(S, "_orig_sha256_file", S.sha256_file)
+    S._hashed = []
+    S.sha256_file = lambda path, *a: S._hashed.append(str(path)) or S._orig_sha256_file(path, *a)
+
+
+def _hashes_counted_here(dask_worker=None):
+    import labkit.data.shards as S
+
+    hashed = list(getattr(S, "_hashed", []))
+    if hasattr(S, "_orig_sha256_file"):
+        S.sha256_file = S._orig_sha256_file
+    return hashed
+
+
+def test_shards_are_hashed_once_per_run_not_by_every_rank(client, shards, tmp_path):
+    import json
+    import shutil
+
+    client.run(_count_hashes_here)
+    try:
+        train_distributed(client, cfg(max_steps=2), shards, timeout=60)
+    finally:
+        hashed = [p for got in client.run(_hashes_counted_here).values() for p in got]
+    meta = json.loads((shards / "meta.json").read_text())
+    files = sorted(str(shards / e["file"]) for es in meta["splits"].values() for e in es)
+    assert sorted(hashed) == files  # each shard once, by one worker; the two ranks hash none
+    # a corrupt shard still stops the run before any rank starts, naming the file and the fix
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    victim = bad / meta["splits"]["train"][0]["file"]
+    data = bytearray(victim.read_bytes())
+    data[1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    from labkit.data.shards import ShardError
+
+    with pytest.raises(ShardError, match=rf"{victim.name} is corrupt.*rebuild the folder"):
+        train_distributed(client, cfg(max_steps=2), bad, timeout=60)

@@ -10,7 +10,7 @@ from typing import Any
 
 _LAZY = {
     "ShardReader": "shards", "ShardWriter": "shards", "ShardError": "shards", "write_shards": "shards",
-    "make_tiny_shards": "shards", "dtype_for_vocab": "shards", "sha256_file": "shards",
+    "make_tiny_shards": "shards", "dtype_for_vocab": "shards", "sha256_file": "shards", "verify_shards": "shards",
     "token_counts": "shards", "rank_frequency": "shards",
     "train_bpe": "tokenizer", "save_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
     "show_split": "tokenizer", "bytes_per_token": "tokenizer", "compare_vocab_sizes": "tokenizer",

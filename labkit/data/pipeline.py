@@ -6,7 +6,11 @@ driver in document order, and shards are written in partition order. So the outp
 byte-identical on 1 worker, 2 workers, a Slurm cluster, or with ``client=None`` (in-process).
 
 Texts stay on the workers between the two parallel stages; the driver only sees per-document
-hashes, MinHash signatures and lengths, plus the tokenizer's training sample.
+hashes, MinHash signatures and lengths, plus the tokenizer's training sample. Token ids never
+reach the driver either: the tokenizer is sent to every worker once, the workers keep their
+partitions' ids, the driver cuts the streams into shards from token counts alone, and workers
+write the shards (to ``out_dir``, which on a cluster must be a filesystem they share with the
+driver) and return only names, sizes and hashes; the driver writes tokenizer.json and meta.json.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from ..events import emit
 from . import clean as C
 from .config import DataConfig
-from .shards import TOKENIZER_FILE, ShardWriter, finish
+from .shards import SPLITS, TOKENIZER_FILE, ShardError, clear_folder, dtype_for_vocab, finish_folder, shard_name, write_shard
 from .sources import Document, FileItem, Issue, StdlibSource, list_sources, parse_source, read_file
 from .tokenizer import eot_id as _eot_id, train_bpe
 
@@ -166,7 +170,7 @@ def encode_packed(tokenizer_json: str, texts: Sequence[str], val: Sequence[bool]
 
 def tokenize_partition(part: CleanedPartition, keep: Sequence[int], val: Sequence[bool], tokenizer_json: str,
                        eot: int, dtype: str) -> TokenizedPartition:
-    """Encode one partition's kept documents and pack them per split."""
+    """Encode one partition's kept documents and pack them per split (the ids stay on the worker)."""
     t0 = time.perf_counter()
     texts = [part.docs[i].text for i in keep]
     train, val_ids = encode_packed(tokenizer_json, texts, val, eot, dtype)
@@ -175,6 +179,66 @@ def tokenize_partition(part: CleanedPartition, keep: Sequence[int], val: Sequenc
     emit("data_partition", stage="tokenize", partition=part.index, docs=tp.docs, tokens=tp.tokens,
          bytes=tp.bytes, seconds=tp.seconds)
     return tp
+
+
+@dataclass
+class TokenCounts:
+    """What the driver hears of a tokenized partition: how many ids per split, never the ids."""
+
+    index: int
+    train: int
+    val: int
+    docs: int
+    tokens: int
+    bytes: int
+    seconds: float
+
+
+def count_tokens(tp: TokenizedPartition) -> TokenCounts:
+    """The counts of a tokenized partition (a small task next to the one holding the ids)."""
+    return TokenCounts(tp.index, int(tp.train.size), int(tp.val.size), tp.docs, tp.tokens, tp.bytes, tp.seconds)
+
+
+def write_pieces(out_dir: str, name: str, split: str, vocab_size: int, spans: Sequence[tuple[int, int]],
+                 *parts: TokenizedPartition) -> dict:
+    """On a worker: write shard ``name`` from ``parts[k].<split>[lo:hi]`` for each span; returns its entry."""
+    return write_shard(out_dir, name, [getattr(tp, split)[lo:hi] for tp, (lo, hi) in zip(parts, spans)], vocab_size)
+
+
+class ShardPlan:
+    """Cuts one split's stream into shards of ``shard_tokens`` ids from token counts alone, as the
+    partitions' counts arrive in partition order: the same cuts a single writer would make."""
+
+    def __init__(self, split: str, shard_tokens: int):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be >= 1, not {shard_tokens}")
+        self.split, self.shard_tokens = split, int(shard_tokens)
+        self.shards = 0
+        self._pieces: list[tuple[Any, int, int]] = []  # (partition handle, lo, hi) of the open shard
+        self._filled = 0
+
+    def add(self, part: Any, tokens: int) -> list[tuple[str, list[tuple[Any, int, int]]]]:
+        """The next partition (any handle) with ``tokens`` ids; returns the shards it completes as
+        ``(file name, [(handle, lo, hi), ...])``."""
+        done, pos = [], 0
+        while pos < tokens:
+            take = min(self.shard_tokens - self._filled, tokens - pos)
+            self._pieces.append((part, pos, pos + take))
+            self._filled += take
+            pos += take
+            if self._filled == self.shard_tokens:
+                done.append(self._cut())
+        return done
+
+    def close(self) -> list[tuple[str, list[tuple[Any, int, int]]]]:
+        """The last, shorter shard (if any ids are left)."""
+        return [self._cut()] if self._filled else []
+
+    def _cut(self) -> tuple[str, list[tuple[Any, int, int]]]:
+        name = shard_name(self.split, self.shards)
+        self.shards += 1
+        pieces, self._pieces, self._filled = self._pieces, [], 0
+        return name, pieces
 
 
 # ----------------------------------------------------------------------------- the report
@@ -260,8 +324,16 @@ def _submit(client, fn: Callable, *args: Any):
     return client.submit(fn, *args, pure=False)
 
 
-def _completed(client, futures: list):
-    """(position, result) as tasks finish (in order for the in-process path)."""
+def _share(client, value: Any):
+    """Send ``value`` to every worker once; tasks take the returned future (in-process: the value)."""
+    if client is None:
+        return value
+    return client.scatter(value, broadcast=True, hash=False)
+
+
+def _results(client, futures: list):
+    """(position, result) as tasks finish (in order for the in-process path): everything the
+    driver receives from tasks comes through here."""
     if client is None:
         for i, f in enumerate(futures):
             yield i, f.result()
@@ -337,6 +409,20 @@ def _resolve_sources(sources: Any, cfg: DataConfig) -> list:
     return out
 
 
+def _check_visible(out_dir: Path, shards: dict[str, list[dict]]) -> None:
+    """The driver must see the shards the workers wrote (a shared filesystem), at their size."""
+    for entries in shards.values():
+        for e in entries:
+            path = out_dir / e["file"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != e["bytes"]:
+                raise ShardError(
+                    f"a worker wrote shard {path} ({e['bytes']} bytes) but here it is "
+                    f"{'missing' if size is None else f'{size} bytes'}: out_dir must be a folder that the "
+                    "workers and this process share (e.g. under $HOME or project storage, not a node's /tmp)"
+                )
+
+
 def preprocess(
     sources: Any = None,
     out_dir: str | Path | None = None,
@@ -380,7 +466,7 @@ def preprocess(
     summary_futs = [_submit(client, summarize, f) for f in cleaned]
     summaries: list[CleanedPartition | None] = [None] * len(parts)
     bar = _Progress("clean", len(parts), progress, on_event, t0)
-    for i, s in _completed(client, summary_futs):
+    for i, s in _results(client, summary_futs):
         summaries[i] = s
         bar.update(docs=len(s.ids), nbytes=s.bytes_read)
     stage_seconds["clean"] = bar.close()
@@ -444,35 +530,62 @@ def preprocess(
     for i in sample:
         by_part.setdefault(flat[i][0], []).append(flat[i][1])
     text_futs = [_submit(client, texts_of, cleaned[p], js) for p, js in sorted(by_part.items())]
-    texts = [t for f in text_futs for t in f.result()]
+    got = dict(_results(client, text_futs))
+    texts = [t for k in range(len(text_futs)) for t in got[k]]
     tok = train_bpe(texts, cfg.vocab_size)
     del texts
     eot = _eot_id(tok)
-    writer = ShardWriter(out_dir, tok.get_vocab_size(), shard_tokens=cfg.shard_tokens)
+    vocab = tok.get_vocab_size()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_folder(out_dir)
     tok.save(str(out_dir / TOKENIZER_FILE))
-    tok_json = tok.to_str()
+    tok_ref = _share(client, tok.to_str())  # once to every worker, not once per task
     stage_seconds["tokenizer"] = time.perf_counter() - t2
 
-    # stage 2: tokenize (workers); write shards in partition order as results arrive
+    # stage 2: tokenize (workers keep the ids); the driver cuts shards from the counts, in partition
+    # order, and the workers write them (each shard as soon as the partitions it spans are counted)
     keep_of: dict[int, list[int]] = {p: [] for p in range(len(parts))}
     for i in alive:
         keep_of[flat[i][0]].append(i)
     tok_futs = [_submit(client, tokenize_partition, cleaned[p], [flat[i][1] for i in keep_of[p]],
-                        [is_val[i] for i in keep_of[p]], tok_json, eot, writer.dtype.str)
+                        [is_val[i] for i in keep_of[p]], tok_ref, eot, dtype_for_vocab(vocab).str)
                 for p in range(len(parts))]
+    del cleaned, summary_futs, text_futs  # the texts go once their partition is tokenized
+    count_futs = [_submit(client, count_tokens, f) for f in tok_futs]
+    plans = {split: ShardPlan(split, cfg.shard_tokens) for split in SPLITS}
+    writes: dict[str, list] = {split: [] for split in SPLITS}
+    work_dir = str(out_dir.resolve())  # the workers' working directory may differ from ours
+
+    def write(split: str, name: str, pieces: list) -> None:
+        spans = [(lo, hi) for _, lo, hi in pieces]
+        writes[split].append(_submit(client, write_pieces, work_dir, name, split, vocab, spans,
+                                     *[fut for fut, _, _ in pieces]))
+
     bar = _Progress("tokenize", len(parts), progress, on_event, t0)
-    ready: dict[int, TokenizedPartition] = {}
+    ready: dict[int, TokenCounts] = {}
     nxt = 0
-    for p, tp in _completed(client, tok_futs):
-        ready[p] = tp
-        bar.update(docs=tp.docs, tokens=tp.tokens, nbytes=tp.bytes)
+    for p, tc in _results(client, count_futs):
+        ready[p] = tc
+        bar.update(docs=tc.docs, tokens=tc.tokens, nbytes=tc.bytes)
         while nxt in ready:
             done = ready.pop(nxt)
-            writer.write("train", done.train)
-            writer.write("val", done.val)
+            for split in SPLITS:
+                for name, pieces in plans[split].add(tok_futs[nxt], getattr(done, split)):
+                    write(split, name, pieces)
+            tok_futs[nxt] = None  # the write tasks hold it now: freed on the worker once written
             nxt += 1
+    for split in SPLITS:
+        for name, pieces in plans[split].close():
+            write(split, name, pieces)
     stage_seconds["tokenize"] = bar.close()
-    del cleaned, summary_futs, tok_futs, text_futs
+    t3 = time.perf_counter()
+    shards = {}
+    for split in SPLITS:
+        got = dict(_results(client, writes[split]))
+        shards[split] = [got[k] for k in range(len(writes[split]))]
+    del tok_futs, count_futs, writes
+    _check_visible(out_dir, shards)
+    stage_seconds["write"] = time.perf_counter() - t3
 
     # metadata
     counts = {split: {"docs": sum(1 for i in alive if is_val[i] == (split == "val")),
@@ -488,8 +601,8 @@ def preprocess(
                 h.update(f"{n}\t{file_sha[n]}\n".encode())
         source_meta.append({**src, "bytes": sum(f.size for f in listing.files if f.source == src["source"]),
                             "sha256": h.hexdigest()})
-    meta = finish(out_dir, writer, vocab_size=tok.get_vocab_size(), eot_id=eot, counts=counts,
-                  sources=source_meta, config={**cfg.asdict(), "partitions": len(parts)})
+    meta = finish_folder(out_dir, shards, vocab_size=vocab, eot_id=eot, shard_tokens=cfg.shard_tokens, counts=counts,
+                         sources=source_meta, config={**cfg.asdict(), "partitions": len(parts)})
     return PreprocessReport(
         out_dir=out_dir, steps=steps, issues=issues, counts=meta["counts"], duplicates=duplicates,
         doc_lengths=[summaries[flat[i][0]].lengths[flat[i][1]] for i in alive],

@@ -11,7 +11,13 @@ An output folder holds::
 Every document is followed by the end-of-text id ``meta["eot_id"]``, so the stream of a split is
 ``doc0 EOT doc1 EOT ...`` cut into shards of at most ``shard_tokens`` tokens (a shard boundary
 may fall inside a document; the reader reads across it). ``meta.json`` is written last, so a
-folder without it is an unfinished write.
+folder without it is an unfinished write. Every shard is written under a temporary name and renamed
+when complete, so a writer killed half way never leaves a half shard under a shard's name.
+
+The pipeline's workers write the shards themselves (:func:`write_shard`, one call per shard) and
+return only their entries; the driver writes ``tokenizer.json`` and ``meta.json``
+(:func:`finish_folder`). :func:`verify_shards` checks every hash once (on Dask workers when given
+a client), so training ranks can open the folder with ``verify=False``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -66,6 +73,65 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def shard_name(split: str, index: int) -> str:
+    """The file name of shard ``index`` of ``split``: ``train_00000.bin``."""
+    return f"{split}_{index:05d}.bin"
+
+
+def _temp_name(name: str) -> str:
+    """A hidden, unique name to write ``name`` under before it is renamed into place."""
+    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def clear_folder(out_dir: str | Path) -> None:
+    """Remove an earlier run's output that would mix with a new one: only files this format owns
+    (the shards an old meta.json lists, train_/val_NNNNN.bin, unfinished temporary shards, meta.json)."""
+    out_dir = Path(out_dir)
+    old = out_dir / META
+    stale = set(out_dir.glob("train_[0-9][0-9][0-9][0-9][0-9].bin"))
+    stale |= set(out_dir.glob("val_[0-9][0-9][0-9][0-9][0-9].bin"))
+    stale |= set(out_dir.glob(".train_[0-9][0-9][0-9][0-9][0-9].bin.*.tmp"))
+    stale |= set(out_dir.glob(".val_[0-9][0-9][0-9][0-9][0-9].bin.*.tmp"))
+    try:
+        listed = json.loads(old.read_text()).get("splits", {}) if old.is_file() else {}
+        stale |= {out_dir / Path(e["file"]).name for es in listed.values() for e in es}
+    except (ValueError, OSError, KeyError, TypeError, AttributeError):
+        pass
+    for p in sorted(stale) + [old]:
+        p.unlink(missing_ok=True)
+
+
+def _check_ids(arr: np.ndarray, vocab_size: int) -> None:
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got {arr.min()}..{arr.max()}")
+
+
+def write_shard(out_dir: str | Path, name: str, pieces: Sequence[np.ndarray], vocab_size: int) -> dict:
+    """Write one shard from consecutive pieces of ids, atomically (temp name, then rename); returns
+    its meta.json entry ``{"file", "tokens", "bytes", "sha256"}``. Runs on the worker that holds the ids."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ShardError(f"{out_dir} does not exist on this worker: the output folder must be on a filesystem "
+                         "the workers share with the driver (e.g. under $HOME or project storage, not /tmp)")
+    dtype = dtype_for_vocab(vocab_size)
+    tmp = out_dir / _temp_name(name)
+    h, tokens, nbytes = hashlib.sha256(), 0, 0
+    try:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                arr = np.asarray(piece)
+                _check_ids(arr, vocab_size)
+                data = arr.astype(dtype, copy=False).ravel().tobytes()
+                f.write(data)
+                h.update(data)
+                tokens += int(arr.size)
+                nbytes += len(data)
+        os.replace(tmp, out_dir / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": name, "tokens": tokens, "bytes": nbytes, "sha256": h.hexdigest()}
+
+
 class ShardWriter:
     """Append token ids per split; rolls to a new shard every ``shard_tokens`` tokens.
 
@@ -83,24 +149,12 @@ class ShardWriter:
         self.shard_tokens = int(shard_tokens)
         self.shards: dict[str, list[dict]] = {}
         self._open: dict[str, tuple[Any, Any, dict]] = {}  # split -> (file, hasher, entry)
-        # stale output of an earlier run would mix with ours: remove only files this format owns
-        # (the shards an old meta.json lists, and train_/val_NNNNN.bin), never anything else
-        old = self.out_dir / META
-        stale = set(self.out_dir.glob("train_[0-9][0-9][0-9][0-9][0-9].bin"))
-        stale |= set(self.out_dir.glob("val_[0-9][0-9][0-9][0-9][0-9].bin"))
-        try:
-            listed = json.loads(old.read_text()).get("splits", {}) if old.is_file() else {}
-            stale |= {self.out_dir / Path(e["file"]).name for es in listed.values() for e in es}
-        except (ValueError, OSError, KeyError, TypeError, AttributeError):
-            pass
-        for p in sorted(stale) + [old]:
-            p.unlink(missing_ok=True)
+        clear_folder(self.out_dir)
 
     def write(self, split: str, tokens: np.ndarray | Sequence[int]) -> None:
         """Append raw ids (already containing EOT separators) to ``split``."""
         arr = np.asarray(tokens)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got {arr.min()}..{arr.max()}")
+        _check_ids(arr, self.vocab_size)
         arr = arr.astype(self.dtype, copy=False).ravel()
         while arr.size:
             f, h, entry = self._current(split)
@@ -121,15 +175,15 @@ class ShardWriter:
 
     def _current(self, split: str):
         if split not in self._open:
-            idx = len(self.shards.setdefault(split, []))
-            name = f"{split}_{idx:05d}.bin"
+            name = shard_name(split, len(self.shards.setdefault(split, [])))
             entry = {"file": name, "tokens": 0, "bytes": 0, "sha256": ""}
-            self._open[split] = (open(self.out_dir / name, "wb"), hashlib.sha256(), entry)
+            self._open[split] = (open(self.out_dir / _temp_name(name), "wb"), hashlib.sha256(), entry)
         return self._open[split]
 
     def _close(self, split: str) -> None:
         f, h, entry = self._open.pop(split)
         f.close()
+        os.replace(f.name, self.out_dir / entry["file"])  # complete: now under its own name
         entry["sha256"] = h.hexdigest()
         self.shards[split].append(entry)
 
@@ -190,7 +244,24 @@ def finish(
     config: Mapping[str, Any] | None = None,
 ) -> dict:
     """Close ``writer`` and write meta.json (tokenizer.json must already be in ``out_dir``)."""
-    shards = writer.close()
+    return finish_folder(out_dir, writer.close(), vocab_size=vocab_size, eot_id=eot_id,
+                         shard_tokens=writer.shard_tokens, counts=counts, sources=sources, config=config)
+
+
+def finish_folder(
+    out_dir: str | Path,
+    shards: Mapping[str, list[dict]],
+    *,
+    vocab_size: int,
+    eot_id: int,
+    shard_tokens: int,
+    counts: Mapping[str, Any] | None = None,
+    sources: Sequence[Mapping[str, Any]] = (),
+    config: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write meta.json for shards already in ``out_dir`` (``{split: [entries]}`` in stream order);
+    tokenizer.json must be there too. Returns the meta."""
+    shards = {split: list(entries) for split, entries in shards.items()}
     for split in SPLITS:
         shards.setdefault(split, [])
     counts = {k: dict(v) for k, v in (counts or {}).items()}
@@ -205,10 +276,10 @@ def finish(
         "tokenizer": TOKENIZER_FILE,
         "tokenizer_sha256": sha256_file(Path(out_dir) / TOKENIZER_FILE),
         "vocab_size": int(vocab_size),
-        "dtype": writer.dtype.name,
+        "dtype": dtype_for_vocab(vocab_size).name,
         "byteorder": "little",
         "eot_id": int(eot_id),
-        "shard_tokens": writer.shard_tokens,
+        "shard_tokens": int(shard_tokens),
         "splits": shards,
         "counts": counts,
         "sources": list(sources),
@@ -225,8 +296,40 @@ class _Shard:
     data: np.ndarray
 
 
+def check_hash(path: str | Path, sha256: str) -> None:
+    """Hash one shard and compare with its meta.json entry; a mismatch is a ShardError naming the file."""
+    if sha256_file(path) != sha256:
+        raise ShardError(
+            f"shard {path} is corrupt: its sha256 does not match meta.json (the bytes changed after "
+            f"writing); {REBUILD}"
+        )
+
+
+def verify_shards(out_dir: str | Path, client=None) -> int:
+    """Check every shard of every split against meta.json once (sizes and sha256); returns how many.
+
+    With a ``dask.distributed.Client`` the files are hashed on its workers (which must see the
+    folder), each file once, so the driver reads no shard bytes. Call it once per training run and
+    open the readers with ``verify=False``; a bad shard raises :class:`ShardError` naming the file."""
+    splits = ShardReader(out_dir, SPLITS[0], verify=False).meta["splits"]
+    for split in splits:
+        ShardReader(out_dir, split, verify=False)  # missing or truncated files: cheap, checked first
+    paths = [(str(Path(out_dir) / e["file"]), e["sha256"]) for entries in splits.values() for e in entries]
+    if client is None:
+        for path, sha in paths:
+            check_hash(path, sha)
+    else:
+        futures = [client.submit(check_hash, path, sha, pure=False) for path, sha in paths]
+        for f in futures:
+            f.result()  # re-raises the worker's ShardError
+    return len(paths)
+
+
 class ShardReader:
-    """Memory-maps the shards of one split, checks them, and draws random training blocks."""
+    """Memory-maps the shards of one split, checks them, and draws random training blocks.
+
+    ``verify=True`` hashes every shard of the split on open; ``False`` checks only that each file is
+    there with the recorded size (for ranks of a run whose shards :func:`verify_shards` checked)."""
 
     def __init__(self, out_dir: str | Path, split: str = "train", verify: bool = True):
         self.out_dir = Path(out_dir)
@@ -269,11 +372,8 @@ class ShardReader:
                 f"shard {path} is {what}: {size} bytes on disk, meta.json says {entry['bytes']} "
                 f"({entry['tokens']} tokens x {self.dtype.itemsize} bytes); {REBUILD}"
             )
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise ShardError(
-                f"shard {path} is corrupt: its sha256 does not match meta.json (the bytes changed after "
-                f"writing); {REBUILD}"
-            )
+        if verify:
+            check_hash(path, entry["sha256"])
         if size == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
