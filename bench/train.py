@@ -129,7 +129,7 @@ def make_labkit(vocab: int, precision: str):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, precision=precision, **SHAPE))
-    opt = make_optimizer(model, TrainConfig(lr=LR, min_lr=0.0, weight_decay=0.1, **SHAPE))
+    opt = make_optimizer(model, TrainConfig(lr=LR, min_lr=0.0, weight_decay=0.1))
     return model, opt
 
 
@@ -191,15 +191,14 @@ def part_a(data_dir: Path, rounds: int = 5, steps_per_round: int = 10, loss_step
 
 
 def _first_step_config():
+    from labkit.model import GPTConfig
     from labkit.train import TrainConfig
 
-    return TrainConfig(**SHAPE, batch_size=BATCH, max_steps=2, warmup_steps=1, eval_interval=0, sample_tokens=0,
-                       precision="float32", num_threads=1)
+    return TrainConfig(model=GPTConfig(**SHAPE, precision="float32"), batch_size=BATCH, max_steps=2, warmup_steps=1,
+                       eval_interval=0, sample_tokens=0, num_threads=1)
 
 
 def part_b(data_dir: Path, repeats: int = 3) -> dict:
-    import dataclasses
-
     from dask.distributed import Client, LocalCluster
 
     from labkit.train import train_distributed
@@ -213,7 +212,7 @@ def part_b(data_dir: Path, repeats: int = 3) -> dict:
     for _ in range(repeats):
         t0 = time.time()
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(entry),
-                            str(data_dir), json.dumps(dataclasses.asdict(config))],
+                            str(data_dir), json.dumps(config.to_dict())],
                            capture_output=True, text=True, env=env, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"torchrun failed:\n{r.stderr[-3000:]}")
