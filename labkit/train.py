@@ -569,7 +569,8 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
     val_hist: list[dict[str, float]] = []
     last_ckpt: str | None = None
     for step in range(run.start_step, config.max_steps):
-        meter.add(train_step(run, step))
+        stats = train_step(run, step)
+        meter.add(stats)
         done = step + 1
         end = done == config.max_steps
         log_due = bool(config.log_interval) and (done % config.log_interval == 0 or end or step == run.start_step)
@@ -580,7 +581,7 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
         if synced:
             meter.flush()
             if log_due:
-                meter.log(done, lr_at(step, config))
+                meter.log(done, stats.lr)
         if eval_due:
             vl = evaluate(run)
             val_hist.append({"step": done, "loss": vl, "ppl": math.exp(min(vl, 50.0))})
