@@ -27,7 +27,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from labkit.model import GPT, GPTConfig, save
+from labkit.checkpoint import save
+from labkit.model import GPT, GPTConfig
 from labkit.serve import GenRequest, run_load
 
 REPO = Path(__file__).resolve().parent.parent

@@ -3,6 +3,7 @@
     python -m bench.train            # both parts
     python -m bench.train --part a   # (a) tokens/s vs a plain PyTorch GPT, MFU, loss agreement
     python -m bench.train --part b   # (b) first step: warm Dask workers vs torchrun from cold
+    python -m bench.train --part c   # (c) the training loop's tokens/s vs a bare step loop
 
 (a) The same shape and hyper-parameters (4 layers, 4 heads, 128 dims, T=128, B=16, AdamW) on the
 same batches, timed interleaved in one process: a plain PyTorch GPT (float32, SDPA, AdamW with
@@ -14,6 +15,11 @@ compared with 200 float32 steps: the final losses must agree within 2%.
 (b) ``train_distributed`` on 2 already-running Dask workers (second run: imports and data warm)
 against ``torchrun --nproc_per_node=2`` launching the same training from a cold start; both timed
 from the call to the end of the first optimizer step.
+
+(c) ``labkit.train.train`` (data drawn per step, schedule, clipping, metrics, host syncs at the log
+interval) on the shape of (a), against a bare loop of labkit's model and optimizer over batches
+drawn in advance that reads the loss on the host every step; timed interleaved, with the loop at
+``log_interval=1`` and ``log_interval=10``. The ratio is what the loop costs on top of the math.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ def make_labkit(vocab: int, precision: str):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, precision=precision, **SHAPE))
-    opt = make_optimizer(model, TrainConfig(lr=LR, min_lr=0.0, weight_decay=0.1, **SHAPE))
+    opt = make_optimizer(model, TrainConfig(lr=LR, min_lr=0.0, weight_decay=0.1))
     return model, opt
 
 
@@ -185,15 +191,14 @@ def part_a(data_dir: Path, rounds: int = 5, steps_per_round: int = 10, loss_step
 
 
 def _first_step_config():
+    from labkit.model import GPTConfig
     from labkit.train import TrainConfig
 
-    return TrainConfig(**SHAPE, batch_size=BATCH, max_steps=2, warmup_steps=1, eval_interval=0, sample_tokens=0,
-                       precision="float32", num_threads=1)
+    return TrainConfig(model=GPTConfig(**SHAPE, precision="float32"), batch_size=BATCH, max_steps=2, warmup_steps=1,
+                       eval_interval=0, sample_tokens=0, num_threads=1)
 
 
 def part_b(data_dir: Path, repeats: int = 3) -> dict:
-    import dataclasses
-
     from dask.distributed import Client, LocalCluster
 
     from labkit.train import train_distributed
@@ -207,7 +212,7 @@ def part_b(data_dir: Path, repeats: int = 3) -> dict:
     for _ in range(repeats):
         t0 = time.time()
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(entry),
-                            str(data_dir), json.dumps(dataclasses.asdict(config))],
+                            str(data_dir), json.dumps(config.to_dict())],
                            capture_output=True, text=True, env=env, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"torchrun failed:\n{r.stderr[-3000:]}")
@@ -226,13 +231,48 @@ def part_b(data_dir: Path, repeats: int = 3) -> dict:
             "cold_runs": cold, "warm_runs": warm}
 
 
+# ------------------------------------------------------------------------------- part (c)
+
+
+def _loop_config(steps: int, log_interval: int):
+    from labkit.train import TrainConfig
+
+    return TrainConfig().replace(**SHAPE, batch_size=BATCH, max_steps=steps, warmup_steps=1, lr=LR, min_lr=0.0,
+                                 eval_interval=0, sample_tokens=0, checkpoint_dir=None, log_interval=log_interval,
+                                 precision="auto", device="cpu")
+
+
+def part_c(data_dir: Path, rounds: int = 5, steps_per_round: int = 20) -> dict:
+    from labkit.train import train
+
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    data = batches(data_dir, steps_per_round + 1)
+    tokens = steps_per_round * BATCH * SHAPE["block_size"]
+    times: dict[str, list[float]] = {"bare": [], "loop_log1": [], "loop_log10": []}
+    for _ in range(rounds):  # interleaved, so load from other processes hits all alike
+        lab, lopt = make_labkit(vocab, "auto")
+        step_labkit(lab, lopt, *data[0])  # warm, like the loop's first (untimed) step
+        t0 = time.perf_counter()
+        for s in range(steps_per_round):
+            step_labkit(lab, lopt, *data[1 + s])
+        times["bare"].append(tokens / (time.perf_counter() - t0))
+        for name, every in (("loop_log1", 1), ("loop_log10", 10)):
+            res = train(_loop_config(steps_per_round + 1, every), data_dir)  # its first step is not timed
+            times[name].append(res.tokens_per_s)
+    tps = {k: statistics.median(v) for k, v in times.items()}
+    return {"threads": torch.get_num_threads(), "bare_tokens_per_s": tps["bare"],
+            "loop_log1_tokens_per_s": tps["loop_log1"], "loop_log10_tokens_per_s": tps["loop_log10"],
+            "ratio_log1": tps["loop_log1"] / tps["bare"], "ratio_log10": tps["loop_log10"] / tps["bare"],
+            "rounds": times}
+
+
 def len_steps(args) -> int:
     return 6 if args.quick else args.loss_steps
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("a", "b", "all"), default="all")
+    p.add_argument("--part", choices=("a", "b", "c", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="toy sizes (a smoke test, not a measurement)")
     p.add_argument("--loss-steps", type=int, default=200, help="steps of the loss comparison (default 200)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds of 10 steps each")
@@ -258,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             out["b"] = b = part_b(data_dir, repeats=1 if args.quick else 3)
             print(f"(b) time to the first optimizer step: warm Dask workers {b['dask_warm_s']:.2f} s vs "
                   f"torchrun --nproc_per_node=2 from cold {b['torchrun_cold_s']:.2f} s: {b['ratio']:.2f}x (goal <= 0.2x)")
+        if args.part in ("c", "all"):
+            out["c"] = c = part_c(data_dir, **(dict(rounds=1, steps_per_round=3) if args.quick
+                                              else dict(rounds=args.rounds)))
+            print(f"(c) tokens/s: labkit.train.train {c['loop_log1_tokens_per_s']:,.0f} (log_interval=1), "
+                  f"{c['loop_log10_tokens_per_s']:,.0f} (log_interval=10) vs a bare step loop "
+                  f"{c['bare_tokens_per_s']:,.0f}: {c['ratio_log1']:.2f}x / {c['ratio_log10']:.2f}x")
     print(json.dumps(out, indent=1))
     return 0
 

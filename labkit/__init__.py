@@ -1,7 +1,8 @@
 """labkit: a Jupyter lab for building large language models on HPC clusters.
 
 Layers (imports point down only): notebooks -> widgets -> check -> capabilities
-(hardware, data, attention, model, train, prune, pretrained, serve) -> events -> cluster -> config.
+(hardware, data, attention, model, checkpoint, strategy, train, prune, pretrained, serve) -> events
+-> cluster -> config.
 Names below are imported lazily so that ``import labkit`` stays fast in a notebook.
 """
 

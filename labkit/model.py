@@ -1,4 +1,4 @@
-"""A small GPT in one readable file: config, model, sampling, and checkpoints that carry their tokenizer.
+"""A small GPT in one readable file: config, device and precision choice, model, sampling.
 
 Decoder-only, pre-LayerNorm, causal self-attention through ``torch.nn.functional.
 scaled_dot_product_attention`` (or labkit's own: the formula as written, ``attention="labkit"``, or
@@ -19,24 +19,18 @@ Module names (other labkit modules, e.g. pruning, rely on them)::
 A structurally pruned model stays a ``GPT``: ``GPTConfig.layer_heads`` and ``layer_ffn`` give the
 number of heads and the FFN width of each layer, so it saves, loads and generates like any other.
 
-Checkpoints (``save`` / ``load``) are one file: a header line with a SHA-256 checksum and the
-payload length, then the ``torch.save`` payload. They are written to a temporary file and renamed
-into place, so a process killed mid-save leaves either the old file or none, never a bad one.
+Saving and loading (one checksummed file that carries the tokenizer) live in ``labkit.checkpoint``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,11 +38,6 @@ import torch.nn.functional as F
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 ATTENTIONS = ("sdpa", "labkit", "online")
-CHECKPOINT_MAGIC = b"LABKIT-CKPT 1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or not a labkit checkpoint."""
 
 
 # --------------------------------------------------------------------------------------- config
@@ -388,130 +377,3 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
         return idx
-
-
-# ---------------------------------------------------------------------------------- checkpoints
-
-
-def write_checked(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` (tensors and plain Python types) atomically with a SHA-256 checksum."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    payload = buf.getvalue()
-    header = CHECKPOINT_MAGIC + b" sha256=%s length=%d\n" % (hashlib.sha256(payload).hexdigest().encode(), len(payload))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
-
-
-def read_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Read what ``write_checked`` wrote, after checking its length and checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    with open(path, "rb") as f:
-        header = f.readline(256)
-        payload = f.read()
-    parts = header.strip().split(b" ")
-    if not header.startswith(CHECKPOINT_MAGIC) or len(parts) != 4:
-        raise CheckpointError(f"{path} is not a labkit checkpoint (bad header); save it with labkit.model.save")
-    fields = dict(p.split(b"=", 1) for p in parts[2:])
-    if int(fields[b"length"]) != len(payload):
-        raise CheckpointError(
-            f"{path} is truncated ({len(payload)} of {int(fields[b'length'])} bytes); use an earlier checkpoint"
-        )
-    if hashlib.sha256(payload).hexdigest().encode() != fields[b"sha256"]:
-        raise CheckpointError(f"{path} is corrupt (checksum mismatch); use an earlier checkpoint")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
-
-
-def _tokenizer_json(tokenizer: Any) -> str | None:
-    """A tokenizer as JSON text: a ``tokenizers.Tokenizer``, an object with ``to_str()``, JSON text or a path."""
-    if tokenizer is None:
-        return None
-    if hasattr(tokenizer, "to_str"):
-        return tokenizer.to_str()
-    if hasattr(tokenizer, "backend_tokenizer"):  # transformers' fast tokenizers
-        return tokenizer.backend_tokenizer.to_str()
-    if isinstance(tokenizer, os.PathLike) or (isinstance(tokenizer, str) and not tokenizer.lstrip().startswith("{")):
-        return Path(tokenizer).read_text()
-    if isinstance(tokenizer, str):
-        return tokenizer
-    raise TypeError(f"cannot store a tokenizer of type {type(tokenizer).__name__}; pass a tokenizers.Tokenizer, JSON or a path")
-
-
-class Checkpoint(NamedTuple):
-    """What ``load`` returns; unpacks as ``model, extra = load(path)``."""
-
-    model: GPT
-    extra: dict[str, Any]
-
-    @property
-    def config(self) -> GPTConfig:
-        return self.model.config
-
-    @property
-    def tokenizer_json(self) -> str | None:
-        return self.extra.get("tokenizer")
-
-    def tokenizer(self) -> Any:
-        """The tokenizer the model was trained with, as a ``tokenizers.Tokenizer`` (None if none was saved)."""
-        text = self.tokenizer_json
-        if text is None:
-            return None
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_str(text)
-
-
-def save(model: GPT, path: str | os.PathLike, tokenizer: Any = None, **extra: Any) -> Path:
-    """Save ``model`` with its config, its tokenizer and ``extra`` (plain types, tensors) atomically."""
-    model = getattr(model, "module", model)  # accept a DDP-wrapped model
-    if not isinstance(model, GPT):
-        raise TypeError(f"labkit.model.save expects a GPT, got {type(model).__name__}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    return write_checked(
-        path,
-        {
-            "format": "labkit.gpt",
-            "config": model.config.to_dict(),
-            "state_dict": state,
-            "tokenizer": _tokenizer_json(tokenizer),
-            "extra": extra,
-        },
-    )
-
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint written by ``save``: ``(model, extra)``, with ``extra["tokenizer"]`` the JSON."""
-    obj = read_checked(path, map_location=map_location)
-    if not isinstance(obj, dict) or obj.get("format") != "labkit.gpt":
-        raise CheckpointError(f"{path} holds no GPT (format {obj.get('format') if isinstance(obj, dict) else None!r})")
-    model = GPT(GPTConfig.from_dict(obj["config"]))
-    missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: state does not fit the config (missing {missing}, unexpected {unexpected})")
-    model.to(map_location)
-    extra = dict(obj.get("extra") or {})
-    extra["tokenizer"] = obj.get("tokenizer")
-    return Checkpoint(model, extra)

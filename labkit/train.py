@@ -2,7 +2,15 @@
 
 One training loop serves both: ``train(config)`` runs it here as a world of one, and
 ``train_distributed(client, config)`` runs it as one DDP rank per Dask worker through
-``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo). Both take
+``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo).
+
+The loop (``run_loop``) is made of seams: ``setup`` builds a ``Run``; ``train_step`` does one
+optimizer step and leaves its loss on the device; ``evaluate`` and ``sample`` run at their
+intervals; the checkpointer (``labkit.checkpoint.FileCheckpointer`` by default) saves and restores.
+How ranks share the work is the strategy's business (``labkit.strategy``: ``DDP``, ``SingleProcess``),
+so another strategy or checkpoint format comes in as an argument, not as an edit of the loop.
+The host waits for the device only at sync points (the first step, every ``log_interval`` steps,
+validations, checkpoints, the end), where the losses of the steps since come back in one go. Both take
 ``data_dir=`` (a shard folder); without it they use the shards of the config's scale that
 ``03_preprocessing`` wrote, else tiny ones built once under ``runs_dir()/"tiny-shards"``
 (``default_shards``).
@@ -16,20 +24,21 @@ What makes runs repeatable:
   2 ranks of batch b train exactly like 1 process of batch 2b (or batch b with grad_accum=2).
 - **Dropout**: reseeded per ``(seed, rank, step)``, so nothing hidden has to be saved.
 - **Checkpoints** carry model, optimizer and step; resuming reproduces an uninterrupted run
-  bit for bit on CPU. They are written atomically with a checksum (``labkit.model.write_checked``)
+  bit for bit on CPU. They are written atomically with a checksum (``labkit.checkpoint``)
   and the last ``keep_last`` are kept.
 
-Metrics go out as ``labkit.events`` of kind ``train`` (per step), ``val``, ``sample`` (``when`` is
+Metrics go out as ``labkit.events`` of kind ``train`` (every ``log_interval`` steps), ``val``, ``sample`` (``when`` is
 ``"before"``, ``"step"`` with each validation, or ``"after"``) and ``checkpoint``: to ``sink`` when
 given, else to the Dask topic on a worker.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,43 +47,46 @@ from typing import Any, Callable
 
 import torch
 
+from labkit.checkpoint import FileCheckpointer
 from labkit.events import emit
-from labkit.model import GPT, CheckpointError, GPTConfig, read_checked, resolve_device, write_checked
+from labkit.model import GPT, GPTConfig, resolve_device
+from labkit.strategy import default_strategy
 
 SCALES = ("tiny", "binder", "workshop", "full")
-CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.pt$")
 
-# Presets per scale; user/site files override keys under ``scales: {<scale>: {train: {...}}}``.
+# Presets per scale; user/site files override keys under ``scales: {<scale>: {train: {...}}}``
+# (model keys flat, e.g. ``n_layer: 4``, or nested under ``model:``).
 _PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4, max_steps=30,
+    "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=4, max_steps=30,
                  warmup_steps=5, lr=3e-3, min_lr=3e-4, eval_interval=10, eval_iters=2,
                  sample_tokens=24, checkpoint_interval=10, num_threads=1),
-    "binder": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, max_steps=200,
+    "binder": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, max_steps=200,
                    warmup_steps=20, lr=1e-3, min_lr=1e-4, eval_interval=50, eval_iters=10,
                    sample_tokens=80, checkpoint_interval=100, num_threads=1),
-    "workshop": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32, max_steps=2000,
-                     warmup_steps=100, lr=6e-4, min_lr=6e-5, eval_interval=200, eval_iters=20,
+    "workshop": dict(model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256), batch_size=32, max_steps=2000,
+                     warmup_steps=100, lr=6e-4, min_lr=6e-5, eval_interval=200, eval_iters=20, log_interval=10,
                      sample_tokens=200, checkpoint_interval=500),
-    "full": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=8,
-                 max_steps=20000, warmup_steps=1000, lr=6e-4, min_lr=6e-5, eval_interval=1000,
+    "full": dict(model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024), batch_size=16, grad_accum=8,
+                 max_steps=20000, warmup_steps=1000, lr=6e-4, min_lr=6e-5, eval_interval=1000, log_interval=10,
                  eval_iters=50, sample_tokens=200, checkpoint_interval=1000),
 }
+_MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(GPTConfig))
+
+
+def _default_model() -> GPTConfig:
+    """The model of a bare ``TrainConfig()``: the tiny preset's shape (its vocab comes from the data)."""
+    return GPTConfig(**_PRESETS["tiny"]["model"])
 
 
 @dataclass
 class TrainConfig:
-    """Model shape and optimisation settings of one run. ``batch_size`` is per rank and micro-step;
-    the effective batch is ``batch_size * grad_accum * world_size`` sequences."""
+    """One run: the model it trains (``model``, a ``GPTConfig``; its ``vocab_size`` is taken from the
+    shards' tokenizer) and the optimisation settings. ``batch_size`` is per rank and micro-step;
+    the effective batch is ``batch_size * grad_accum * world_size`` sequences.
 
-    # model
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 32
-    block_size: int = 32
-    dropout: float = 0.0
-    bias: bool = True
-    precision: str = "auto"            # auto | float32 | bfloat16 (see labkit.model)
-    attention: str = "sdpa"
+    ``replace`` and ``for_scale`` also take the model's fields flat: ``config.replace(n_layer=4)``."""
+
+    model: GPTConfig = field(default_factory=_default_model)
     # optimisation
     batch_size: int = 4
     grad_accum: int = 1
@@ -90,7 +102,7 @@ class TrainConfig:
     # evaluation, samples, logging
     eval_interval: int = 10            # 0 disables validation
     eval_iters: int = 2
-    log_interval: int = 1
+    log_interval: int = 1              # a train event (and a host sync) every this many steps; 0: none
     sample_tokens: int = 24            # 0 disables samples
     sample_prompt: str = "def "
     # checkpoints
@@ -104,11 +116,15 @@ class TrainConfig:
                                        # the default data; None = the lab's active scale
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, dict):  # from to_dict / JSON / YAML
+            self.model = GPTConfig.from_dict(self.model)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and the fix."""
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps"):
+        """Raise ``ValueError`` naming the field and the fix (the model checks its own fields)."""
+        if not isinstance(self.model, GPTConfig):
+            raise ValueError(f"TrainConfig.model must be a labkit.model.GPTConfig (or its dict), got {self.model!r}")
+        for name in ("batch_size", "grad_accum", "max_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
@@ -118,34 +134,59 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_steps must be >= 0 (0 = no warmup), got {self.warmup_steps}")
         if self.keep_last < 1:
             raise ValueError(f"TrainConfig.keep_last must be >= 1 (checkpoints kept), got {self.keep_last}")
+        if not isinstance(self.log_interval, int) or self.log_interval < 0:
+            raise ValueError(f"TrainConfig.log_interval must be an int >= 0 (0 = no train events), got {self.log_interval!r}")
+
+    @staticmethod
+    def unknown(names: Any) -> tuple[list[str], list[str]]:
+        """The ``names`` that are neither training nor model settings, and all valid names (sorted)."""
+        valid = sorted({f.name for f in dataclasses.fields(TrainConfig)} | _MODEL_FIELDS)
+        return sorted(set(names) - set(valid)), valid
 
     @classmethod
     def for_scale(cls, name: str | None = None, **overrides: Any) -> "TrainConfig":
         """The preset of a scale (None = the lab's active scale), with the config files' ``train``
-        section and then ``overrides`` applied on top."""
-        from labkit.config import load_config, unknown_fields
+        section and then ``overrides`` applied on top (model keys flat or under ``model``)."""
+        from labkit.config import load_config
 
         lab = load_config()
         scale = lab.scale(name)
         if scale.name not in _PRESETS:
             raise ValueError(f"no training preset for scale {scale.name!r}; valid: {', '.join(_PRESETS)}")
-        values = {"scale": scale.name, **_PRESETS[scale.name]}
-        values.update(scale.section("train"))
-        values.update(overrides)
-        unknown, valid = unknown_fields(cls, values)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown} (scale {scale.name!r}); valid: {valid}")
-        return cls(**values)
+        preset = dict(_PRESETS[scale.name])
+        config = cls(model=GPTConfig(**preset.pop("model")), scale=scale.name, **preset)
+        for layer in (scale.section("train"), overrides):
+            unknown, valid = cls.unknown(layer)
+            if unknown:
+                raise ValueError(f"unknown training settings {unknown} (scale {scale.name!r}); valid: {valid}")
+            config = config.replace(**layer)
+        return config
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed; model fields may be given flat (``n_layer=4``), or as
+        ``model=`` a ``GPTConfig`` (replaces it) or a dict (changes some of its fields)."""
+        unknown, valid = self.unknown(changes)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; valid: {valid}")
+        model = changes.pop("model", None)
+        if isinstance(model, dict):
+            bad = sorted(set(model) - _MODEL_FIELDS)
+            if bad:
+                raise ValueError(f"unknown model settings {bad}; valid: {sorted(_MODEL_FIELDS)}")
+            model = dataclasses.replace(self.model, **model)
+        model = model if model is not None else self.model
+        flat = {k: changes.pop(k) for k in list(changes) if k in _MODEL_FIELDS}
+        if flat:
+            model = dataclasses.replace(model, **flat)
+        return dataclasses.replace(self, model=model, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (the model as ``GPTConfig.to_dict``); ``TrainConfig(**d)`` reverses it."""
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The ``GPTConfig`` this run trains, for a tokenizer of ``vocab_size`` ids."""
-        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, block_size=self.block_size,
-                         vocab_size=vocab_size, dropout=self.dropout, bias=self.bias, precision=self.precision,
-                         attention=self.attention)
+        return dataclasses.replace(self.model, vocab_size=vocab_size)
 
     def effective_batch(self, world_size: int = 1) -> int:
         """Sequences per optimizer step over all ranks."""
@@ -168,6 +209,7 @@ class TrainResult:
     start_step: int = 0                 # > 0 when resumed
     checkpoint: str | None = None       # the last checkpoint written
     model: GPT | None = field(default=None, repr=False)
+    host_syncs: int = 0                 # times rank 0 waited for its device to read values back
 
 
 # --------------------------------------------------------------------------------- schedule
@@ -280,46 +322,130 @@ def batch_rows(reader: Any, block_size: int, seed: int, step: int, rows: int, lo
     return block[:, :-1].contiguous(), block[:, 1:].contiguous()
 
 
-# ------------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- one rank's run
 
 
-def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoints in a folder, oldest first."""
-    d = Path(checkpoint_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if CHECKPOINT_RE.match(p.name))
+@dataclass
+class Run:
+    """One rank's run once ``setup`` built it: what ``train_step``, ``evaluate``, samples and the
+    checkpointer work on."""
+
+    config: TrainConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    strategy: Any                       # labkit.strategy.SingleProcess, DDP, or one of the same shape
+    checkpointer: Any | None            # labkit.checkpoint.FileCheckpointer or one of the same shape
+    train_data: Any
+    val_data: Any
+    tokenizer: Any
+    tokenizer_json: str | None
+    model_config: GPTConfig
+    wrapped: torch.nn.Module            # what the strategy made of the model (the model itself on one rank)
+    optimizer: torch.optim.Optimizer
+    start_step: int = 0
+    sink: Callable | None = None
+    host_syncs: int = 0                 # times the host waited for the device to read values back
+
+    @property
+    def model(self) -> GPT:
+        """The plain model (for evaluation, samples and the result)."""
+        return self.strategy.unwrap(self.wrapped)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (it samples, and by default writes checkpoints)."""
+        return self.rank == 0
+
+    def to_host(self, tensor: torch.Tensor) -> list[float]:
+        """The values of a device tensor, as floats: the one way the loop reads back (counted)."""
+        self.host_syncs += 1
+        return tensor.detach().reshape(-1).tolist()
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that passes its checksum, with its contents; broken ones are skipped."""
-    for path in reversed(list_checkpoints(checkpoint_dir)):
-        try:
-            return path, read_checked(path)
-        except CheckpointError:
-            continue
-    return None
+@dataclass
+class StepStats:
+    """What one optimizer step leaves on the device: the rank's mean loss and the gradient norm."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    lr: float
 
 
-def _save_checkpoint(config: TrainConfig, model: GPT, opt: torch.optim.Optimizer, step: int, world_size: int,
-                     tokenizer_json: str | None) -> Path:
-    d = Path(config.checkpoint_dir)
-    path = d / f"step_{step:08d}.pt"
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    write_checked(path, {
-        "format": "labkit.gpt",
-        "config": model.config.to_dict(),
-        "state_dict": state,
-        "tokenizer": tokenizer_json,
-        "extra": {"step": step, "optimizer": opt.state_dict(), "train_config": dataclasses.asdict(config),
-                  "world_size": world_size},
-    })
-    for old in list_checkpoints(d)[:-config.keep_last]:
-        old.unlink(missing_ok=True)
-    return path
+def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
+          device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
+          strategy: Any = None, checkpointer: Any = None, verify: bool = True) -> Run:
+    """Device, data, tokenizer, resume point, model, the strategy's wrap, optimizer, restored state.
+    ``strategy`` None: ``labkit.strategy.default_strategy``; ``checkpointer`` None: files in
+    ``config.checkpoint_dir`` when it is set, else none."""
+    device = resolve_device(config.device if device is None else device)
+    if config.num_threads and device.type == "cpu":
+        torch.set_num_threads(config.num_threads)
+    strategy = default_strategy(world_size) if strategy is None else strategy
+    if checkpointer is None and config.checkpoint_dir:
+        checkpointer = FileCheckpointer(config.checkpoint_dir, config.keep_last)
+    train_data, val_data = open_data(data_dir, verify=verify)
+    try:
+        tokenizer = train_data.tokenizer()
+        tokenizer_json = tokenizer.to_str()
+    except Exception:
+        tokenizer, tokenizer_json = None, None
+
+    found = None
+    if resume:
+        if checkpointer is None:
+            raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints "
+                             "(or a checkpointer=)")
+        found = checkpointer.load_latest()
+        if found is not None:
+            old_world = int(found.world_size or world_size)
+            old_accum = int(found.grad_accum or config.grad_accum)
+            if old_world != world_size and (old_world * old_accum) % world_size == 0:
+                # keep the effective batch (and so the data stream) when the number of ranks changed
+                config = config.replace(grad_accum=old_world * old_accum // world_size)
+
+    torch.manual_seed(config.seed)
+    mcfg = config.model_config(train_data.vocab_size)
+    if found is not None and GPTConfig.from_dict(found.model_config) != mcfg:
+        raise ValueError(f"the checkpoint {found.where} is for another model shape ({found.model_config}); "
+                         "resume with the same model settings or a fresh folder")
+    wrapped = strategy.wrap(GPT(mcfg).to(device), device)
+    run = Run(config=config, rank=rank, world_size=world_size, device=device, strategy=strategy,
+              checkpointer=checkpointer, train_data=train_data, val_data=val_data, tokenizer=tokenizer,
+              tokenizer_json=tokenizer_json, model_config=mcfg, wrapped=wrapped,
+              optimizer=make_optimizer(wrapped, config), sink=sink)
+    if found is not None:
+        checkpointer.restore(run, found)
+        run.start_step = found.step
+    run.wrapped.train()
+    return run
 
 
-# ----------------------------------------------------------------------------------- the loop
+def train_step(run: Run, step: int) -> StepStats:
+    """One optimizer step over ``grad_accum`` micro-batches of this rank's rows; nothing is read back
+    to the host (the loss and the gradient norm stay on the device)."""
+    config, strategy, T = run.config, run.strategy, run.config.model.block_size
+    lr = lr_at(step, config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    if config.model.dropout > 0:
+        torch.manual_seed(_mix(config.seed, run.rank, step))  # dropout stream, resumable without saved RNG
+    rows = run.world_size * config.batch_size * config.grad_accum
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(config.grad_accum):
+        lo = (micro * run.world_size + run.rank) * config.batch_size
+        x, y = batch_rows(run.train_data, T, config.seed, step, rows, lo, lo + config.batch_size)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        last = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if last else strategy.no_sync(run.wrapped):
+            _, loss = run.wrapped(x, y)
+            (loss / config.grad_accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = (strategy.clip_grad_norm(run.wrapped, config.grad_clip) if config.grad_clip > 0
+                 else torch.zeros((), device=run.device))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, lr=lr)
 
 
 def _mem_mb(device: torch.device) -> float:
@@ -343,173 +469,161 @@ def _sample(model: GPT, tokenizer: Any, config: TrainConfig, device: torch.devic
     return tokenizer.decode(out[0].tolist())
 
 
-@torch.no_grad()
-def _evaluate(model: GPT, val: Any, config: TrainConfig, rank: int, world: int, device: torch.device) -> float:
-    model.eval()
-    rows = world * config.batch_size
-    total = torch.zeros((), device=device)
-    for i in range(config.eval_iters):
-        x, y = batch_rows(val, config.block_size, config.seed, -1 - i, rows, rank * config.batch_size,
-                          (rank + 1) * config.batch_size)
-        total += model(x.to(device), y.to(device))[1]
-    model.train()
-    loss = total / config.eval_iters
-    if world > 1:
-        import torch.distributed as dist
+def sample(run: Run, when: str, step: int, seed: int | None = None) -> str | None:
+    """On rank 0, with a tokenizer and ``sample_tokens`` set: a sample, emitted as a ``sample`` event."""
+    if not (run.is_main and run.tokenizer is not None and run.config.sample_tokens):
+        return None
+    text = _sample(run.model, run.tokenizer, run.config, run.device, seed=seed)
+    emit("sample", run.sink, rank=run.rank, step=step, when=when, text=text)
+    return text
 
-        dist.all_reduce(loss)
-        loss /= world
-    return float(loss)
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """The validation loss over ``eval_iters`` fixed batches, averaged over the ranks."""
+    config, model = run.config, run.model
+    model.eval()
+    rows = run.world_size * config.batch_size
+    lo, hi = run.rank * config.batch_size, (run.rank + 1) * config.batch_size
+    total = torch.zeros((), device=run.device)
+    for i in range(config.eval_iters):
+        x, y = batch_rows(run.val_data, config.model.block_size, config.seed, -1 - i, rows, lo, hi)
+        total += model(x.to(run.device), y.to(run.device))[1]
+    model.train()
+    return run.to_host(run.strategy.all_mean(total / config.eval_iters))[0]
+
+
+class _Meter:
+    """Per-step losses kept on the device until the next sync point, then read back in one go;
+    and the time spent in training steps between sync points (validation, samples and checkpoints
+    left out)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.pending: list[torch.Tensor] = []
+        self.grad_norm = torch.zeros(())
+        self.losses: list[float] = []            # mean over the ranks, one per step
+        self.last_local = float("nan")
+        self.last_grad_norm = float("nan")
+        self.first_step_time = float("nan")
+        self.timed_tokens, self.timed_s = 0, 0.0  # all ranks' tokens, the first step left out
+        self.log_tokens, self.log_s = 0, 0.0      # this rank's, since the last train event
+        self.clock = time.perf_counter()
+
+    def add(self, stats: StepStats) -> None:
+        """Keep a step's loss on the device."""
+        self.pending.append(stats.loss)
+        self.grad_norm = stats.grad_norm
+
+    def flush(self) -> None:
+        """One host sync: the losses of the steps since the last flush, over all ranks."""
+        run = self.run
+        local = torch.stack(self.pending)
+        everyone = run.strategy.all_mean(local.clone())
+        values = run.to_host(torch.cat([local, everyone, self.grad_norm.reshape(1).to(local)]))
+        n = len(self.pending)
+        first = not self.losses
+        self.losses += values[n:2 * n]
+        self.last_local, self.last_grad_norm = values[n - 1], values[-1]
+        self.pending = []
+        dt = time.perf_counter() - self.clock
+        tokens = n * run.config.batch_size * run.config.grad_accum * run.config.model.block_size
+        if first:  # the first step (warm-up; flushed on its own) is left out of the run's tokens/s
+            self.first_step_time = time.time()
+        else:
+            self.timed_tokens += tokens * run.world_size
+            self.timed_s += dt
+        self.log_tokens += tokens
+        self.log_s += dt
+
+    def restart_clock(self) -> None:
+        """Start timing training steps again (after validation, samples or a checkpoint)."""
+        self.clock = time.perf_counter()
+
+    def log(self, step: int, lr: float) -> None:
+        """A ``train`` event for ``step`` (values of its flush; tokens/s of this rank since the last one)."""
+        run = self.run
+        emit("train", run.sink, rank=run.rank, step=step, loss=self.last_local, global_loss=self.losses[-1], lr=lr,
+             tokens_per_s=self.log_tokens / self.log_s if self.log_s else float("nan"),
+             grad_norm=self.last_grad_norm, mem_mb=_mem_mb(run.device), world_size=run.world_size)
+        self.log_tokens, self.log_s = 0, 0.0
 
 
 def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
              device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
-             should_stop: Callable[[], bool] | None = None, verify: bool = True) -> TrainResult:
-    """The training loop of one rank (the process group, if any, is already up); ``verify=False``
-    skips hashing the shards (the run's driver had them verified once for all ranks)."""
+             should_stop: Callable[[], bool] | None = None, strategy: Any = None,
+             checkpointer: Any = None, verify: bool = True) -> TrainResult:
+    """The training loop of one rank (the process group, if any, is already up): ``setup``, then
+    ``train_step`` per step, with validation, samples and checkpoints at their intervals.
+
+    The host waits for the device only at sync points: the first step, every ``log_interval``
+    steps, validations, checkpoints and the last step; the losses of the steps between stay on the
+    device and come back (averaged over the ranks) in one transfer. ``verify=False`` skips hashing the
+    shards (the run's driver had them verified once for all ranks)."""
     t_start = time.time()
-    device = resolve_device(config.device if device is None else device)
-    if config.num_threads and device.type == "cpu":
-        torch.set_num_threads(config.num_threads)
-    distributed = world_size > 1
-    train_data, val_data = open_data(data_dir, verify=verify)
-    try:
-        tokenizer = train_data.tokenizer()
-        tokenizer_json = tokenizer.to_str()
-    except Exception:
-        tokenizer, tokenizer_json = None, None
-
-    start_step, state = 0, None
-    if resume:
-        if not config.checkpoint_dir:
-            raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints")
-        found = latest_checkpoint(config.checkpoint_dir)
-        if found is not None:
-            state = found[1]
-            start_step = int(state["extra"]["step"])
-            old_world = int(state["extra"].get("world_size", world_size))
-            old_accum = int(state["extra"]["train_config"].get("grad_accum", config.grad_accum))
-            if old_world != world_size and (old_world * old_accum) % world_size == 0:
-                # keep the effective batch (and so the data stream) when the number of ranks changed
-                config = config.replace(grad_accum=old_world * old_accum // world_size)
-
-    torch.manual_seed(config.seed)
-    mcfg = config.model_config(train_data.vocab_size)
-    model = GPT(mcfg).to(device)
-    if state is not None:
-        if GPTConfig.from_dict(state["config"]) != mcfg:
-            raise ValueError(f"the checkpoint in {config.checkpoint_dir} is for another model shape "
-                             f"({state['config']}); resume with the same model settings or a fresh folder")
-        model.load_state_dict(state["state_dict"], strict=False)
-    opt = make_optimizer(model, config)
-    if state is not None:
-        opt.load_state_dict(state["extra"]["optimizer"])
-    state = None
-
-    ddp = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    is_main = rank == 0
+    run = setup(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink, resume=resume,
+                strategy=strategy, checkpointer=checkpointer, verify=verify)
+    config = run.config  # resume may have changed grad_accum to keep the effective batch
     samples: dict[str, str] = {}
-    if is_main and tokenizer is not None and config.sample_tokens and start_step == 0:
-        samples["before"] = _sample(model, tokenizer, config, device)
-        emit("sample", sink, rank=rank, step=0, when="before", text=samples["before"])
-
-    rows = world_size * config.batch_size * config.grad_accum
-    tokens_per_rank_step = config.batch_size * config.grad_accum * config.block_size
-    losses: list[float] = []
+    if run.start_step == 0 and (text := sample(run, "before", 0)) is not None:
+        samples["before"] = text
+    meter = _Meter(run)
     val_hist: list[dict[str, float]] = []
-    first_step_time = float("nan")
-    timed_tokens, timed_s = 0, 0.0
     last_ckpt: str | None = None
-    model.train()
-    step = start_step
-    for step in range(start_step, config.max_steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, config)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if config.dropout > 0:
-            torch.manual_seed(_mix(config.seed, rank, step))  # dropout stream, resumable without saved RNG
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(config.grad_accum):
-            lo = (micro * world_size + rank) * config.batch_size
-            x, y = batch_rows(train_data, config.block_size, config.seed, step, rows, lo, lo + config.batch_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last = micro == config.grad_accum - 1
-            if distributed and not last:
-                with ddp.no_sync():
-                    _, loss = ddp(x, y)
-                    (loss / config.grad_accum).backward()
-            else:
-                _, loss = ddp(x, y)
-                (loss / config.grad_accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                     if config.grad_clip > 0 else torch.zeros(()))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        local_loss = loss_sum / config.grad_accum
-        global_loss = local_loss.clone()
-        if distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(global_loss)
-            global_loss /= world_size
-        losses.append(float(global_loss))
-        dt = time.perf_counter() - t0
-        if step == start_step:
-            first_step_time = time.time()
-        else:
-            timed_tokens += tokens_per_rank_step * world_size
-            timed_s += dt
-        if config.log_interval and (step % config.log_interval == 0 or step == config.max_steps - 1):
-            emit("train", sink, rank=rank, step=step + 1, loss=float(local_loss), global_loss=losses[-1], lr=lr,
-                 tokens_per_s=tokens_per_rank_step / dt, grad_norm=float(grad_norm), mem_mb=_mem_mb(device),
-                 world_size=world_size)
+    for step in range(run.start_step, config.max_steps):
+        stats = train_step(run, step)
+        meter.add(stats)
         done = step + 1
-        if config.eval_interval and (done % config.eval_interval == 0 or done == config.max_steps):
-            vl = _evaluate(model, val_data, config, rank, world_size, device)
+        end = done == config.max_steps
+        log_due = bool(config.log_interval) and (done % config.log_interval == 0 or end or step == run.start_step)
+        eval_due = bool(config.eval_interval) and (done % config.eval_interval == 0 or end)
+        ckpt_due = run.checkpointer is not None and (
+            (bool(config.checkpoint_interval) and done % config.checkpoint_interval == 0) or end)
+        synced = log_due or eval_due or ckpt_due or end or step == run.start_step
+        if synced:
+            meter.flush()
+            if log_due:
+                meter.log(done, stats.lr)
+        if eval_due:
+            vl = evaluate(run)
             val_hist.append({"step": done, "loss": vl, "ppl": math.exp(min(vl, 50.0))})
             emit("val", sink, rank=rank, step=done, val_loss=vl, ppl=val_hist[-1]["ppl"])
-            if is_main and tokenizer is not None and config.sample_tokens and done < config.max_steps:
-                # a sample with each validation (the last step's is "after"), seeded by (seed, step)
-                key = f"step {done}"
-                samples[key] = _sample(model, tokenizer, config, device, seed=_mix(config.seed, done, 0x5A))
-                emit("sample", sink, rank=rank, step=done, when="step", text=samples[key])
-        if config.checkpoint_dir and is_main and (
-                (config.checkpoint_interval and done % config.checkpoint_interval == 0) or done == config.max_steps):
-            last_ckpt = str(_save_checkpoint(config, model, opt, done, world_size, tokenizer_json))
+            # a sample with each validation (the last step's is "after"), seeded by (seed, step)
+            if not end and (text := sample(run, "step", done, seed=_mix(config.seed, done, 0x5A))) is not None:
+                samples[f"step {done}"] = text
+        if ckpt_due and (path := run.checkpointer.save(run, done)) is not None:
+            last_ckpt = str(path)
             emit("checkpoint", sink, rank=rank, step=done, path=last_ckpt)
+        if synced:  # time training steps only, from here to the next sync point
+            meter.restart_clock()
         if should_stop is not None and should_stop():
             raise RuntimeError(f"rank {rank} stopped at step {done}: another rank failed or was lost")
 
-    if is_main and tokenizer is not None and config.sample_tokens:
-        samples["after"] = _sample(model, tokenizer, config, device)
-        emit("sample", sink, rank=rank, step=config.max_steps, when="after", text=samples["after"])
+    if (text := sample(run, "after", config.max_steps)) is not None:
+        samples["after"] = text
     return TrainResult(
-        steps=len(losses), losses=losses, val=val_hist, samples=samples,
-        tokens_per_s=timed_tokens / timed_s if timed_s else float("nan"), seconds=time.time() - t_start,
-        first_step_time=first_step_time, world_size=world_size, effective_batch=config.effective_batch(world_size),
-        start_step=start_step, checkpoint=last_ckpt, model=model.cpu() if is_main else None,
+        steps=len(meter.losses), losses=meter.losses, val=val_hist, samples=samples,
+        tokens_per_s=meter.timed_tokens / meter.timed_s if meter.timed_s else float("nan"),
+        seconds=time.time() - t_start, first_step_time=meter.first_step_time, world_size=world_size,
+        effective_batch=config.effective_batch(world_size), start_step=run.start_step, checkpoint=last_ckpt,
+        model=run.model.cpu() if run.is_main else None, host_syncs=run.host_syncs,
     )
 
 
 def train(config: TrainConfig, data_dir: str | os.PathLike | None = None, sink: Callable | None = None,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, *, strategy: Any = None, checkpointer: Any = None) -> TrainResult:
     """Train in this process (a world of one) on the shards in ``data_dir`` (None: ``default_shards``
     of the config's scale); events go to ``sink``."""
-    return run_loop(config, _data_dir(config, data_dir), sink=sink, resume=resume)
+    return run_loop(config, _data_dir(config, data_dir), sink=sink, resume=resume, strategy=strategy,
+                    checkpointer=checkpointer)
 
 
 # ---------------------------------------------------------------------------------- distributed
 
 
-def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool) -> TrainResult:
-    """Runs on each Dask worker as one DDP rank (called by ``labkit.ranks.run_ranks``)."""
+def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool, strategy: Any = None,
+               checkpointer: Any = None) -> TrainResult:
+    """Runs on each Dask worker as one rank (called by ``labkit.ranks.run_ranks``)."""
     last_check = [time.monotonic()]
 
     def should_stop() -> bool:  # ask the scheduler at most once a second
@@ -519,14 +633,17 @@ def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool) -> Tr
         return ctx.aborted()
 
     return run_loop(config, data_dir, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                    resume=resume, should_stop=should_stop, verify=False)  # train_distributed verified them
+                    resume=resume, should_stop=should_stop, strategy=strategy, checkpointer=checkpointer,
+                    verify=False)  # train_distributed verified them
 
 
 def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None, *,
                       workers: int | list[str] | None = None, resume: bool = False, backend: str = "auto",
-                      timeout: float = 60.0) -> TrainResult:
-    """Train with one DDP rank per Dask worker (all workers, or ``workers``); returns rank 0's result.
+                      timeout: float = 60.0, strategy: Any = None, checkpointer: Any = None) -> TrainResult:
+    """Train with one rank per Dask worker (all workers, or ``workers``); returns rank 0's result.
     ``data_dir`` None: ``default_shards`` of the config's scale (the workers must see that folder).
+    ``strategy`` None: DDP over 2+ ranks (``labkit.strategy``); ``checkpointer`` None: files in
+    ``config.checkpoint_dir``. Both travel to the workers, so they must pickle.
 
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
     rank raises ``labkit.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
@@ -536,59 +653,56 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
     from labkit.ranks import run_ranks
 
     data_dir = str(_data_dir(config, data_dir).resolve())
-    if resume and not config.checkpoint_dir:
-        raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints")
+    if resume and not config.checkpoint_dir and checkpointer is None:
+        raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints "
+                         "(or a checkpointer=)")
     if config.checkpoint_dir:
         config = config.replace(checkpoint_dir=str(Path(config.checkpoint_dir).resolve()))
     verify_shards(data_dir, client=client)
-    results = run_ranks(client, _rank_main, config, data_dir, resume, workers=workers, backend=backend,
-                        timeout=timeout)
+    results = run_ranks(client, _rank_main, config, data_dir, resume, strategy, checkpointer, workers=workers,
+                        backend=backend, timeout=timeout)
     return results[0]
 
 
-class TrainingRun:
+class TrainingRun(concurrent.futures.Future):
     """A training run going on in a background thread, so the notebook (and its live plot) stays free.
 
-    ``done()``, ``result(timeout=None)`` (re-raises the run's error), ``exception()``."""
+    A ``concurrent.futures.Future``: ``done()``, ``result(timeout=None)`` (re-raises the run's error,
+    e.g. ``labkit.ranks.RankLost``), ``exception()``, ``add_done_callback``, and
+    ``concurrent.futures.wait`` / ``as_completed`` work on it. It cannot be cancelled once started."""
 
     def __init__(self, target: Callable[[], TrainResult]) -> None:
-        self._result: TrainResult | None = None
-        self._error: BaseException | None = None
+        super().__init__()
+        self.set_running_or_notify_cancel()
         self._thread = threading.Thread(target=self._run, args=(target,), name="labkit-training", daemon=True)
         self._thread.start()
 
     def _run(self, target: Callable[[], TrainResult]) -> None:
         try:
-            self._result = target()
+            result = target()
         except BaseException as exc:  # handed to whoever asks for the result
-            self._error = exc
-
-    def done(self) -> bool:
-        """Whether the run has ended (finished or failed)."""
-        return not self._thread.is_alive()
+            self.set_exception(exc)
+        else:
+            self.set_result(result)
 
     def result(self, timeout: float | None = None) -> TrainResult:
         """Wait for the run and return its result, or raise its error."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"training still running after {timeout} s; call result() again or wait longer")
-        if self._error is not None:
-            raise self._error
-        return self._result  # type: ignore[return-value]
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The run's error, or None when it finished fine."""
-        self._thread.join(timeout)
-        return self._error
+        try:
+            return super().result(timeout)
+        except concurrent.futures.TimeoutError:
+            if self.done():
+                raise  # the run's own error was a TimeoutError
+            raise concurrent.futures.TimeoutError(
+                f"training still running after {timeout} s; call result() again or wait longer") from None
 
     def __repr__(self) -> str:
-        state = "running" if not self.done() else ("failed" if self._error else "done")
+        state = "running" if not self.done() else ("failed" if self.exception() else "done")
         return f"<TrainingRun {state}>"
 
 
 def start_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None,
                       **kwargs: Any) -> TrainingRun:
-    """``train_distributed`` without blocking: returns a ``TrainingRun`` at once."""
+    """``train_distributed`` without blocking: returns a ``TrainingRun`` (a Future) at once."""
     return TrainingRun(lambda: train_distributed(client, config, data_dir, **kwargs))
 
 

@@ -22,3 +22,22 @@ def test_plain_gpt_has_the_same_shape_as_labkits():
     plain = bench.PlainGPT(512, **bench.SHAPE)
     lab = GPT(GPTConfig(vocab_size=512, **bench.SHAPE))
     assert sum(p.numel() for p in plain.parameters()) == lab.num_params(non_embedding=False)
+
+
+def test_bench_part_c_smoke(tmp_path):
+    from labkit.data.shards import make_tiny_shards
+
+    torch.set_num_threads(1)
+    make_tiny_shards(tmp_path / "shards")
+    out = bench.part_c(tmp_path / "shards", rounds=1, steps_per_round=2)
+    assert out["bare_tokens_per_s"] > 0 and out["loop_log1_tokens_per_s"] > 0 and out["loop_log10_tokens_per_s"] > 0
+    assert out["ratio_log1"] > 0 and out["ratio_log10"] > 0
+
+
+def test_torchrun_entry_rebuilds_the_config_from_json():
+    import json
+
+    from labkit.train import TrainConfig
+
+    config = bench._first_step_config()
+    assert TrainConfig(**json.loads(json.dumps(config.to_dict()))) == config  # what part (b) hands torchrun

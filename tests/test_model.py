@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from labkit import checkpoint as C
 from labkit import model as M
 from labkit.model import GPT, GPTConfig
 
@@ -82,8 +83,8 @@ def test_pruned_shapes_are_a_gpt_that_runs_saves_and_loads(tmp_path):
     x = torch.randint(0, 50, (2, 16))
     logits, loss = m(x, x)
     loss.backward()
-    M.save(m, tmp_path / "p.pt")
-    m2, extra = M.load(tmp_path / "p.pt")
+    C.save(m, tmp_path / "p.pt")
+    m2, extra = C.load(tmp_path / "p.pt")
     assert m2.config.layer_heads == (3, 0) and m2.config.layer_ffn == (10, 64)
     assert torch.equal(m2(x)[0], m(x)[0])
     out = m2.generate(x[:, :4], 5, temperature=0)
@@ -170,8 +171,8 @@ def test_checkpoint_round_trip_carries_config_tokenizer_and_extra(tmp_path):
     torch.manual_seed(0)
     m = GPT(tiny(dropout=0.1, bias=False))
     tok = _tokenizer()
-    path = M.save(m, tmp_path / "sub" / "ck.pt", tokenizer=tok, step=7, note="hi")
-    ck = M.load(path)
+    path = C.save(m, tmp_path / "sub" / "ck.pt", tokenizer=tok, step=7, note="hi")
+    ck = C.load(path)
     model, extra = ck
     assert extra["step"] == 7 and extra["note"] == "hi"
     assert model.config == m.config
@@ -184,20 +185,20 @@ def test_checkpoint_round_trip_carries_config_tokenizer_and_extra(tmp_path):
 
 def test_corrupt_and_truncated_checkpoints_are_refused(tmp_path):
     m = GPT(tiny())
-    path = M.save(m, tmp_path / "ck.pt")
+    path = C.save(m, tmp_path / "ck.pt")
     data = bytearray(path.read_bytes())
     (tmp_path / "trunc.pt").write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(M.CheckpointError, match="truncated"):
-        M.load(tmp_path / "trunc.pt")
+    with pytest.raises(C.CheckpointError, match="truncated"):
+        C.load(tmp_path / "trunc.pt")
     data[-100] ^= 0xFF
     (tmp_path / "flip.pt").write_bytes(bytes(data))
-    with pytest.raises(M.CheckpointError, match="checksum"):
-        M.load(tmp_path / "flip.pt")
+    with pytest.raises(C.CheckpointError, match="checksum"):
+        C.load(tmp_path / "flip.pt")
     (tmp_path / "junk.pt").write_bytes(b"hello\n")
-    with pytest.raises(M.CheckpointError, match="not a labkit checkpoint"):
-        M.load(tmp_path / "junk.pt")
-    with pytest.raises(M.CheckpointError, match="no checkpoint"):
-        M.load(tmp_path / "missing.pt")
+    with pytest.raises(C.CheckpointError, match="not a labkit checkpoint"):
+        C.load(tmp_path / "junk.pt")
+    with pytest.raises(C.CheckpointError, match="no checkpoint"):
+        C.load(tmp_path / "missing.pt")
 
 
 @pytest.mark.parametrize("attention", ["labkit", "online"])

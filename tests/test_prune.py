@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from labkit.model import GPT, GPTConfig, load, save
+from labkit.checkpoint import load, save
+from labkit.model import GPT, GPTConfig
 from labkit.prune import (
     ffn_importance, head_importance, hold_zeros, magnitude, penalty, prune_ffn, prune_heads, prune_structured,
     select, shrink, sparsity,

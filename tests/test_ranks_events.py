@@ -207,13 +207,14 @@ def test_a_failing_sink_warns_and_never_breaks_the_caller():
 
 
 def test_training_goes_on_when_its_sink_fails(shards):
+    from labkit.model import GPTConfig
     from labkit.train import TrainConfig, train
 
     def broken(event):
         raise ValueError("no display")
 
-    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=3, warmup_steps=1,
-                      eval_interval=0, sample_tokens=0, precision="float32", num_threads=1)
+    cfg = TrainConfig(model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, precision="float32"),
+                      batch_size=2, max_steps=3, warmup_steps=1, eval_interval=0, sample_tokens=0, num_threads=1)
     with pytest.warns(RuntimeWarning, match="no display"):
         res = train(cfg, shards, sink=broken)
     assert res.steps == 3

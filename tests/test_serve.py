@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -276,7 +277,7 @@ def test_one_bad_request_does_not_fail_its_batch():
 
 
 def test_checkpoint_serves_like_the_model(tmp_path):
-    from labkit.model import save
+    from labkit.checkpoint import save
 
     model = demo_model(seed=3)
     runs = tmp_path / "runs"
@@ -302,10 +303,12 @@ def test_serve_finds_what_06_saves_under_new_run_dir(tmp_path, monkeypatch):
     from datetime import datetime
 
     from labkit.config import new_run_dir
-    from labkit.model import save
+    from labkit.checkpoint import save
     from labkit.serve.checkpoints import pick_generator
     from labkit.serve.cli import default_run_dir
-    from labkit.train import TrainConfig, _save_checkpoint
+    from labkit.checkpoint import FileCheckpointer
+    from labkit.strategy import SingleProcess
+    from labkit.train import TrainConfig
 
     monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
     pruned = save(demo_model(seed=4), new_run_dir("pruned", "tiny", now=datetime(2026, 1, 1, 9)) / "pruned.pt")
@@ -314,7 +317,9 @@ def test_serve_finds_what_06_saves_under_new_run_dir(tmp_path, monkeypatch):
     assert workdir.parent == tmp_path / "runs" / "gpt-tiny"
     model = demo_model(seed=3)
     config = TrainConfig.for_scale("tiny").replace(checkpoint_dir=str(workdir / "checkpoints"))
-    saved = _save_checkpoint(config, model, torch.optim.SGD(model.parameters(), lr=0.1), 5, 1, None)
+    run = SimpleNamespace(strategy=SingleProcess(), wrapped=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                          rank=0, world_size=1, config=config, model_config=model.config, tokenizer_json=None)
+    saved = Path(FileCheckpointer(config.checkpoint_dir).save(run, 5))  # what training writes at step 5
     assert newest_checkpoint(default_run_dir()) == saved
     gen, why = pick_generator(None, [default_run_dir()])
     assert str(saved) in why
@@ -360,7 +365,8 @@ def test_cli_without_checkpoint_explains(tmp_path):
 
 
 def _unservable(kind: str, path: Path) -> Path:
-    from labkit.model import GPT, GPTConfig, save
+    from labkit.checkpoint import save
+    from labkit.model import GPT, GPTConfig
 
     if kind == "junk":
         path.write_bytes(b"PK\x03\x04 not a checkpoint at all")
@@ -391,7 +397,8 @@ def test_cli_unservable_checkpoint_is_one_clear_line(tmp_path, kind, says):
 def test_checkpoint_with_its_bpe_tokenizer_over_http(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from labkit.model import GPT, GPTConfig, save
+    from labkit.checkpoint import save
+    from labkit.model import GPT, GPTConfig
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -445,7 +452,7 @@ def test_sample_rows_follows_the_distribution():
 
 
 def test_pick_generator_prefers_the_newest_checkpoint_then_demo(tmp_path):
-    from labkit.model import save
+    from labkit.checkpoint import save
     from labkit.serve import pick_generator
 
     gen, why = pick_generator(None, [tmp_path / "a", tmp_path / "b"])
@@ -457,7 +464,8 @@ def test_pick_generator_prefers_the_newest_checkpoint_then_demo(tmp_path):
 
 
 def test_pruned_shape_checkpoint_serves(tmp_path):
-    from labkit.model import GPT, GPTConfig, save
+    from labkit.checkpoint import save
+    from labkit.model import GPT, GPTConfig
 
     torch.manual_seed(0)  # a structurally pruned GPT: fewer heads and a narrower FFN per layer
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256, precision="float32",
@@ -471,7 +479,8 @@ def test_pruned_shape_checkpoint_serves(tmp_path):
 
 def test_pruned_bpe_model_saved_as_notebook_07_does_is_served(tmp_path):
     from labkit.data.shards import ShardReader, make_tiny_shards, tiny_text
-    from labkit.model import GPT, GPTConfig, save
+    from labkit.checkpoint import save
+    from labkit.model import GPT, GPTConfig
     from labkit.prune import prune_ffn, prune_heads
     from labkit.prune.evaluate import val_windows
     from labkit.serve import pick_generator

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from labkit import checkpoint as C
 from labkit import model as M
-from labkit.train import (TrainConfig, latest_checkpoint, list_checkpoints, lr_at, make_optimizer, train)
+from labkit.checkpoint import latest_checkpoint, list_checkpoints
+from labkit.train import TrainConfig, lr_at, make_optimizer, train
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
@@ -25,13 +27,13 @@ def cfg(**kw) -> TrainConfig:
     base = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=8, warmup_steps=2,
                 eval_interval=4, eval_iters=1, sample_tokens=0, precision="float32", seed=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig().replace(**base)  # model keys (n_layer, ...) go into TrainConfig.model
 
 
 def test_presets_and_overrides(tmp_path, monkeypatch):
     tiny = TrainConfig.for_scale("tiny")
-    assert tiny.max_steps <= 50 and tiny.n_embd <= 64
-    assert TrainConfig.for_scale("full").n_embd > TrainConfig.for_scale("binder").n_embd
+    assert tiny.max_steps <= 50 and tiny.model.n_embd <= 64
+    assert TrainConfig.for_scale("full").model.n_embd > TrainConfig.for_scale("binder").model.n_embd
     user = tmp_path / "user.yaml"
     user.write_text("scales:\n  tiny:\n    train:\n      max_steps: 7\n")
     monkeypatch.setenv("LABKIT_USER_CONFIG", str(user))
@@ -119,9 +121,9 @@ def test_checkpoints_keep_last_k_and_load_as_models(shards, tmp_path):
     res = train(cfg(checkpoint_dir=str(tmp_path), checkpoint_interval=2, keep_last=2), shards)
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == ["step_00000006.pt", "step_00000008.pt"]
-    model, extra = M.load(tmp_path / names[-1])
+    model, extra = C.load(tmp_path / names[-1])
     assert extra["step"] == 8 and "optimizer" in extra
-    assert M.load(tmp_path / names[-1]).tokenizer().get_vocab_size() == model.config.vocab_size
+    assert C.load(tmp_path / names[-1]).tokenizer().get_vocab_size() == model.config.vocab_size
     for (k, a), (_, b) in zip(res.model.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -184,14 +186,14 @@ def test_resume_needs_a_checkpoint_dir(shards):
 
 SAVER = textwrap.dedent("""
     import sys, torch
-    from labkit import model as M
+    from labkit import checkpoint as C, model as M
     torch.set_num_threads(1)
     path = sys.argv[1]
     cfg = M.GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=64, vocab_size=4000, precision="float32")
     i = 0
     while True:
         torch.manual_seed(i)
-        M.save(M.GPT(cfg), path, version=i)
+        C.save(M.GPT(cfg), path, version=i)
         print(i, flush=True)
         i += 1
 """)
@@ -209,7 +211,7 @@ def test_a_process_killed_mid_save_never_leaves_a_bad_checkpoint(tmp_path):
         time.sleep(delay)  # then kill it somewhere inside a later save
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        model, extra = M.load(path)  # loads, and is one complete version
+        model, extra = C.load(path)  # loads, and is one complete version
         torch.manual_seed(extra["version"])
         expect = M.GPT(model.config)
         assert torch.equal(expect.transformer.h[3].mlp.c_fc.weight, model.transformer.h[3].mlp.c_fc.weight)

@@ -11,7 +11,8 @@ import torch
 
 from labkit.events import Recorder, subscribe
 from labkit.ranks import RankError, RankLost
-from labkit.train import TrainConfig, list_checkpoints, start_distributed, train, train_distributed
+from labkit.checkpoint import list_checkpoints
+from labkit.train import TrainConfig, start_distributed, train, train_distributed
 
 torch.set_num_threads(1)
 
@@ -21,7 +22,7 @@ def cfg(**kw) -> TrainConfig:
                 lr=1e-2, eval_interval=10, eval_iters=1, sample_tokens=0, precision="float32", seed=5,
                 num_threads=1)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig().replace(**base)  # model keys (n_layer, ...) go into TrainConfig.model
 
 
 def _wait_for(pred, seconds: float) -> None:
@@ -165,3 +166,13 @@ def test_shards_are_hashed_once_per_run_not_by_every_rank(client, shards, tmp_pa
 
     with pytest.raises(ShardError, match=rf"{victim.name} is corrupt.*rebuild the folder"):
         train_distributed(client, cfg(max_steps=2), bad, timeout=60)
+
+
+def test_ddp_reads_the_losses_back_only_at_sync_points(client, shards):
+    ddp = train_distributed(client, cfg(batch_size=2, max_steps=10, eval_interval=0, log_interval=5), shards,
+                            timeout=60)
+    single = train(cfg(batch_size=4, max_steps=10, eval_interval=0), shards)
+    assert ddp.host_syncs == 1 + 10 // 5  # one all-reduce and one read for steps 2-5, one for 6-10
+    assert len(ddp.losses) == 10 and ddp.host_syncs < single.host_syncs == 10
+    for a, b in zip(ddp.losses, single.losses):  # still every step's loss, averaged over the ranks
+        assert abs(a - b) / b <= 1e-4

@@ -15,7 +15,9 @@ import pytest
 
 from labkit.events import Recorder, subscribe
 from labkit.ranks import RankLost
-from labkit.train import TrainConfig, list_checkpoints, start_distributed, train_distributed
+from labkit.checkpoint import list_checkpoints
+from labkit.model import GPTConfig
+from labkit.train import TrainConfig, start_distributed, train_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slurm
@@ -34,8 +36,8 @@ def test_cancelled_slurm_job_is_named_and_resume_continues(slurm, tmp_path):
                            say=lines.append, prologue=[f"export PYTHONPATH={REPO}", "export OMP_NUM_THREADS=1"])
     client = handle.client
     try:
-        config = TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=2000,
-                             eval_interval=0, sample_tokens=0, precision="float32", num_threads=1,
+        config = TrainConfig(model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, precision="float32"),
+                             batch_size=2, max_steps=2000, eval_interval=0, sample_tokens=0, num_threads=1,
                              checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_interval=5)
         rec = Recorder()
         sub = subscribe(client, rec, kinds=["checkpoint"])

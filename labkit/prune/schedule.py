@@ -34,7 +34,7 @@ def finetune(model: nn.Module, config: Any, data_dir: str | os.PathLike, steps: 
     if steps < 0:
         raise ValueError("steps must be >= 0")
     train_data, _ = open_data(data_dir)
-    block = min(config.block_size, model.config.block_size)
+    block = min(config.model.block_size, model.config.block_size)
     device = next(model.parameters()).device
     opt = make_optimizer(model, config)
     sched = config.replace(max_steps=max(steps, 1), warmup_steps=min(config.warmup_steps, max(steps - 1, 0)))

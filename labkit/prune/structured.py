@@ -129,7 +129,7 @@ def shrink(model: nn.Module, keep_heads: Sequence[torch.Tensor] | None = None, k
     """Build a new, smaller GPT that keeps only the given heads and FFN neurons of each layer.
 
     The input model is not changed. The new model has ``config.layer_heads``/``config.layer_ffn``
-    set, so ``GPT.save``/``GPT.load`` round-trip it.
+    set, so ``labkit.checkpoint.save``/``load`` round-trip it.
     """
     blocks = _blocks(model)
     names = {id(m): n for n, m in model.named_modules()}

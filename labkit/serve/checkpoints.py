@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from labkit.model import CheckpointError, load, read_checked
+from labkit.checkpoint import CheckpointError, load, read_checked
 
 from .engine import ByteTokenizer, ModelGenerator
 
@@ -63,7 +63,7 @@ def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) 
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelGenerator:
-    """A ``ModelGenerator`` for a checkpoint written by ``labkit.model.save`` (pruned or not)."""
+    """A ``ModelGenerator`` for a checkpoint written by ``labkit.checkpoint.save`` (pruned or not)."""
     path = Path(path)
     if path.is_dir():
         path = newest_checkpoint(path)
@@ -78,7 +78,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     else:
         raise NoTokenizer(
             f"{path} carries no tokenizer and its vocabulary ({ckpt.config.vocab_size}) is not bytes (256); "
-            "save it again with labkit.model.save(model, path, tokenizer=...), "
+            "save it again with labkit.checkpoint.save(model, path, tokenizer=...), "
             "e.g. the tokenizer of the shards it trained on (ShardReader(shards_dir, 'train').tokenizer())"
         )
     return ModelGenerator(ckpt.model, tokenizer, device=device, name=path.name)

@@ -135,7 +135,7 @@ def _write_url(path: str | Path, url: str) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """Start the server in the foreground; Ctrl-C or SIGTERM (scancel) stops it cleanly."""
-    from labkit.model import CheckpointError
+    from labkit.checkpoint import CheckpointError
 
     from .checkpoints import NoCheckpoint, NoTokenizer, load_generator, newest_checkpoint
     from .demo import demo_generator
@@ -159,7 +159,7 @@ def cli(args: argparse.Namespace) -> int:
         return 2
     except CheckpointError as exc:  # a junk, truncated or foreign file
         print(f"error: {exc}; or serve another checkpoint (a file or run directory written by labkit.train "
-              "or labkit.model.save), or --demo", file=sys.stderr)
+              "or labkit.checkpoint.save), or --demo", file=sys.stderr)
         return 2
     host = args.host or DEFAULT_HOST
     certfile, keyfile = args.cert, args.key
