@@ -17,8 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .importance import check_importance, gated, head_weight_norms, wants_normalize
-from .structured import select
+from .importance import check_importance, gated, head_weight_norms, select, wants_normalize
 from .unstructured import check_amount
 
 # A fixed, varied sentence set (written for labkit): quality is judged on these.

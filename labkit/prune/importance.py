@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .unstructured import SCOPES, check_amount
+
 IMPORTANCES = ("magnitude", "gradient")
 
 
@@ -156,3 +158,34 @@ def batches_of(data: object, block_size: int | None = None, batch_size: int = 8)
     if data is None:
         raise ValueError("this needs data: token windows (N, T+1), a token stream, or (x, y) batches")
     return data  # an iterable of (x, y) pairs
+
+
+def select(scores: Sequence[torch.Tensor], amount: float, scope: str = "global", min_keep: int = 1,
+           normalize: bool = False) -> list[torch.Tensor]:
+    """Which units to keep: drop the ``amount`` fraction with the lowest scores.
+
+    ``scope="global"`` ranks all layers together (with ``normalize=True`` after dividing each
+    layer's scores by their L2 norm, as Michel et al. do), ``"layer"`` drops the same fraction in
+    every layer. Every layer keeps at least ``min_keep`` units. Returns sorted kept indices per layer.
+    """
+    amount = check_amount(amount)
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r}: choose one of {', '.join(SCOPES)}")
+    sizes = [len(s) for s in scores]
+    drop: list[set[int]] = [set() for _ in scores]
+    if scope == "layer":
+        for i, s in enumerate(scores):
+            n = min(round(amount * len(s)), len(s) - min_keep)
+            drop[i] = set(torch.argsort(s.float())[: max(n, 0)].tolist())
+    else:
+        ranked = []
+        for i, s in enumerate(normalize_per_layer(scores) if normalize else scores):
+            ranked += [(float(v), i, j) for j, v in enumerate(s.float())]
+        ranked.sort()
+        target = round(amount * sum(sizes))
+        for _, i, j in ranked:
+            if sum(len(d) for d in drop) >= target:
+                break
+            if sizes[i] - len(drop[i]) > min_keep:
+                drop[i].add(j)
+    return [torch.tensor(sorted(set(range(n)) - d), dtype=torch.long) for n, d in zip(sizes, drop)]

@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .importance import (batches_of, check_importance, gated, head_weight_norms, neuron_weight_norms,
-                         normalize_per_layer, wants_normalize)
-from .unstructured import SCOPES, check_amount
+from .bert import is_bert, prune_bert
+from .importance import batches_of, check_importance, gated, head_weight_norms, neuron_weight_norms, select, wants_normalize
+from .unstructured import check_amount
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -94,37 +94,6 @@ def ffn_importance(model: nn.Module, importance: str = "magnitude", data: object
     return [neuron_weight_norms(b.mlp.c_fc.weight, b.mlp.c_proj.weight) for b in blocks]
 
 
-def select(scores: Sequence[torch.Tensor], amount: float, scope: str = "global", min_keep: int = 1,
-           normalize: bool = False) -> list[torch.Tensor]:
-    """Which units to keep: drop the ``amount`` fraction with the lowest scores.
-
-    ``scope="global"`` ranks all layers together (with ``normalize=True`` after dividing each
-    layer's scores by their L2 norm, as Michel et al. do), ``"layer"`` drops the same fraction in
-    every layer. Every layer keeps at least ``min_keep`` units. Returns sorted kept indices per layer.
-    """
-    amount = check_amount(amount)
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r}: choose one of {', '.join(SCOPES)}")
-    sizes = [len(s) for s in scores]
-    drop: list[set[int]] = [set() for _ in scores]
-    if scope == "layer":
-        for i, s in enumerate(scores):
-            n = min(round(amount * len(s)), len(s) - min_keep)
-            drop[i] = set(torch.argsort(s.float())[: max(n, 0)].tolist())
-    else:
-        ranked = []
-        for i, s in enumerate(normalize_per_layer(scores) if normalize else scores):
-            ranked += [(float(v), i, j) for j, v in enumerate(s.float())]
-        ranked.sort()
-        target = round(amount * sum(sizes))
-        for _, i, j in ranked:
-            if sum(len(d) for d in drop) >= target:
-                break
-            if sizes[i] - len(drop[i]) > min_keep:
-                drop[i].add(j)
-    return [torch.tensor(sorted(set(range(n)) - d), dtype=torch.long) for n, d in zip(sizes, drop)]
-
-
 def shrink(model: nn.Module, keep_heads: Sequence[torch.Tensor] | None = None, keep_ffn: Sequence[torch.Tensor] | None = None) -> nn.Module:
     """Build a new, smaller GPT that keeps only the given heads and FFN neurons of each layer.
 
@@ -183,7 +152,6 @@ def prune_heads(model: nn.Module, amount: float, importance: str = "magnitude", 
     ``normalize`` (default: True for gradient importance) L2-normalises each layer's scores before a global ranking.
     """
     if not hasattr(model, "transformer"):
-        from .bert import is_bert, prune_bert
 
         if is_bert(model):
             return prune_bert(model, amount, importance=importance, batch=data, scope=scope, normalize=normalize)
