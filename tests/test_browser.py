@@ -43,6 +43,7 @@ SHOTS = REPO / "screenshots" / "browser"
 LIVE_SOURCE = REPO / "tests" / "notebooks" / "live_widgets.py"
 LIVE_NAME = "zz_live_widgets.ipynb"  # sorts after the lab's notebooks
 NOTEBOOK_TIMEOUT = float(os.environ.get("LABKIT_BROWSER_TIMEOUT", "240"))
+START_GRACE = 30.0  # seconds after Run All for some cell to show [*] or [n]
 TOKEN = "labkit-browser-test"
 
 # JupyterLab user settings for the test server: start the notebook's kernel without asking, keep
@@ -263,13 +264,26 @@ def click_menu(page, menu: str, item: str) -> None:
 def run_all_and_watch(page, lab: Lab, name: str, sample_every: float = 0.15) -> tuple[dict, list[dict]]:
     """Run all cells; sample the page until the kernel is idle with no cell pending. Returns (final, samples)."""
     click_menu(page, "Run", "Run All Cells")
+    clicked = time.time()
     samples: list[dict] = []
     settled = 0
+    started = False
     deadline = time.time() + NOTEBOOK_TIMEOUT
     while time.time() < deadline:
         state = page.evaluate(PAGE_STATE_JS)
         state["t"] = time.time()
         samples.append(state)
+        # a prompt shows [*] (queued or running) or [n] (ran) once Run All has taken; before that the
+        # idle page would look "settled" and the run would be judged on cells that never started
+        started = started or any(re.search(r"\[(\*|\d+)\]", p) for p in state["prompts"])
+        if not started:
+            if time.time() - clicked > START_GRACE:
+                page.screenshot(path=str(SHOTS / f"{Path(name).stem}-not-started.png"))
+                raise AssertionError(f"{name}: Run All did not start any cell within {START_GRACE:.0f} s (page {state})")
+            if len(samples) % 40 == 0:  # about every 6 s: the menu click can be lost on a page still settling
+                click_menu(page, "Run", "Run All Cells")
+            time.sleep(sample_every)
+            continue
         busy = any("*" in p for p in state["prompts"]) or state["status"] != "idle"
         if not busy:
             s = lab.session(name)
@@ -311,7 +325,7 @@ def saved_notebook(page, lab: Lab, name: str, executed: int) -> nbformat.Noteboo
         else:
             page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook").first.click(position={"x": 5, "y": 5})
             page.keyboard.press("Control+s")
-        deadline = time.time() + 15
+        deadline = time.time() + 20
         while time.time() < deadline:
             nb = read_from_disk(lab.notebooks / name) or nb
             if nb is not None and executed_cells(nb) >= executed:
@@ -319,6 +333,11 @@ def saved_notebook(page, lab: Lab, name: str, executed: int) -> nbformat.Noteboo
             time.sleep(0.5)
     page.screenshot(path=str(SHOTS / f"{Path(name).stem}-unsaved.png"))
     assert nb is not None, f"{name}: JupyterLab left no readable notebook on disk after saving"
+    # judging a stale file would report cells as "did not run" that the page shows as run
+    assert executed_cells(nb) >= executed, (
+        f"{name}: the page shows {executed} executed cells, the file JupyterLab saved holds "
+        f"{executed_cells(nb)} after three saves (see {SHOTS}/{Path(name).stem}-unsaved.png)"
+    )
     return nb
 
 
@@ -458,8 +477,8 @@ def test_browser_run_reports_an_error(lab, page):
     nbformat.write(nb, lab.notebooks / "zz_broken.ipynb")
     final, _, saved = open_and_run(page, lab, "zz_broken.ipynb")
     found = problems(saved)
-    assert any("ZeroDivisionError" in p for p in found), found
-    assert any("cells [2] did not run" in p for p in found), found
+    assert any("ZeroDivisionError" in p for p in found), (found, final)
+    assert any("cells [2] did not run" in p for p in found), (found, final)
     assert final["plots"] == 0
 
 
