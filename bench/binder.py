@@ -22,11 +22,11 @@ from typing import Sequence
 
 import nbformat
 
-from labkit.config import parse_memory
 from labkit.runner import RunOptions, RunResult, resolve_notebooks, run_notebooks
+from labkit.settings import Memory
 
 BUDGET_SECONDS = 300.0
-BUDGET_MEMORY = parse_memory("1.5GB")
+BUDGET_MEMORY = Memory("1.5GB").bytes
 MiB = 1024 * 1024
 
 

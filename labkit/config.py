@@ -16,12 +16,13 @@ import copy
 import dataclasses
 import datetime as _dt
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 import yaml
+from pydantic import Field, PlainValidator, field_validator
+
+from labkit.settings import ConfigError, Duration, GpuCount, Memory, Settings, Walltime, merge
 
 PACKAGED = Path(__file__).with_name("profiles") / "defaults.yaml"
 SITE_DEFAULT = Path("/etc/labkit/labkit.yaml")
@@ -30,76 +31,98 @@ KINDS = ("local", "slurm")
 SCALES = ("tiny", "binder", "workshop", "full")
 
 
-class ConfigError(ValueError):
-    """A profile, scale or config file is wrong; the message names the file, the key and the fix."""
+NonNegative = Annotated[int, Field(ge=0)]
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Where Dask workers run, and with what resources."""
+def _memory_or_auto(value: Any) -> Memory | str | None:
+    """``memory_limit``: an amount of memory, ``auto`` (Dask's share of the machine) or null."""
+    return value if value in (None, "auto") else Memory(value, "memory_limit")
+
+
+class Profile(Settings):
+    """Where Dask workers run, and with what resources (walltime, memory and GPUs typed, parsed once)."""
+
+    noun: ClassVar[str] = "profile"
 
     name: str
-    kind: str = "local"
+    kind: Literal["local", "slurm"] = "local"
     source: str = "<packaged>"
-    workers: int = 2
-    threads_per_worker: int = 1
-    memory_limit: str | None = "auto"
+    workers: NonNegative = 2
+    threads_per_worker: NonNegative = 1
+    memory_limit: Annotated[Memory | str | None, PlainValidator(_memory_or_auto)] = "auto"
     dashboard_address: str = "127.0.0.1:0"
     # Slurm only
     partition: str | None = None
     account: str | None = None
     require_account: bool = False
-    walltime: str | None = None
-    gpus_per_worker: int = 0
-    workers_per_job: int = 1
-    cores: int = 1
-    memory: str | None = None
-    memory_mode: str = "mem"
+    walltime: Walltime | None = None
+    gpus_per_worker: GpuCount = 0
+    workers_per_job: Annotated[int, Field(ge=1, description="Dask worker processes per Slurm job")] = 1
+    cores: NonNegative = 1
+    memory: Memory | None = None
+    memory_mode: Literal["mem", "mem-per-gpu"] = "mem"
     prologue: tuple[str, ...] = ()
     job_extra: tuple[str, ...] = ()
     interface: str | None = None
     tls: bool = False
-    lifetime: str | None = None
-    lifetime_stagger: str | None = None
+    lifetime: Duration | None = None
+    lifetime_stagger: Duration | None = None
     log_directory: str | None = None
-    start_timeout: int = 300
+    start_timeout: NonNegative = 300
     fake_gpus: bool = False
 
+    @field_validator("partition", "account", "interface", "log_directory", "dashboard_address", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any) -> Any:
+        """YAML reads ``account: 1234`` as a number; it names a Slurm account all the same."""
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("prologue", "job_extra", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        """One line, a list of lines, or nothing."""
+        return () if value is None else (value,) if isinstance(value, str) else value
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        """The keys a file or override may set (``name`` and ``source`` come from where it is defined)."""
+        return sorted(set(cls.model_fields) - {"name", "source"})
+
+    @classmethod
+    def load(cls, name: str, data: Mapping[str, Any], source: str) -> "Profile":
+        """The profile ``name`` from its merged settings; ConfigError names ``source`` and the key."""
+        prefix = f"profiles.{name}."
+        for key in sorted(set(data) & {"name", "source"}):
+            raise ConfigError(f"{source}: unknown profile key {prefix}{key}; valid keys: {', '.join(cls.valid_keys())}")
+        return cls.build({**data, "name": name, "source": source}, where=source, prefix=prefix)
+
     def replace(self, **changes: Any) -> "Profile":
-        """Return a copy with some keys changed, validated like a file would be."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "source")}
-        for key in changes:
-            if key not in _PROFILE_KEYS:
-                raise ConfigError(
-                    f"unknown profile key {key!r}; valid keys: {', '.join(sorted(_PROFILE_KEYS))}"
-                )
-        data.update(changes)
-        return _make_profile(self.name, data, source=f"{self.source} + overrides")
+        """A copy with some keys changed, validated like a file would be."""
+        data = {k: v for k, v in self.fields().items() if k not in ("name", "source")}
+        return Profile.load(self.name, {**data, **changes}, source=f"{self.source} + overrides")
 
 
-@dataclass(frozen=True)
-class Scale:
+class Scale(Settings):
     """How big the work is: ``tiny`` (tests), ``binder``, ``workshop``, ``full``.
 
-    Each capability module keeps its own presets per scale; ``sections`` holds the overrides a
-    site or user file gives, e.g. ``scales: {tiny: {train: {max_steps: 5}}}``.
+    Each capability keeps its own presets per scale (:class:`ScaleSettings`); ``sections`` holds the
+    overrides a site or user file gives, e.g. ``scales: {tiny: {train: {max_steps: 5}}}``.
     """
 
     name: str
     description: str = ""
-    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def section(self, name: str) -> dict[str, Any]:
         """The overrides for one topic (``data``, ``train``, ...); empty when none are set."""
         return dict(self.sections.get(name, {}))
 
 
-@dataclass(frozen=True)
-class LabConfig:
+class LabConfig(Settings):
     """All profiles and scales after layering, plus which ones are active."""
 
-    profiles: Mapping[str, Profile]
-    scales: Mapping[str, Scale]
+    profiles: dict[str, Profile]
+    scales: dict[str, Scale]
     default_profile: str
     default_scale: str
     layers: tuple[str, ...]
@@ -134,69 +157,34 @@ class LabConfig:
         return f"${env}" if os.environ.get(env) else "the config files " + ", ".join(self.layers)
 
 
-_PROFILE_KEYS = {f.name for f in dataclasses.fields(Profile)} - {"name", "source"}
+class ScaleSettings(Settings):
+    """A capability's settings with presets per scale; ``for_scale(scale, **overrides)`` makes them."""
+
+    section: ClassVar[str] = ""                                # the key under scales.<scale> in the files
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}    # scale -> values that differ from the defaults
+
+    @classmethod
+    def for_scale(cls, name: str | None = None, **overrides: Any) -> Any:
+        """The preset of scale ``name`` (None: the lab's active scale), then the config files'
+        ``scales.<name>.<section>`` keys, then ``overrides``; a bad one is a ConfigError naming
+        the scale, the key and the valid keys."""
+        scale = load_config().scale(name)
+        if scale.name not in cls.presets:
+            raise ConfigError(f"no {cls.section} preset for scale {scale.name!r}; valid scales: "
+                              f"{', '.join(cls.presets)}. Pick one of them (LABKIT_SCALE or 'scale:' in a config file).")
+        data = dict(cls.presets[scale.name])
+        for layer in (scale.section(cls.section), overrides):
+            data.update({k: merge(data.get(k), v) for k, v in layer.items()})
+        return cls.build(data, where=f"scales.{scale.name}.{cls.section}")
+
+
 _TOP_KEYS = {"profile", "scale", "profiles", "scales"}
-_MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
-_MEM_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
-}
 
 
 def unknown_fields(cls: Any, names: Any) -> tuple[list[str], list[str]]:
-    """The ``names`` that are not fields of dataclass ``cls``, and its valid field names (both
-    sorted): what every settings error needs in order to list the valid choices."""
+    """The ``names`` that are not fields of dataclass ``cls``, and its valid field names (both sorted)."""
     valid = sorted(f.name for f in dataclasses.fields(cls))
     return sorted(set(names) - set(valid)), valid
-
-
-def parse_memory(text: str | int, *, key: str = "memory") -> int:
-    """Parse ``"4GiB"``, ``"500MB"``, ``"2G"`` or a byte count into bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text <= 0:
-            raise ConfigError(f"{key}: {text} must be positive; write it like '4GiB' or a byte count such as 4294967296")
-        return text
-    m = _MEM_RE.match(str(text))
-    unit = (m.group(2) or "").lower() if m else None
-    if not m or unit not in _MEM_UNITS:
-        raise ConfigError(
-            f"{key}: cannot read {text!r} as an amount of memory; write it like '4GiB', '500MB' or '16G'"
-        )
-    value = int(float(m.group(1)) * _MEM_UNITS[unit])
-    if value <= 0:
-        raise ConfigError(f"{key}: {text!r} must be more than zero; write it like '4GiB', '500MB' or '16G'")
-    return value
-
-
-_WALL_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
-
-
-def parse_walltime(text: str, *, key: str = "walltime") -> int:
-    """Parse a Slurm walltime (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) into seconds."""
-    m = _WALL_RE.match(str(text).strip())
-    if not m:
-        raise ConfigError(
-            f"{key}: cannot read {text!r} as a walltime; write it like '01:30:00' (HH:MM:SS) or '1-00:00:00'"
-        )
-    days, a, b, c = m.groups()
-    parts = [int(x) for x in (a, b, c) if x is not None]
-    if days is not None:
-        h, mi, s = (parts + [0, 0])[:3]
-    elif len(parts) == 1:
-        h, mi, s = 0, parts[0], 0
-    elif len(parts) == 2:
-        h, mi, s = 0, parts[0], parts[1]
-    else:
-        h, mi, s = parts
-    if (len(parts) > 1 and (mi >= 60 and days is None and len(parts) == 3)) or s >= 60:
-        raise ConfigError(f"{key}: {text!r} has minutes or seconds of 60 or more; carry them into the next unit, e.g. '01:01:00' not '00:61:00'")
-    total = int(days or 0) * 86400 + h * 3600 + mi * 60 + s
-    if total <= 0:
-        raise ConfigError(f"{key}: {text!r} must be longer than zero; write it like '00:30:00' (HH:MM:SS)")
-    return total
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -235,54 +223,6 @@ def _layer_paths(env: Mapping[str, str]) -> list[Path]:
     return paths
 
 
-def _coerce(name: str, key: str, value: Any, where: str) -> Any:
-    fld = {f.name: f for f in dataclasses.fields(Profile)}[key]
-    typ = str(fld.type)
-    if key in ("prologue", "job_extra"):
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: profiles.{name}.{key} must be a list of strings")
-        return tuple(value)
-    if typ.startswith("int"):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{where}: profiles.{name}.{key} must be a whole number >= 0, not {value!r}")
-    if typ.startswith("bool") and not isinstance(value, bool):
-        raise ConfigError(f"{where}: profiles.{name}.{key} must be true or false, not {value!r}")
-    if typ.startswith("str |") and value is not None and not isinstance(value, (str, int)):
-        raise ConfigError(f"{where}: profiles.{name}.{key} must be a string, not {value!r}")
-    if typ.startswith("str |") and isinstance(value, int):
-        value = str(value)
-    return value
-
-
-def _make_profile(name: str, data: Mapping[str, Any], source: str) -> Profile:
-    kind = data.get("kind", "local")
-    if kind not in KINDS:
-        raise ConfigError(f"{source}: profiles.{name}.kind is {kind!r}; valid kinds: {', '.join(KINDS)}")
-    values = {}
-    for key, value in data.items():
-        if key not in _PROFILE_KEYS:
-            raise ConfigError(
-                f"{source}: unknown key profiles.{name}.{key}; valid keys: {', '.join(sorted(_PROFILE_KEYS))}"
-            )
-        values[key] = _coerce(name, key, value, source)
-    if values.get("workers_per_job", 1) < 1:
-        raise ConfigError(f"{source}: profiles.{name}.workers_per_job must be 1 or more (Dask worker processes "
-                          f"per Slurm job), not {values['workers_per_job']!r}")
-    if values.get("memory_mode", "mem") not in ("mem", "mem-per-gpu"):
-        raise ConfigError(f"{source}: profiles.{name}.memory_mode must be 'mem' or 'mem-per-gpu'")
-    if values.get("memory") is not None:
-        parse_memory(values["memory"], key=f"{source}: profiles.{name}.memory")
-    if values.get("memory_limit") not in (None, "auto"):
-        parse_memory(values["memory_limit"], key=f"{source}: profiles.{name}.memory_limit")
-    if values.get("walltime") is not None:
-        parse_walltime(values["walltime"], key=f"{source}: profiles.{name}.walltime")
-    return Profile(name=name, source=source, **values)
-
-
 def load_config(env: Mapping[str, str] | None = None, extra_files: list[Path] | None = None) -> LabConfig:
     """Read every layer and return the merged config; raises ConfigError naming file and key."""
     env = os.environ if env is None else env
@@ -318,7 +258,7 @@ def load_config(env: Mapping[str, str] | None = None, extra_files: list[Path] | 
             default_profile = str(data["profile"])
         if "scale" in data:
             default_scale = str(data["scale"])
-    profiles = {n: _make_profile(n, body, profile_source.get(n, str(PACKAGED))) for n, body in raw_profiles.items()}
+    profiles = {n: Profile.load(n, body, profile_source.get(n, str(PACKAGED))) for n, body in raw_profiles.items()}
     scales = {}
     for name, body in raw_scales.items():
         desc = body.get("description", "")

@@ -125,9 +125,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         """Build a config from ``to_dict`` output; unknown keys are an error that lists valid ones."""
-        from labkit.config import unknown_fields
-
-        unknown, valid = unknown_fields(cls, d)
+        valid = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(d) - set(valid))
         if unknown:
             raise ValueError(f"unknown GPTConfig keys {unknown}; valid: {valid}")
         return cls(**d)

@@ -26,6 +26,7 @@ import nbformat
 
 from labkit.memwatch import TreeMemoryWatch
 from labkit.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
+from labkit.settings import Memory
 
 MiB = 1024 * 1024
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -262,7 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Validate the command line into :class:`RunOptions` (bad scale/profile names fail here, in seconds)."""
-    from labkit.config import parse_memory, load_config
+    from labkit.config import load_config
 
     cfg = load_config()
     if args.scale:
@@ -273,7 +274,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         scale=args.scale, profile=args.profile, output=output, timeout=args.timeout, kernel_name=args.kernel,
         max_seconds=args.max_seconds,
-        max_memory=parse_memory(args.max_memory, key="--max-memory") if args.max_memory else None,
+        max_memory=Memory(args.max_memory, "--max-memory").bytes if args.max_memory else None,
         fail_fast=args.fail_fast,
     )
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit.config import ConfigError, load_config, parse_memory, parse_walltime
+from labkit.config import ConfigError, load_config
+from labkit.settings import Memory, Walltime
 
 
 def test_packaged_profiles_and_scales():
@@ -91,16 +92,16 @@ def test_missing_named_file(tmp_path, monkeypatch):
 
 
 def test_parsers():
-    assert parse_walltime("01:30:00") == 5400
-    assert parse_walltime("45") == 2700
-    assert parse_walltime("2-00:00:00") == 2 * 86400
-    assert parse_memory("4GiB") == 4 * 2**30
-    assert parse_memory("500MB") == 500 * 10**6
+    assert Walltime("01:30:00").seconds == 5400
+    assert Walltime("45").seconds == 2700
+    assert Walltime("2-00:00:00").seconds == 2 * 86400
+    assert Memory("4GiB").bytes == 4 * 2**30
+    assert Memory("500MB").bytes == 500 * 10**6
     for bad in ("1:99:00", "abc", "0"):
         with pytest.raises(ConfigError):
-            parse_walltime(bad)
+            Walltime(bad)
     with pytest.raises(ConfigError):
-        parse_memory("4 parsecs")
+        Memory("4 parsecs")
 
 
 def test_profile_replace_validates():

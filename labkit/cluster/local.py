@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Any
 
-from ..config import Profile, parse_memory
+from ..config import Profile
+from ..settings import Memory
 from .gpu_slice import parse_ids
 from .upstream import LabkitLocalCluster, NonDaemonNanny
 
@@ -82,8 +83,8 @@ def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int, se
                 f"or set fake_gpus: true in profile {profile.name!r} to rehearse GPU code on CPU"
             )
     memory_limit: Any = profile.memory_limit
-    if memory_limit not in (None, "auto"):
-        memory_limit = parse_memory(memory_limit)
+    if isinstance(memory_limit, Memory):
+        memory_limit = memory_limit.bytes
     kwargs: dict[str, Any] = dict(
         n_workers=0, threads_per_worker=profile.threads_per_worker, processes=True,
         memory_limit=memory_limit, dashboard_address=profile.dashboard_address or "127.0.0.1:0",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, Profile, parse_memory, parse_walltime
+from ..config import Profile
 from . import slurmcli
 from .errors import ClusterConfigError
 
@@ -72,13 +72,6 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
             f"sbatch not found on PATH but {where} submits Slurm jobs: load your site's Slurm module "
             "(e.g. 'module load slurm'), run the lab on a login node, or use start_cluster(profile='local')"
         )
-    try:
-        if profile.walltime is not None:
-            parse_walltime(profile.walltime)
-        if profile.memory is not None:
-            parse_memory(profile.memory)
-    except ConfigError as exc:
-        raise ClusterConfigError(f"{where}: {exc}") from exc
     _check_lifetime(profile, where)
     if profile.require_account and not profile.account:
         raise ClusterConfigError(
@@ -125,21 +118,10 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
 
 
 def _check_lifetime(profile: Profile, where: str) -> None:
-    """A worker lifetime must read as a duration and end (with its stagger) before the walltime."""
-    from .slurm import parse_walltime_like
-
-    def seconds(key: str) -> int:
-        value = getattr(profile, key)
-        if not value:
-            return 0
-        try:
-            return parse_walltime_like(value)
-        except (ValueError, KeyError, ConfigError) as exc:
-            raise ClusterConfigError(f"{where}: cannot read {key}={value!r} as a duration; write it like '55m', "
-                                     "'3300s' or '00:55:00'") from exc
-
-    lifetime, stagger = seconds("lifetime"), seconds("lifetime_stagger")
-    if lifetime and profile.walltime and lifetime + stagger >= parse_walltime(profile.walltime):
+    """A worker lifetime (with its stagger) must end before the walltime; all three were read at load."""
+    lifetime = profile.lifetime.seconds if profile.lifetime else 0
+    stagger = profile.lifetime_stagger.seconds if profile.lifetime_stagger else 0
+    if lifetime and profile.walltime and lifetime + stagger >= profile.walltime.seconds:
         raise ClusterConfigError(
             f"{where}: lifetime {profile.lifetime} + stagger {profile.lifetime_stagger} reaches the walltime "
             f"{profile.walltime}, so Slurm would kill workers before they retire; shorten lifetime or leave it "

@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import Profile, parse_memory, parse_walltime
+from ..config import Profile
+from ..settings import Memory
 from . import gpu_slice
 from .jobscript import gpu_directives, uses_mem_per_gpu
 from .session import Session
 from .tls import SessionCredentials
 from .upstream import LabkitSLURMCluster, LabkitSLURMJob
 
-__all__ = ["LabkitSLURMCluster", "LabkitSLURMJob", "build_slurm_cluster", "lifetime_args", "parse_walltime_like"]
+__all__ = ["LabkitSLURMCluster", "LabkitSLURMJob", "build_slurm_cluster", "lifetime_args"]
 
 # Worker processes must be allowed children (torch DataLoader workers inside a task).
 NON_DAEMONIC = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
@@ -34,10 +35,10 @@ def lifetime_args(profile: Profile) -> list[str]:
     lifetime = profile.lifetime
     stagger = profile.lifetime_stagger
     if lifetime is None and profile.walltime:
-        wall = parse_walltime(profile.walltime)
+        wall = profile.walltime.seconds
         margin = min(300, max(10, wall // 10))
         lifetime = _seconds_text(wall - margin)
-        stagger_s = parse_walltime_like(stagger) if stagger else 0
+        stagger_s = stagger.seconds if stagger else 0
         stagger = _seconds_text(min(stagger_s, margin // 2)) if stagger_s else None
     if lifetime is None:
         return []
@@ -45,16 +46,6 @@ def lifetime_args(profile: Profile) -> list[str]:
     if stagger:
         args += ["--lifetime-stagger", stagger]
     return args
-
-
-def parse_walltime_like(text: str) -> int:
-    """Seconds in ``"4m"``, ``"30s"``, ``"1h"`` or a walltime ``"00:04:00"``."""
-    from dask.utils import parse_timedelta
-
-    text = str(text).strip()
-    if ":" in text:
-        return parse_walltime(text)
-    return int(parse_timedelta(text))
 
 
 def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCredentials | None,
@@ -67,10 +58,10 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     """
     per_job = profile.workers_per_job
     job_gpus = gpus_per_worker * per_job
-    memory = profile.memory or "4GiB"
+    memory = profile.memory or Memory("4GiB")
     # partition, account, --mem and walltime: dask-jobqueue's own directives; GPUs and extras: labkit's
     directives = [f"--comment={session.owner_comment}",
-                  *gpu_directives(profile, job_gpus, parse_memory(memory) * per_job), *profile.job_extra]
+                  *gpu_directives(profile, job_gpus, memory.bytes * per_job), *profile.job_extra]
     skip = ["--mem"] if uses_mem_per_gpu(profile, job_gpus) else []
     worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
     if gpus_per_worker > 0:
@@ -86,7 +77,7 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
         walltime=profile.walltime,
         cores=profile.cores * per_job,
         processes=per_job,
-        memory=memory if per_job == 1 else parse_memory(memory) * per_job,
+        memory=memory if per_job == 1 else memory.bytes * per_job,
         job_name=session.job_name,
         job_extra_directives=directives,
         job_directives_skip=skip,

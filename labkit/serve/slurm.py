@@ -20,7 +20,7 @@ from typing import Sequence
 from labkit.cluster import slurmcli
 from labkit.cluster.jobscript import job_directives
 from labkit.cluster.preflight import check_slurm_profile
-from labkit.config import ConfigError, Profile, parse_memory
+from labkit.config import ConfigError, Profile
 
 from .server import TOKEN_ENV, resolve_token
 
@@ -83,7 +83,7 @@ def job_script(profile: Profile, command: Sequence[str], *, job_name: str, direc
                workdir: str | os.PathLike | None = None) -> str:
     """The sbatch script: the profile's partition, account, GPUs, cores, memory, walltime, extra
     directives and prologue, then ``command``."""
-    memory = parse_memory(profile.memory) if profile.memory else None  # the job's total, as for a Dask worker
+    memory = profile.memory.bytes if profile.memory else None  # the job's total, as for a Dask worker
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}", f"#SBATCH --output={directory / 'job.log'}",
              "#SBATCH --nodes=1", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={profile.cores}"]
     if workdir:
