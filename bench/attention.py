@@ -28,7 +28,7 @@ def run(seq_len=2048, batch=4, heads=8, head_dim=64, block_size=128, repeat=3, d
     """Measure and return the three ratios plus the raw points."""
     fwd = CostConfig(seq_lens=(seq_len,), batch=batch, heads=heads, head_dim=head_dim, causal=True,
                      block_size=block_size, repeat=1)  # times that matter come from time_interleaved
-    train = CostConfig(**{**fwd.__dict__, "backward": True, "repeat": 1})
+    train = fwd.replace(backward=True, repeat=1)
     pts = {(impl, False): measure_one(impl, seq_len, fwd, device) for impl in ("naive", "online", "sdpa")}
     pts.update({(impl, True): measure_one(impl, seq_len, train, device) for impl in ("naive", "online")})
     # forward time: online and SDPA called in turn, best of `repeat` rounds each (fair under shared load)

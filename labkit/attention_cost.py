@@ -16,20 +16,29 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 
 from labkit import attention as A
+from labkit.config import ScaleSettings
 
-IMPLS = ("naive", "online", "sdpa")
+Impl = Literal["naive", "online", "sdpa"]
+IMPLS: tuple[str, ...] = get_args(Impl)
 
 
-@dataclass(frozen=True)
-class CostConfig:
+class CostConfig(ScaleSettings):
     """Sizes for a cost sweep; ``for_scale`` gives presets that fit each scale."""
+
+    section = noun = "attention_cost"
+    presets = {
+        "tiny": dict(seq_lens=(64, 128, 256), batch=1, heads=2, head_dim=16, block_size=64, repeat=1),
+        "binder": dict(seq_lens=(128, 256, 512, 1024), batch=1, heads=4, head_dim=32, block_size=128),
+        "workshop": dict(seq_lens=(256, 512, 1024, 2048), batch=4, heads=8, head_dim=64, block_size=512),
+        "full": dict(seq_lens=(512, 1024, 2048, 4096), batch=4, heads=8, head_dim=64, block_size=512),
+    }
 
     seq_lens: tuple[int, ...] = (128, 256, 512)
     batch: int = 1
@@ -39,29 +48,7 @@ class CostConfig:
     block_size: int = 128
     repeat: int = 2
     backward: bool = False
-    impls: tuple[str, ...] = IMPLS
-
-    @classmethod
-    def for_scale(cls, name: str | None = None, **overrides) -> "CostConfig":
-        """Presets per scale (``tiny``, ``binder``, ``workshop``, ``full``), then the config file's
-        ``attention_cost`` section, then ``overrides``."""
-        from labkit.config import load_config
-
-        scale = load_config().scale(name)
-        presets = {
-            "tiny": cls(seq_lens=(64, 128, 256), batch=1, heads=2, head_dim=16, block_size=64, repeat=1),
-            "binder": cls(seq_lens=(128, 256, 512, 1024), batch=1, heads=4, head_dim=32, block_size=128),
-            "workshop": cls(seq_lens=(256, 512, 1024, 2048), batch=4, heads=8, head_dim=64, block_size=512),
-            "full": cls(seq_lens=(512, 1024, 2048, 4096), batch=4, heads=8, head_dim=64, block_size=512),
-        }
-        cfg = presets[scale.name]
-        changes = {**scale.section("attention_cost"), **overrides}
-        unknown = set(changes) - set(asdict(cfg))
-        if unknown:
-            raise ValueError(f"unknown attention_cost keys {sorted(unknown)}; valid keys: {sorted(asdict(cfg))}")
-        if "seq_lens" in changes:
-            changes["seq_lens"] = tuple(changes["seq_lens"])
-        return replace(cfg, **changes)
+    impls: tuple[Impl, ...] = IMPLS
 
 
 @dataclass

@@ -13,11 +13,10 @@ Every error names the file and the key, and lists the valid choices.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 
 import yaml
 from pydantic import Field, PlainValidator, field_validator
@@ -27,7 +26,8 @@ from labkit.settings import ConfigError, Duration, GpuCount, Memory, Settings, W
 PACKAGED = Path(__file__).with_name("profiles") / "defaults.yaml"
 SITE_DEFAULT = Path("/etc/labkit/labkit.yaml")
 USER_DEFAULT = Path("~/.config/labkit/labkit.yaml")
-KINDS = ("local", "slurm")
+Kind = Literal["local", "slurm"]
+KINDS: tuple[str, ...] = get_args(Kind)
 SCALES = ("tiny", "binder", "workshop", "full")
 
 
@@ -45,7 +45,7 @@ class Profile(Settings):
     noun: ClassVar[str] = "profile"
 
     name: str
-    kind: Literal["local", "slurm"] = "local"
+    kind: Kind = "local"
     source: str = "<packaged>"
     workers: NonNegative = 2
     threads_per_worker: NonNegative = 1
@@ -179,12 +179,6 @@ class ScaleSettings(Settings):
 
 
 _TOP_KEYS = {"profile", "scale", "profiles", "scales"}
-
-
-def unknown_fields(cls: Any, names: Any) -> tuple[list[str], list[str]]:
-    """The ``names`` that are not fields of dataclass ``cls``, and its valid field names (both sorted)."""
-    valid = sorted(f.name for f in dataclasses.fields(cls))
-    return sorted(set(names) - set(valid)), valid
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

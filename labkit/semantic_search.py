@@ -8,12 +8,13 @@ cosine similarity: meaning, not shared words.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from labkit.config import ScaleSettings
 from labkit.pretrained import embed
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo",
@@ -28,27 +29,16 @@ class Doc:
     text: str
 
 
-@dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(ScaleSettings):
     """How many docstrings to index, per scale."""
+
+    section = noun = "semantic_search"
+    presets = {"tiny": dict(max_docs=48, per_module=3), "binder": dict(max_docs=400),
+               "workshop": dict(max_docs=2000, per_module=20), "full": dict(max_docs=10000, per_module=100)}
 
     max_docs: int = 300
     per_module: int = 4
     min_chars: int = 40
-
-    @classmethod
-    def for_scale(cls, name: str | None = None, **overrides) -> "SearchConfig":
-        """Presets per scale, then the config's ``semantic_search`` section, then ``overrides``."""
-        from labkit.config import load_config
-
-        scale = load_config().scale(name)
-        presets = {"tiny": cls(max_docs=48, per_module=3), "binder": cls(max_docs=400),
-                   "workshop": cls(max_docs=2000, per_module=20), "full": cls(max_docs=10000, per_module=100)}
-        changes = {**scale.section("semantic_search"), **overrides}
-        unknown = set(changes) - {"max_docs", "per_module", "min_chars"}
-        if unknown:
-            raise ValueError(f"unknown semantic_search keys {sorted(unknown)}; valid: max_docs, per_module, min_chars")
-        return replace(presets[scale.name], **changes)
 
 
 def _first_paragraph(doc: str) -> str:

@@ -247,6 +247,7 @@ class Settings(BaseModel):
             raise config_error(exc, where=where, kind=cls.noun, prefix=prefix, valid=cls.valid_keys()) from None
 
     def __init__(self, **data: Any) -> None:
+        """Validate keyword arguments; a problem is a ConfigError naming the class and the key."""
         try:
             super().__init__(**data)
         except ValidationError as exc:
@@ -266,6 +267,7 @@ class Settings(BaseModel):
 
     @classmethod
     def _tuple_fields(cls) -> set[str]:
+        """The fields whose type is a tuple (or an optional one)."""
         return {name for name, f in cls.model_fields.items() if "tuple" in repr(f.annotation)}
 
     def fields(self) -> dict[str, Any]:

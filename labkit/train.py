@@ -43,13 +43,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import torch
+from pydantic import Field, PlainValidator, model_validator
 
 from labkit.checkpoint import FileCheckpointer
+from labkit.config import ScaleSettings
 from labkit.events import emit
 from labkit.model import GPT, GPTConfig, resolve_device
+from labkit.settings import merge
 from labkit.strategy import default_strategy
 
 SCALES = ("tiny", "binder", "workshop", "full")
@@ -71,6 +74,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
                  eval_iters=50, sample_tokens=200, checkpoint_interval=1000),
 }
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(GPTConfig))
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
 
 
 def _default_model() -> GPTConfig:
@@ -78,22 +83,33 @@ def _default_model() -> GPTConfig:
     return GPTConfig(**_PRESETS["tiny"]["model"])
 
 
-@dataclass
-class TrainConfig:
+def _gpt(value: Any) -> GPTConfig:
+    """A ``GPTConfig``, or its dict (``to_dict``, JSON, YAML), checked by the model's own rules."""
+    if isinstance(value, GPTConfig):
+        return value
+    if isinstance(value, dict):
+        return GPTConfig.from_dict(value)
+    raise ValueError(f"must be a labkit.model.GPTConfig (or its dict), not {value!r}")
+
+
+class TrainConfig(ScaleSettings):
     """One run: the model it trains (``model``, a ``GPTConfig``; its ``vocab_size`` is taken from the
     shards' tokenizer) and the optimisation settings. ``batch_size`` is per rank and micro-step;
     the effective batch is ``batch_size * grad_accum * world_size`` sequences.
 
     ``replace`` and ``for_scale`` also take the model's fields flat: ``config.replace(n_layer=4)``."""
 
-    model: GPTConfig = field(default_factory=_default_model)
+    section = noun = "train"
+    presets = {name: {**preset, "scale": name} for name, preset in _PRESETS.items()}
+
+    model: Annotated[GPTConfig, PlainValidator(_gpt)] = Field(default_factory=_default_model)
     # optimisation
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 30
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 5
+    batch_size: Positive = 4
+    grad_accum: Positive = 1
+    max_steps: Positive = 30
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    min_lr: Annotated[float, Field(ge=0)] = 3e-4
+    warmup_steps: NonNegative = 5      # 0 = no warmup
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -102,89 +118,46 @@ class TrainConfig:
     # evaluation, samples, logging
     eval_interval: int = 10            # 0 disables validation
     eval_iters: int = 2
-    log_interval: int = 1              # a train event (and a host sync) every this many steps; 0: none
+    log_interval: NonNegative = 1      # a train event (and a host sync) every this many steps; 0: none
     sample_tokens: int = 24            # 0 disables samples
     sample_prompt: str = "def "
     # checkpoints
     checkpoint_dir: str | None = None
     checkpoint_interval: int = 10      # 0: only at the end (when checkpoint_dir is set)
-    keep_last: int = 2
+    keep_last: Positive = 2            # checkpoints kept
     # where
     device: str = "auto"               # auto | cpu | cuda | cuda:N (ranks get theirs from run_ranks)
     num_threads: int | None = None     # torch threads per rank on CPU; None leaves torch's choice
     scale: str | None = None           # the preset it came from (for_scale sets it): whose shards are
                                        # the default data; None = the lab's active scale
 
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):  # from to_dict / JSON / YAML
-            self.model = GPTConfig.from_dict(self.model)
-        self.validate()
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_model_keys(cls, data: Any) -> Any:
+        """Model keys given flat (``n_layer=4``) change the model (a dict ``model`` changes only its keys)."""
+        if not isinstance(data, dict) or not _MODEL_FIELDS & set(data):
+            return data
+        data = dict(data)
+        flat = {k: data.pop(k) for k in list(data) if k in _MODEL_FIELDS}
+        data["model"] = merge(data.get("model", _default_model()), flat)
+        return data
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and the fix (the model checks its own fields)."""
-        if not isinstance(self.model, GPTConfig):
-            raise ValueError(f"TrainConfig.model must be a labkit.model.GPTConfig (or its dict), got {self.model!r}")
-        for name in ("batch_size", "grad_accum", "max_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be >= 0 (0 = no warmup), got {self.warmup_steps}")
-        if self.keep_last < 1:
-            raise ValueError(f"TrainConfig.keep_last must be >= 1 (checkpoints kept), got {self.keep_last}")
-        if not isinstance(self.log_interval, int) or self.log_interval < 0:
-            raise ValueError(f"TrainConfig.log_interval must be an int >= 0 (0 = no train events), got {self.log_interval!r}")
-
-    @staticmethod
-    def unknown(names: Any) -> tuple[list[str], list[str]]:
-        """The ``names`` that are neither training nor model settings, and all valid names (sorted)."""
-        valid = sorted({f.name for f in dataclasses.fields(TrainConfig)} | _MODEL_FIELDS)
-        return sorted(set(names) - set(valid)), valid
+    @model_validator(mode="after")
+    def _lr_range(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        return self
 
     @classmethod
-    def for_scale(cls, name: str | None = None, **overrides: Any) -> "TrainConfig":
-        """The preset of a scale (None = the lab's active scale), with the config files' ``train``
-        section and then ``overrides`` applied on top (model keys flat or under ``model``)."""
-        from labkit.config import load_config
-
-        lab = load_config()
-        scale = lab.scale(name)
-        if scale.name not in _PRESETS:
-            raise ValueError(f"no training preset for scale {scale.name!r}; valid: {', '.join(_PRESETS)}")
-        preset = dict(_PRESETS[scale.name])
-        config = cls(model=GPTConfig(**preset.pop("model")), scale=scale.name, **preset)
-        for layer in (scale.section("train"), overrides):
-            unknown, valid = cls.unknown(layer)
-            if unknown:
-                raise ValueError(f"unknown training settings {unknown} (scale {scale.name!r}); valid: {valid}")
-            config = config.replace(**layer)
-        return config
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some fields changed; model fields may be given flat (``n_layer=4``), or as
-        ``model=`` a ``GPTConfig`` (replaces it) or a dict (changes some of its fields)."""
-        unknown, valid = self.unknown(changes)
-        if unknown:
-            raise ValueError(f"unknown training settings {unknown}; valid: {valid}")
-        model = changes.pop("model", None)
-        if isinstance(model, dict):
-            bad = sorted(set(model) - _MODEL_FIELDS)
-            if bad:
-                raise ValueError(f"unknown model settings {bad}; valid: {sorted(_MODEL_FIELDS)}")
-            model = dataclasses.replace(self.model, **model)
-        model = model if model is not None else self.model
-        flat = {k: changes.pop(k) for k in list(changes) if k in _MODEL_FIELDS}
-        if flat:
-            model = dataclasses.replace(model, **flat)
-        return dataclasses.replace(self, model=model, **changes)
+    def valid_keys(cls) -> list[str]:
+        """The training keys and the model's (which may be given flat)."""
+        return sorted(set(cls.model_fields) | _MODEL_FIELDS)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (the model as ``GPTConfig.to_dict``); ``TrainConfig(**d)`` reverses it."""
-        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
+        return {**self.fields(), "model": self.model.to_dict()}
 
-    def model_config(self, vocab_size: int) -> GPTConfig:
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
         """The ``GPTConfig`` this run trains, for a tokenizer of ``vocab_size`` ids."""
         return dataclasses.replace(self.model, vocab_size=vocab_size)
 
@@ -405,7 +378,7 @@ def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, wo
                 config = config.replace(grad_accum=old_world * old_accum // world_size)
 
     torch.manual_seed(config.seed)
-    mcfg = config.model_config(train_data.vocab_size)
+    mcfg = config.gpt_config(train_data.vocab_size)
     if found is not None and GPTConfig.from_dict(found.model_config) != mcfg:
         raise ValueError(f"the checkpoint {found.where} is for another model shape ({found.model_config}); "
                          "resume with the same model settings or a fresh folder")

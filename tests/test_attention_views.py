@@ -1,6 +1,5 @@
 """Attention views (offline plotly), the explorer widget, semantic search and the cost sweep, at toy sizes."""
 
-import dataclasses
 import re
 
 import pytest
@@ -95,7 +94,7 @@ def test_cost_sweep_and_figure():
     # naive builds T x T: its peak grows ~4x when T doubles, and is far above online's
     assert by["naive", 128].peak_bytes >= 3 * by["naive", 64].peak_bytes
     assert by["online", 128].peak_bytes < by["naive", 128].peak_bytes / 4
-    train = AC.measure_cost(dataclasses.replace(cfg, backward=True, seq_lens=(128,), impls=("naive", "online")))
+    train = AC.measure_cost(cfg.replace(backward=True, seq_lens=(128,), impls=("naive", "online")))
     assert train[1].peak_bytes < train[0].peak_bytes / 4
     assert AC.saved_tensor_bytes("naive", 128, cfg) > 10 * AC.saved_tensor_bytes("online", 128, cfg)
     fig = W.cost_figure(pts)

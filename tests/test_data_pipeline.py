@@ -103,7 +103,7 @@ def test_clear_errors_for_unusable_sources(tmp_path):
         preprocess([tmp_path / "typo"], tmp_path / "out", config=cfg(), progress=False)
     with pytest.raises(SourceError, match="(?s)not installed.*login node.*jsonl"):
         preprocess(["hf:wikitext:train"], tmp_path / "out", config=cfg(), progress=False)
-    with pytest.raises(ValueError, match="valid settings"):
+    with pytest.raises(ValueError, match="unknown data key vocab; valid keys"):
         preprocess(["stdlib"], tmp_path / "out", config=cfg(), progress=False, vocab=5)
     assert time.perf_counter() - t0 < 10
 

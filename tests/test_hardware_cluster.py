@@ -215,7 +215,7 @@ def test_measure_config_presets_and_overrides(tmp_path, monkeypatch):
     cfg = MeasureConfig.for_scale("tiny")
     assert cfg.matmul_n == 64 and cfg.allreduce_sizes == (1024,)
     user.write_text("scales:\n  tiny:\n    hardware:\n      matmul_size: 64\n")
-    with pytest.raises(ValueError, match="matmul_size.*valid: .*matmul_n"):
+    with pytest.raises(ValueError, match="matmul_size.*valid keys: .*matmul_n"):
         MeasureConfig.for_scale("tiny")
     with pytest.raises(ValueError, match="repeats must be positive"):
         MeasureConfig(repeats=0)

@@ -56,7 +56,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_weight_decay_groups():
-    m = M.GPT(cfg().model_config(50))
+    m = M.GPT(cfg().gpt_config(50))
     opt = make_optimizer(m, cfg(weight_decay=0.2))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from labkit.config import ScaleSettings
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, corpus_bytes=300_000, partition_bytes=60_000, shard_tokens=1 << 16,
+                 num_perm=64, tokenizer_train_bytes=300_000, val_fraction=0.1),
+    "binder": dict(vocab_size=2048, corpus_bytes=3_000_000, partition_bytes=500_000, shard_tokens=1 << 20),
+    "workshop": dict(vocab_size=8192, corpus_bytes=None, partition_bytes=1_000_000, shard_tokens=1 << 22,
+                     tokenizer_train_bytes=12_000_000),
+    "full": dict(vocab_size=16384, corpus_bytes=None, partition_bytes=2_000_000,
+                 tokenizer_train_bytes=32_000_000),
+}
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(ScaleSettings):
     """Everything that decides the output bytes (so it goes into meta.json)."""
+
+    section = noun = "data"
+    presets = _PRESETS
 
     vocab_size: int = 2048
     corpus_bytes: int | None = 3_000_000      # budget for the "stdlib" corpus (None = all of it)
-    val_fraction: float = 0.05                # share of bytes in val: whole documents, picked by content hash
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05  # share of bytes in val: whole documents, by content hash
     # cleaning
     nfkc: bool = True
     strip_control: bool = True
@@ -25,7 +39,7 @@ class DataConfig:
     max_nontext: float = 0.30
     dedup_exact: bool = True
     near_dup: bool = True
-    near_dup_threshold: float = 0.8
+    near_dup_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.8
     num_perm: int = 128
     ngram: int = 5
     # bad-input limits
@@ -37,44 +51,6 @@ class DataConfig:
     shard_tokens: int = 1 << 24
     tokenizer_train_bytes: int = 4_000_000
     seed: int = 0
-
-    @classmethod
-    def for_scale(cls, name: str | None = None, **overrides: Any) -> "DataConfig":
-        """The preset of a scale (``tiny``, ``binder``, ``workshop``, ``full``; None = active), with
-        site/user overrides from the ``data`` section of the config files, then ``overrides``."""
-        from labkit.config import load_config
-
-        scale = load_config().scale(name)
-        cfg = cls(**_PRESETS.get(scale.name, {}))
-        return cfg.replace(**{**scale.section("data"), **overrides})
-
-    def replace(self, **changes: Any) -> "DataConfig":
-        """A copy with some fields changed; unknown names are an error listing the valid ones."""
-        from labkit.config import unknown_fields
-
-        bad, valid = unknown_fields(type(self), changes)
-        if bad:
-            raise ValueError(f"unknown data setting {bad[0]!r}; valid settings: {', '.join(valid)}")
-        cfg = dataclasses.replace(self, **changes)
-        if not 0.0 <= cfg.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
-        if not 0.0 < cfg.near_dup_threshold < 1.0:
-            raise ValueError(f"near_dup_threshold must be in (0, 1), not {cfg.near_dup_threshold}")
-        return cfg
-
-    def asdict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=512, corpus_bytes=300_000, partition_bytes=60_000, shard_tokens=1 << 16,
-                 num_perm=64, tokenizer_train_bytes=300_000, val_fraction=0.1),
-    "binder": dict(vocab_size=2048, corpus_bytes=3_000_000, partition_bytes=500_000, shard_tokens=1 << 20),
-    "workshop": dict(vocab_size=8192, corpus_bytes=None, partition_bytes=1_000_000, shard_tokens=1 << 22,
-                     tokenizer_train_bytes=12_000_000),
-    "full": dict(vocab_size=16384, corpus_bytes=None, partition_bytes=2_000_000,
-                 tokenizer_train_bytes=32_000_000),
-}
 
 
 def repo_root() -> Path | None:

@@ -602,7 +602,7 @@ def preprocess(
         source_meta.append({**src, "bytes": sum(f.size for f in listing.files if f.source == src["source"]),
                             "sha256": h.hexdigest()})
     meta = finish_folder(out_dir, shards, vocab_size=vocab, eot_id=eot, shard_tokens=cfg.shard_tokens, counts=counts,
-                         sources=source_meta, config={**cfg.asdict(), "partitions": len(parts)})
+                         sources=source_meta, config={**cfg.model_dump(), "partitions": len(parts)})
     return PreprocessReport(
         out_dir=out_dir, steps=steps, issues=issues, counts=meta["counts"], duplicates=duplicates,
         doc_lengths=[summaries[flat[i][0]].lengths[flat[i][1]] for i in alive],

@@ -12,51 +12,15 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Annotated, Any, Callable, Sequence
 
+from pydantic import Field, field_validator
+
+from labkit.config import ScaleSettings
 from labkit.hardware.estimate import allreduce_time
 
 KB, MB = 1024, 1024**2
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """Sizes and repeats of the microbenchmarks at one scale."""
-
-    matmul_n: int = 512                         # square matrices n x n
-    copy_bytes: int = 64 * MB                   # device-memory copy (read + write)
-    host_device_bytes: int = 64 * MB            # pinned host <-> device copy
-    allreduce_sizes: tuple[int, ...] = tuple(KB * 4**i for i in range(8))   # 1 KB ... 16 MB
-    warmup: int = 2
-    repeats: int = 5
-    dtypes: tuple[str, ...] | None = None       # None: every dtype the device supports
-
-    def __post_init__(self) -> None:
-        for name in ("matmul_n", "copy_bytes", "host_device_bytes", "repeats"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"MeasureConfig.{name} must be positive, got {getattr(self, name)!r}")
-        if self.warmup < 0:
-            raise ValueError(f"MeasureConfig.warmup must be >= 0, got {self.warmup!r}")
-        if not self.allreduce_sizes or min(self.allreduce_sizes) < 4:
-            raise ValueError("MeasureConfig.allreduce_sizes needs sizes of at least 4 bytes (one float32)")
-
-    @classmethod
-    def for_scale(cls, name: str | None = None) -> "MeasureConfig":
-        """Presets per scale (tiny, binder, workshop, full), then the ``hardware`` overrides of the config."""
-        from labkit.config import load_config, unknown_fields
-
-        scale = load_config().scale(name)
-        base = dict(_PRESETS[scale.name])
-        overrides = scale.section("hardware")
-        unknown, valid = unknown_fields(cls, overrides)
-        if unknown:
-            raise ValueError(f"unknown hardware setting(s) {unknown} in scale {scale.name!r}; "
-                             f"valid: {', '.join(valid)}")
-        base.update(overrides)
-        for key in ("allreduce_sizes", "dtypes"):
-            if base.get(key) is not None:
-                base[key] = tuple(base[key])
-        return cls(**base)
+Positive = Annotated[int, Field(gt=0)]
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -69,6 +33,28 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(matmul_n=8192, copy_bytes=2048 * MB, host_device_bytes=1024 * MB,
                  allreduce_sizes=tuple(KB * 2**i for i in range(19)), warmup=5, repeats=20),
 }
+
+
+class MeasureConfig(ScaleSettings):
+    """Sizes and repeats of the microbenchmarks at one scale."""
+
+    section = noun = "hardware"
+    presets = _PRESETS
+
+    matmul_n: Positive = 512                    # square matrices n x n
+    copy_bytes: Positive = 64 * MB              # device-memory copy (read + write)
+    host_device_bytes: Positive = 64 * MB       # pinned host <-> device copy
+    allreduce_sizes: tuple[int, ...] = tuple(KB * 4**i for i in range(8))   # 1 KB ... 16 MB
+    warmup: Annotated[int, Field(ge=0)] = 2
+    repeats: Positive = 5
+    dtypes: tuple[str, ...] | None = None       # None: every dtype the device supports
+
+    @field_validator("allreduce_sizes")
+    @classmethod
+    def _at_least_one_float(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if not sizes or min(sizes) < 4:
+            raise ValueError("needs sizes of at least 4 bytes (one float32)")
+        return sizes
 
 
 # ---------------------------------------------------------------------------------------------- timing

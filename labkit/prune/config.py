@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from labkit.config import ScaleSettings
 
-@dataclass(frozen=True)
-class PruneConfig:
+_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(train_steps=15, amounts=(0.0, 0.5, 0.75), val_windows=4, finetune_steps=3, rounds=2,
+                 regularisation_steps=4, minilm_amounts=(0.0, 0.1, 0.3), minilm_sentences=6, minilm_draws=2,
+                 latency_repeats=5, sparse_size=256, sparse_sparsities=(0.0, 0.9, 0.99)),
+    "binder": dict(train_steps=60, val_windows=8, finetune_steps=8, rounds=3, regularisation_steps=15,
+                   minilm_draws=8, latency_repeats=5, sparse_size=512),
+    "workshop": dict(train_steps=300, amounts=(0.0, 0.2, 0.4, 0.6, 0.8), val_windows=32, finetune_steps=30, rounds=4),
+    "full": dict(train_steps=2000, amounts=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), val_windows=128,
+                 finetune_steps=200, rounds=6, latency_repeats=20),
+}
+
+
+class PruneConfig(ScaleSettings):
     """How big the pruning lab is: the GPT it trains, the sparsities it tries, the MiniLM study."""
+
+    section = noun = "prune"
+    presets = _PRESETS
 
     train_steps: int = 40                 # steps of labkit.train for the GPT that gets pruned
     amounts: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
@@ -22,33 +36,3 @@ class PruneConfig:
     latency_repeats: int = 10
     sparse_size: int = 1024               # the weight matrix of the CSR study
     sparse_sparsities: tuple[float, ...] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
-
-    @classmethod
-    def for_scale(cls, name: str | None = None, **overrides: Any) -> "PruneConfig":
-        """The preset of a scale (None = the lab's active one), then the config files' ``prune``
-        section, then ``overrides``."""
-        from labkit.config import load_config, unknown_fields
-
-        scale = load_config().scale(name)
-        values = dict(_PRESETS.get(scale.name, {}))
-        values.update(scale.section("prune"))
-        values.update(overrides)
-        unknown, valid = unknown_fields(cls, values)
-        if unknown:
-            raise ValueError(f"unknown prune settings {unknown} (scale {scale.name!r}); valid: {valid}")
-        for key in ("amounts", "minilm_amounts", "sparse_sparsities"):
-            if key in values:
-                values[key] = tuple(float(v) for v in values[key])
-        return cls(**values)
-
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(train_steps=15, amounts=(0.0, 0.5, 0.75), val_windows=4, finetune_steps=3, rounds=2,
-                 regularisation_steps=4, minilm_amounts=(0.0, 0.1, 0.3), minilm_sentences=6, minilm_draws=2,
-                 latency_repeats=5, sparse_size=256, sparse_sparsities=(0.0, 0.9, 0.99)),
-    "binder": dict(train_steps=60, val_windows=8, finetune_steps=8, rounds=3, regularisation_steps=15,
-                   minilm_draws=8, latency_repeats=5, sparse_size=512),
-    "workshop": dict(train_steps=300, amounts=(0.0, 0.2, 0.4, 0.6, 0.8), val_windows=32, finetune_steps=30, rounds=4),
-    "full": dict(train_steps=2000, amounts=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9), val_windows=128,
-                 finetune_steps=200, rounds=6, latency_repeats=20),
-}

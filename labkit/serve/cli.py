@@ -52,16 +52,11 @@ def pick_device(name: str = "auto") -> str:
 
 
 def _serve_config(args: argparse.Namespace):
-    from labkit.config import load_config
-
     from .config import ServeConfig
 
-    cfg = load_config()
-    scale = cfg.scale(args.scale)
-    config = ServeConfig.for_scale(scale.name, scale.section("serve"))
     changes = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_wait_ms", args.max_wait_ms))
                if v is not None}
-    return config.replace(**changes) if changes else config
+    return ServeConfig.for_scale(args.scale, **changes)
 
 
 def slurm_refusal(args: argparse.Namespace) -> str | None:

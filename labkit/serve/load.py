@@ -11,27 +11,24 @@ from typing import Any, Callable
 
 import httpx
 
+from labkit.config import ScaleSettings
 from labkit.events import emit
 
 from .metrics import percentile
 
 
-@dataclass(frozen=True)
-class LoadPreset:
+class LoadPreset(ScaleSettings):
     """How much load the notebook sends per scale: requests per level, client counts, tokens each."""
+
+    section = noun = "serve_load"
+    presets = {"tiny": dict(requests=12, clients=(1, 4), max_new_tokens=8),
+               "binder": dict(requests=32, clients=(1, 4, 8), max_new_tokens=16),
+               "workshop": dict(requests=64, clients=(1, 4, 16), max_new_tokens=32),
+               "full": dict(requests=256, clients=(1, 4, 16, 64), max_new_tokens=64)}
 
     requests: int = 16
     clients: tuple[int, ...] = (1, 4)
     max_new_tokens: int = 8
-
-    @classmethod
-    def for_scale(cls, name: str) -> "LoadPreset":
-        """The preset of a scale (tiny, binder, workshop, full)."""
-        presets = {"tiny": cls(12, (1, 4), 8), "binder": cls(32, (1, 4, 8), 16),
-                   "workshop": cls(64, (1, 4, 16), 32), "full": cls(256, (1, 4, 16, 64), 64)}
-        if name not in presets:
-            raise ValueError(f"unknown scale {name!r}; valid: {', '.join(presets)}")
-        return presets[name]
 
 
 @dataclass
