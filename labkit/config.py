@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 
@@ -181,13 +182,25 @@ class ScaleSettings(Settings):
 _TOP_KEYS = {"profile", "scale", "profiles", "scales"}
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` and ``3E5`` are numbers as in YAML 1.2 (PyYAML's 1.1 rules
+    want a dot, ``1.0e-3``, and read ``lr: 1e-3`` as a string that a float setting would refuse)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror}); fix its permissions or remove it") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)

@@ -159,3 +159,15 @@ def test_train_config_nested_model_and_pickle():
         c.replace(n_head=3)
     with pytest.raises(ConfigError, match="min_lr <= lr"):
         c.replace(lr=1e-3, min_lr=1e-2)
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path, monkeypatch):
+    """PyYAML reads `lr: 1e-3` as a string (YAML 1.1); a settings file means the number."""
+    _user_file(tmp_path, monkeypatch, "scales:\n  tiny:\n    train:\n      lr: 1e-3\n      min_lr: 5E-5\n"
+               "      weight_decay: +2.5e-1\n")
+    config = TrainConfig.for_scale("tiny")
+    assert (config.lr, config.min_lr, config.weight_decay) == (1e-3, 5e-5, 0.25)
+    # a quoted value is still the string the user wrote, and refused as such
+    _user_file(tmp_path, monkeypatch, "scales:\n  tiny:\n    train:\n      lr: '1e-3'\n")
+    with pytest.raises(ConfigError, match=r"lr must be a valid number, not '1e-3'"):
+        TrainConfig.for_scale("tiny")
