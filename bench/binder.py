@@ -23,7 +23,7 @@ from typing import Sequence
 import nbformat
 
 from labkit.config import parse_memory
-from labkit.runner import RunOptions, RunResult, resolve_notebooks, run_notebooks
+from labkit.lab.runner import RunOptions, RunResult, resolve_notebooks, run_notebooks
 
 BUDGET_SECONDS = 300.0
 BUDGET_MEMORY = parse_memory("1.5GB")

@@ -18,7 +18,7 @@ _LAZY = {
     "load_config": "labkit.config:load_config",
     "get_profile": "labkit.config:get_profile",
     "get_scale": "labkit.config:get_scale",
-    "run_doctor": "labkit.doctor:run_doctor",
+    "run_doctor": "labkit.lab.doctor:run_doctor",
     "preprocess": "labkit.data.pipeline:preprocess",
     "GPT": "labkit.model:GPT",
     "GPTConfig": "labkit.model:GPTConfig",

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 
 from labkit.checkpoint import FileCheckpointer
-from labkit.events import emit
+from labkit.core.events import emit
 from labkit.model import GPT, GPTConfig, resolve_device
 from labkit.strategy import default_strategy
 
@@ -650,7 +650,7 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
     naming the rank; then ``resume=True`` continues from the last checkpoint. The shards' hashes are
     checked once per call, each file by one worker, not by every rank."""
     from labkit.data.shards import verify_shards
-    from labkit.ranks import run_ranks
+    from labkit.core.ranks import run_ranks
 
     data_dir = str(_data_dir(config, data_dir).resolve())
     if resume and not config.checkpoint_dir and checkpointer is None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..events import emit
+from ..core.events import emit
 from . import clean as C
 from .config import DataConfig
 from .shards import SPLITS, TOKENIZER_FILE, ShardError, clear_folder, dtype_for_vocab, finish_folder, shard_name, write_shard

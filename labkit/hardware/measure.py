@@ -381,7 +381,7 @@ def measure_devices(client: Any, config: MeasureConfig, *, concurrent: bool = Fa
 def measure_allreduce(client: Any, config: MeasureConfig, *, workers: int | Sequence[str] | None = None,
                       backend: str = "auto", timeout: float = 120.0) -> list[AllReducePoint]:
     """All-reduce bandwidth and latency between the workers (gloo on CPU, nccl when each has a GPU)."""
-    from labkit.ranks import run_ranks
+    from labkit.core.ranks import run_ranks
 
     per_rank = run_ranks(client, allreduce_rank, tuple(config.allreduce_sizes), config.warmup, config.repeats,
                          workers=workers, backend=backend, timeout=timeout)

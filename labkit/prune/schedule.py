@@ -25,7 +25,7 @@ def finetune(model: nn.Module, config: Any, data_dir: str | os.PathLike, steps: 
     ``config`` is a ``labkit.train.TrainConfig`` (lr, schedule, batch, block size, seed). With
     ``regularizer="l1"`` or ``"l2"`` the loss gains ``strength * penalty(model)``. Returns the losses.
     """
-    from labkit.events import emit
+    from labkit.core.events import emit
     from labkit.train import batch_rows, lr_at, make_optimizer, open_data
 
     if regularizer not in (None, "l1", "l2"):
@@ -84,7 +84,7 @@ def iterative(model: nn.Module, target: float, rounds: int, config: Any, data_di
     the fraction of the original units removed). Each round records the perplexity right after the
     cut and after fine-tuning, so the notebook can show what fine-tuning wins back.
     """
-    from labkit.events import emit
+    from labkit.core.events import emit
 
     from .structured import prune_structured, structured_size
 

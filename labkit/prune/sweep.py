@@ -30,7 +30,7 @@ def _model_bytes(model: nn.Module) -> bytes:
 
 def _point_task(blob: bytes, val: torch.Tensor, method: str, amount: float, importance: str,
                 threads: int | None) -> dict:
-    from labkit.events import emit
+    from labkit.core.events import emit
 
     if threads:
         torch.set_num_threads(threads)
@@ -67,7 +67,7 @@ def sweep(client: Any, model: nn.Module, val: torch.Tensor, amounts: Sequence[fl
         row = fut.result()
         results[index[fut.key]] = row
         if sink is not None:
-            from labkit.events import emit
+            from labkit.core.events import emit
 
             emit("prune", sink, **row)
     return [CurvePoint(**r) for r in results if r is not None]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import httpx
 
-from labkit.events import emit
+from labkit.core.events import emit
 
 from .metrics import percentile
 

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
-from ..events import Event, Subscription, subscribe
+from ..core.events import Event, Subscription, subscribe
 
 
 def in_jupyter_kernel() -> bool:

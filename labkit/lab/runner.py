@@ -24,8 +24,8 @@ from typing import Callable, Sequence
 
 import nbformat
 
-from labkit.memwatch import TreeMemoryWatch
-from labkit.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
+from labkit.lab.memwatch import TreeMemoryWatch
+from labkit.lab.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
 
 MiB = 1024 * 1024
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

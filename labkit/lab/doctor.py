@@ -15,10 +15,10 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .cluster import slurmcli
-from .cluster.errors import ClusterError
-from .cluster.preflight import gres_gpus
-from .config import ConfigError, load_config
+from labkit.cluster import slurmcli
+from labkit.cluster.errors import ClusterError
+from labkit.cluster.preflight import gres_gpus
+from labkit.config import ConfigError, load_config
 
 # package -> needed? (a missing needed package fails the doctor)
 KEY_PACKAGES: dict[str, bool] = {
@@ -294,7 +294,7 @@ def _check_proxy() -> Check:
 
 
 def _check_runs() -> Check:
-    from .config import runs_dir_choice, writable_dir
+    from labkit.config import runs_dir_choice, writable_dir
 
     path, why = runs_dir_choice()
     if writable_dir(path):
@@ -310,7 +310,7 @@ def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorR
     report.checks += _check_machine()
     kind = "local"
     try:
-        from .cluster.start import choose_profile
+        from labkit.cluster.start import choose_profile
 
         cfg = load_config()
         name = cfg.default_profile
