@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..config import ConfigError, Profile, parse_memory, parse_walltime
 from . import slurmcli
 from .errors import ClusterConfigError
+from .slurm import parse_walltime_like
 
 
 @dataclass
@@ -126,8 +127,6 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
 
 def _check_lifetime(profile: Profile, where: str) -> None:
     """A worker lifetime must read as a duration and end (with its stagger) before the walltime."""
-    from .slurm import parse_walltime_like
-
     def seconds(key: str) -> int:
         value = getattr(profile, key)
         if not value:

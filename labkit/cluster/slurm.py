@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dask.utils import parse_timedelta
+
 from ..config import Profile, parse_memory, parse_walltime
 from . import gpu_slice
 from .jobscript import gpu_directives, uses_mem_per_gpu
@@ -49,8 +51,6 @@ def lifetime_args(profile: Profile) -> list[str]:
 
 def parse_walltime_like(text: str) -> int:
     """Seconds in ``"4m"``, ``"30s"``, ``"1h"`` or a walltime ``"00:04:00"``."""
-    from dask.utils import parse_timedelta
-
     text = str(text).strip()
     if ":" in text:
         return parse_walltime(text)

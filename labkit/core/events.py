@@ -47,6 +47,7 @@ def _plain(value: Any) -> Any:
 
 def _current_worker():
     try:
+        # lazy: distributed (~0.8 s import); emit() also runs where no Dask is loaded (a served model, a script)
         from distributed import get_worker
 
         return get_worker()
