@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import nbformat
+from nbclient.exceptions import CellExecutionError
+
+from labkit.lab.kernel_watch import KernelStalled, NotebookStopped, WatchedClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # labkit/lab/notebooks.py -> the checkout
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -81,10 +84,6 @@ def execute_notebook(
     a reason returned by ``should_stop()`` (polled twice a second) stops it at once
     (see :mod:`labkit.lab.kernel_watch`).
     """
-    from nbclient.exceptions import CellExecutionError
-
-    from labkit.lab.kernel_watch import KernelStalled, NotebookStopped, WatchedClient
-
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     if params:

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import nbformat
 
+from labkit.config import ConfigError, load_config, parse_memory, run_stamp, runs_dir
 from labkit.lab.memwatch import TreeMemoryWatch
 from labkit.lab.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
 
@@ -60,8 +61,6 @@ class RunResult:
 def default_output(now: _dt.datetime | None = None) -> Path:
     """Where a run's copies and report go without ``--output``: ``<runs>/run-<date>-<time>``, under
     ``labkit.config.runs_dir()`` (``$LABKIT_RUN_DIR``, else the lab's ``runs/``), wherever you start it."""
-    from labkit.config import run_stamp, runs_dir
-
     return runs_dir() / f"run-{run_stamp(now)}"
 
 
@@ -262,8 +261,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Validate the command line into :class:`RunOptions` (bad scale/profile names fail here, in seconds)."""
-    from labkit.config import parse_memory, load_config
-
     cfg = load_config()
     if args.scale:
         cfg.scale(args.scale)
@@ -279,8 +276,6 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from labkit.config import ConfigError
-
     try:
         opts = options_from_args(args)
     except ConfigError as exc:
