@@ -36,6 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labkit import attention as A
+from labkit.config import unknown_fields
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 ATTENTIONS = ("sdpa", "labkit", "online")
 
@@ -125,8 +128,6 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
         """Build a config from ``to_dict`` output; unknown keys are an error that lists valid ones."""
-        from labkit.config import unknown_fields
-
         unknown, valid = unknown_fields(cls, d)
         if unknown:
             raise ValueError(f"unknown GPTConfig keys {unknown}; valid: {valid}")
@@ -201,8 +202,6 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
     """Causal attention through labkit.attention: the formula as written (``"labkit"``) or the
     online-softmax version whose memory stays O(T) in training too (``"online"``)."""
-    from labkit import attention as A
-
     if how == "online":
         return A.online_softmax_attention(q, k, v, causal=True)
     return A.scaled_dot_product_attention(q, k, v, causal=True)

@@ -45,10 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 
 from labkit.checkpoint import FileCheckpointer
+from labkit.config import runs_dir
 from labkit.core.events import emit
+from labkit.core.ranks import run_ranks
+from labkit.data.config import default_shard_dir
+from labkit.data.shards import ShardError, ShardReader, make_tiny_shards, verify_shards
 from labkit.model import GPT, GPTConfig, resolve_device
 from labkit.strategy import default_strategy
 
@@ -256,8 +261,6 @@ def _mix(*parts: int) -> int:
 def open_data(data_dir: str | os.PathLike, verify: bool = True) -> tuple[Any, Any]:
     """The train and val ``ShardReader`` of a shard folder (val falls back to train when absent);
     ``verify=False`` when the run checked the shards' hashes already (``verify_shards``)."""
-    from labkit.data.shards import ShardError, ShardReader
-
     train = ShardReader(data_dir, "train", verify=verify)
     try:
         val = ShardReader(data_dir, "val", verify=verify)
@@ -277,7 +280,6 @@ def ensure_shards(shards_dir: str | os.PathLike | None, fallback_dir: str | os.P
     fallback = Path(fallback_dir)
     if (fallback / "meta.json").is_file():
         return fallback, False
-    from labkit.data.shards import make_tiny_shards
 
     make_tiny_shards(fallback)
     return fallback, True
@@ -288,9 +290,6 @@ def default_shards(scale: str | None = None, shards_dir: str | os.PathLike | Non
     ``03_preprocessing`` writes (``labkit.data.default_shard_dir``; None = the active scale), when
     finished; else tiny shards in ``runs_dir()/"tiny-shards"``, built now if missing.
     Returns the folder and, when it fell back to the tiny shards, a line saying so (else None)."""
-    from labkit.config import runs_dir
-    from labkit.data.config import default_shard_dir
-
     wanted = Path(shards_dir) if shards_dir is not None else default_shard_dir(scale)
     found, built = ensure_shards(wanted, runs_dir() / "tiny-shards")
     if found == wanted:
@@ -452,8 +451,6 @@ def _mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        import psutil
-
         return psutil.Process().memory_info().rss / 2**20
     except Exception:
         return float("nan")
@@ -649,9 +646,6 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
     rank raises ``labkit.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
     naming the rank; then ``resume=True`` continues from the last checkpoint. The shards' hashes are
     checked once per call, each file by one worker, not by every rank."""
-    from labkit.data.shards import verify_shards
-    from labkit.core.ranks import run_ranks
-
     data_dir = str(_data_dir(config, data_dir).resolve())
     if resume and not config.checkpoint_dir and checkpointer is None:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints "
