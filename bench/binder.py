@@ -22,7 +22,7 @@ from typing import Sequence
 
 import nbformat
 
-from labkit.runner import RunOptions, RunResult, resolve_notebooks, run_notebooks
+from labkit.lab.runner import RunOptions, RunResult, resolve_notebooks, run_notebooks
 from labkit.settings import Memory
 
 BUDGET_SECONDS = 300.0

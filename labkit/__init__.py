@@ -1,8 +1,10 @@
 """labkit: a Jupyter lab for building large language models on HPC clusters.
 
-Layers (imports point down only): notebooks -> widgets -> check -> capabilities
-(hardware, data, attention, model, checkpoint, strategy, train, prune, pretrained, serve) -> events
--> cluster -> config.
+Layers (imports point down only; tests/test_layout.py checks it): notebooks -> widgets -> check ->
+learning modules (attention, attention_cost, model, checkpoint, strategy, train, pretrained,
+semantic_search; the packages data, hardware, prune, serve) -> cluster -> core (events, ranks) and config.
+``labkit.lab`` (the ``labkit`` command, doctor, notebook runner) is tooling on top, beside the
+notebooks: nothing else in the package imports it.
 Names below are imported lazily so that ``import labkit`` stays fast in a notebook.
 """
 
@@ -18,7 +20,7 @@ _LAZY = {
     "load_config": "labkit.config:load_config",
     "get_profile": "labkit.config:get_profile",
     "get_scale": "labkit.config:get_scale",
-    "run_doctor": "labkit.doctor:run_doctor",
+    "run_doctor": "labkit.lab.doctor:run_doctor",
     "preprocess": "labkit.data.pipeline:preprocess",
     "GPT": "labkit.model:GPT",
     "GPTConfig": "labkit.model:GPTConfig",

@@ -21,6 +21,7 @@ from typing import Callable, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from labkit import attention as A
 from labkit.config import ScaleSettings
@@ -96,7 +97,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         peak = torch.cuda.max_memory_allocated(device) - before
         del result
         return peak, "torch.cuda.max_memory_allocated"
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()

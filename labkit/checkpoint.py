@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tokenizers import Tokenizer
 
 from labkit.model import GPT, GPTConfig
 
@@ -159,8 +160,6 @@ class Checkpoint(NamedTuple):
         text = self.tokenizer_json
         if text is None:
             return None
-        from tokenizers import Tokenizer  # lazy: only readers of a tokenizer need the package
-
         return Tokenizer.from_str(text)
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labkit import attention as A
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 ATTENTIONS = ("sdpa", "labkit", "online")
 
@@ -200,8 +202,6 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: str) -> torch.Tensor:
     """Causal attention through labkit.attention: the formula as written (``"labkit"``) or the
     online-softmax version whose memory stays O(T) in training too (``"online"``)."""
-    from labkit import attention as A
-
     if how == "online":
         return A.online_softmax_attention(q, k, v, causal=True)
     return A.scaled_dot_product_attention(q, k, v, causal=True)

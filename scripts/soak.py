@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nbformat  # noqa: E402
 
-from labkit.notebooks import execute_notebook  # noqa: E402
-from labkit.runner import resolve_notebooks  # noqa: E402
+from labkit.lab.notebooks import execute_notebook  # noqa: E402
+from labkit.lab.runner import resolve_notebooks  # noqa: E402
 
 
 def py_spy_dumps(directory: Path, tag: str):

@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.notebooks import list_notebooks
+from labkit.lab.notebooks import list_notebooks
 from conftest import skip_unless_ci
 
 pytestmark = pytest.mark.browser

@@ -216,7 +216,7 @@ def test_one_job_two_workers_each_its_own_gpu(shared_job):
 
 
 def test_gpu_tasks_and_ranks_use_the_worker_own_gpu(shared_job):
-    from labkit.ranks import RankProbe, _probe_worker, choose_backend, run_ranks
+    from labkit.core.ranks import RankProbe, _probe_worker, choose_backend, run_ranks
 
     h = shared_job
     futs = [h.client.submit(lambda i: os.environ["CUDA_VISIBLE_DEVICES"], i, resources={"GPU": 1}, pure=False)

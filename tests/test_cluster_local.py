@@ -136,7 +136,6 @@ def test_sidebar_factory_through_dask_labextension():
 
     import dask
     import yaml
-    from dask_labextension.manager import make_cluster
 
     from labkit.cluster.session import state_root
     from labkit.cluster.sidebar import CONFIG_FILE
@@ -144,6 +143,10 @@ def test_sidebar_factory_through_dask_labextension():
     factory = yaml.safe_load(CONFIG_FILE.read_text())["labextension"]["factory"]
 
     async def run():
+        # imported where a loop runs, as in jupyter_server: the module makes its manager at import and
+        # asks for the current loop, which there is none of once an earlier test's asyncio.run() ended
+        from dask_labextension.manager import make_cluster
+
         with dask.config.set({"labextension.factory": factory}):
             cluster, _ = await make_cluster({"workers": 1})
         session_dir = state_root() / cluster.name.removeprefix("labkit-")

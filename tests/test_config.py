@@ -142,7 +142,7 @@ def test_new_run_dir_and_runner_share_the_stamp(tmp_path, monkeypatch):
     from datetime import datetime
 
     from labkit.config import new_run_dir
-    from labkit.runner import default_output
+    from labkit.lab.runner import default_output
 
     monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
     now = datetime(2026, 1, 28, 14, 15, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from labkit.cli import main
+from labkit.lab.cli import main
 from labkit.data import ShardReader
 
 

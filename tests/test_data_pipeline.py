@@ -13,7 +13,7 @@ import pytest
 from labkit.data import DataConfig, ShardReader, SourceError, default_shard_dir, preprocess
 from labkit.data.pipeline import split_by_document
 from labkit.data.sources import FileItem, read_file
-from labkit.events import Recorder
+from labkit.core.events import Recorder
 
 WORDS = ("byte level pair encoding merges frequent pairs of symbols until the vocabulary is full while "
          "documents flow through normalisation filters and deduplication before packing into shards").split()

@@ -48,6 +48,7 @@ COMES_WITH = {
     "traitlets": "jupyter_client",  # jupyter-client depends on traitlets
     "tornado": "distributed",    # distributed depends on tornado
     "distributed": "dask",       # declared as dask[distributed]
+    "pydantic_core": "pydantic",  # pydantic pins its own pydantic-core
 }
 # import name -> distribution name, where they differ
 IMPORT_TO_DIST = {"yaml": "pyyaml", "dask_jobqueue": "dask-jobqueue"}

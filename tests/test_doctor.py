@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from labkit.doctor import (
+from labkit.lab.doctor import (
     FAIL,
     OK,
     WARN,
@@ -78,7 +78,7 @@ def test_sinfo_problems_keep_the_doctor_wording(monkeypatch, tmp_path, script, n
 
 
 def test_doctor_runs_folder(monkeypatch, tmp_path):
-    from labkit.doctor import OK, _check_runs
+    from labkit.lab.doctor import OK, _check_runs
 
     monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
     c = _check_runs()

@@ -102,7 +102,7 @@ def test_estimator_panel_widgets_update_live(figure_widget):
 
 
 def test_cli_catalog_and_plan(capsys):
-    from labkit.cli import main
+    from labkit.lab.cli import main
 
     assert main(["hardware", "catalog"]) == 0
     out = capsys.readouterr().out

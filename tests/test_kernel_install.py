@@ -6,8 +6,8 @@ import sys
 import nbformat
 import pytest
 
-from labkit.cli import main
-from labkit.notebooks import execute_notebook
+from labkit.lab.cli import main
+from labkit.lab.notebooks import execute_notebook
 
 
 def test_install_kernel_into_prefix_and_run_it(tmp_path, monkeypatch, capsys):

@@ -8,8 +8,8 @@ message arrives (late: a reply that waits for new traffic), exactly what nbclien
 
 import time
 
-from labkit.notebooks import execute_notebook
-from labkit.runner import RunOptions, run_notebooks
+from labkit.lab.notebooks import execute_notebook
+from labkit.lab.runner import RunOptions, run_notebooks
 from test_runner import make_notebook as notebook
 
 HOLD_REPLY = '''
@@ -121,7 +121,7 @@ def _missed_wakeup(channel_class, wait: float) -> tuple[dict | None, float, obje
 def test_a_missed_zmq_wakeup_costs_a_second_not_the_cell_timeout():
     from jupyter_client.channels import AsyncZMQSocketChannel
 
-    from labkit.kernel_watch import SlicedPollChannel
+    from labkit.lab.kernel_watch import SlicedPollChannel
 
     plain, took, _ = _missed_wakeup(AsyncZMQSocketChannel, wait=30)
     assert plain is None and took >= 3.9, "control: the plain channel should miss the swallowed wake-up"

@@ -2,7 +2,7 @@
 
 import random
 
-from labkit.events import emit
+from labkit.core.events import emit
 from labkit.widgets.live_plot import LivePlot
 
 

@@ -263,7 +263,7 @@ def test_resolve_device_auto_names_and_a_missing_gpu(monkeypatch):
 
 
 def test_train_prune_and_serve_resolve_the_device_alike(monkeypatch, capsys):
-    from labkit.cli import build_parser
+    from labkit.lab.cli import build_parser
     from labkit.prune.speed import time_models
     from labkit.serve.cli import cli as serve_cli, pick_device
     from labkit.train import TrainConfig, run_loop

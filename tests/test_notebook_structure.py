@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit.notebooks import NOTEBOOK_DIR, list_notebooks
+from labkit.lab.notebooks import NOTEBOOK_DIR, list_notebooks
 
 NOTEBOOKS = list_notebooks()
 GOALS_RE = re.compile(r"learning goals|you will learn|what you will learn|by the end of this notebook", re.I)

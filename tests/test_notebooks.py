@@ -6,7 +6,7 @@ import re
 import nbformat
 import pytest
 
-from labkit.notebooks import execute_notebook, list_notebooks, parameters_cells
+from labkit.lab.notebooks import execute_notebook, list_notebooks, parameters_cells
 
 NOTEBOOKS = list_notebooks()
 

@@ -67,7 +67,7 @@ def test_binder_scripts():
 
 def test_console_script_declared():
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert data["project"]["scripts"]["labkit"] == "labkit.cli:main"
+    assert data["project"]["scripts"]["labkit"] == "labkit.lab.cli:main"
 
 
 def _specs(reqs) -> dict[str, str]:

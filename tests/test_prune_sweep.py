@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from labkit.events import Recorder
+from labkit.core.events import Recorder
 from labkit.model import GPT, GPTConfig
 from labkit.prune.evaluate import evaluate_point
 from labkit.prune.sweep import sweep

@@ -1,4 +1,4 @@
-"""labkit.ranks (torch.distributed ranks on Dask workers) and labkit.events (the metrics stream)."""
+"""labkit.core.ranks (torch.distributed ranks on Dask workers) and labkit.core.events (the metrics stream)."""
 
 import os
 import signal
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit.events import Recorder, emit, subscribe
-from labkit.ranks import RankError, RankLost, RankProbe, choose_backend, local_ranks, rank_gpu, run_ranks
+from labkit.core.events import Recorder, emit, subscribe
+from labkit.core.ranks import RankError, RankLost, RankProbe, choose_backend, local_ranks, rank_gpu, run_ranks
 from labkit.widgets.live_plot import LivePlot
 
 
@@ -196,7 +196,7 @@ def test_liveplot_widget_mode_updates_figure():
 def test_a_failing_sink_warns_and_never_breaks_the_caller():
     """emit() promises that delivery problems cannot break a training run: a sink that raises
     gives a warning naming the event, and the caller still gets its event back."""
-    from labkit.events import emit
+    from labkit.core.events import emit
 
     def broken(event):
         raise RuntimeError("plot went away")

@@ -10,10 +10,10 @@ import nbformat
 import psutil
 import pytest
 
-from labkit.cli import main
-from labkit.memwatch import TreeMemoryWatch, tree_memory
-from labkit.notebooks import NOTEBOOK_DIR
-from labkit.runner import RunOptions, resolve_notebooks, run_notebooks
+from labkit.lab.cli import main
+from labkit.lab.memwatch import TreeMemoryWatch, tree_memory
+from labkit.lab.notebooks import NOTEBOOK_DIR
+from labkit.lab.runner import RunOptions, resolve_notebooks, run_notebooks
 
 MiB = 1024 * 1024
 
@@ -131,8 +131,8 @@ def test_resolve_notebooks_by_number_name_and_path():
 
 
 def test_default_output_is_under_the_runs_folder_not_cwd(tmp_path, monkeypatch):
-    from labkit.cli import build_parser
-    from labkit.runner import options_from_args
+    from labkit.lab.cli import build_parser
+    from labkit.lab.runner import options_from_args
 
     monkeypatch.setenv("LABKIT_RUN_DIR", str(tmp_path / "runs"))
     monkeypatch.chdir(tmp_path / "..")  # somewhere else: the default must not follow the current folder

@@ -258,6 +258,21 @@ def test_batcher_queue_limit_and_stop():
         b.submit(GenRequest("e"))
 
 
+def test_a_batch_is_counted_before_its_callers_are_answered():
+    """A /metrics read right after a response must include that response's tokens."""
+    gen = _Slow()
+    gen.release.set()
+    futures = []
+    answered_when_counted = []
+    b = Batcher(gen, max_batch_size=1, max_wait_ms=1,
+                on_batch=lambda size, tokens, seconds: answered_when_counted.append(futures[-1].done()))
+    for p in "abc":
+        futures.append(b.submit(GenRequest(p)))
+        futures[-1].result(5)
+    b.stop()
+    assert answered_when_counted == [False, False, False]
+
+
 class _Picky(_Slow):
     def generate(self, requests):
         if any(r.prompt == "bad" for r in requests):

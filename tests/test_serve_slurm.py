@@ -83,7 +83,7 @@ def _job_cli(argv, tmp_path, monkeypatch):
     """Run ``labkit serve ... --slurm`` up to the submission, which is captured instead of made; returns
     (exit code, the job's command line parsed by the same CLI, the job folder)."""
     import labkit.serve.slurm as slurm
-    from labkit.cli import build_parser, main
+    from labkit.lab.cli import build_parser, main
     from labkit.serve.slurm import job_command
 
     def no_sbatch(*a, **k):
@@ -137,7 +137,7 @@ def test_slurm_options_it_cannot_honour_are_refused(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     (tmp_path / "cert.pem").write_text("x")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the test ran a Slurm command (sinfo, sbatch)"))
-    from labkit.cli import main
+    from labkit.lab.cli import main
 
     rc = main(["serve", "--demo", "--slurm", *argv])
     err = capsys.readouterr().err

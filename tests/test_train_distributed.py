@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from labkit.events import Recorder, subscribe
-from labkit.ranks import RankError, RankLost
+from labkit.core.events import Recorder, subscribe
+from labkit.core.ranks import RankError, RankLost
 from labkit.checkpoint import list_checkpoints
 from labkit.train import TrainConfig, start_distributed, train, train_distributed
 

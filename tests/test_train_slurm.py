@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from labkit.events import Recorder, subscribe
-from labkit.ranks import RankLost
+from labkit.core.events import Recorder, subscribe
+from labkit.core.ranks import RankLost
 from labkit.checkpoint import list_checkpoints
 from labkit.model import GPTConfig
 from labkit.train import TrainConfig, start_distributed, train_distributed

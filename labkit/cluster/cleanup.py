@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from . import slurmcli
+from .errors import ClusterError
 from .session import TAG, owner_alive, stale_sessions
 
 _NAME = re.compile(rf"^{TAG}-[0-9a-f]{{8}}$")
@@ -45,8 +46,6 @@ def add_arguments(parser) -> None:
 
 def cli(args) -> int:
     """Print and cancel stale jobs; exit 0 (1 when Slurm cannot be asked)."""
-    from .errors import ClusterError
-
     try:
         jobs, sessions = cleanup(everything=args.all, dry_run=args.dry_run)
     except ClusterError as exc:

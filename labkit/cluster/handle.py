@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import html
 import os
 import time
 from dataclasses import dataclass, field
@@ -131,8 +132,6 @@ class ClusterHandle:
                 f"address={self.address!r}, dashboard={self.dashboard_link!r})")
 
     def _repr_html_(self) -> str:
-        import html
-
         return f"<pre>{html.escape(repr(self))}</pre>"
 
     # ------------------------------------------------------------------ change

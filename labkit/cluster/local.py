@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import Profile
 from ..settings import Memory
+from .errors import ClusterConfigError
 from .gpu_slice import parse_ids
 from .upstream import LabkitLocalCluster, NonDaemonNanny
 
@@ -76,8 +77,6 @@ def build_local_cluster(profile: Profile, workers: int, gpus_per_worker: int, se
                     f"fake GPU slots {','.join(slots)} (resource GPU and CUDA_VISIBLE_DEVICES per worker; "
                     f"code runs on CPU) because profile {profile.name!r} sets fake_gpus")
         else:
-            from .errors import ClusterConfigError
-
             raise ClusterConfigError(
                 f"{need} GPUs asked but this machine offers {len(slots)}; ask gpus_per_worker=0 or fewer workers, "
                 f"or set fake_gpus: true in profile {profile.name!r} to rehearse GPU code on CPU"

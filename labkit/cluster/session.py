@@ -9,6 +9,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import slurmcli
+from .errors import ClusterError
+
 TAG = "labkit"  # every job name starts with this; `labkit cleanup` finds jobs by it
 
 
@@ -97,9 +100,6 @@ def stale_sessions() -> list[Session]:
 def end_session(session: Session, credentials: object | None, slurm: bool, job_ids: list[str] | tuple = ()) -> None:
     """Cancel every job of the session (by id and by name tag), delete its keys and its directory."""
     if slurm:
-        from . import slurmcli
-        from .errors import ClusterError
-
         try:
             slurmcli.cancel(job_ids)
             slurmcli.cancel_by_name(session.job_name)

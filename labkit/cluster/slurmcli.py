@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -112,8 +113,6 @@ def jobs(job_ids: Iterable[str] | None = None, user: str | None = None, timeout:
 
 def current_user() -> str:
     """The user whose jobs labkit lists and cancels (this process's login name)."""
-    import getpass
-
     return getpass.getuser()
 
 

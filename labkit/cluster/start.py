@@ -8,11 +8,15 @@ from distributed import Client
 
 from ..config import ConfigError, LabConfig, Profile, load_config
 from . import slurmcli
+from .cleanup import cleanup
 from .errors import ClusterConfigError
 from .handle import ClusterHandle
-from .local import MAIN_GUARD_FIX, importing_main_in_a_child
+from .local import MAIN_GUARD_FIX, build_local_cluster, importing_main_in_a_child
+from .preflight import check_slurm_profile
 from .session import Session, end_session, stale_sessions
+from .slurm import build_slurm_cluster
 from .tls import SessionCredentials
+from .watchdog import spawn
 
 
 def slurm_answers(timeout: float = 5.0) -> tuple[bool, str]:
@@ -57,9 +61,6 @@ def resolve_profile(profile: str | None, overrides: dict[str, Any], caller: str 
 def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = False) -> tuple[Any, Session, Any, str]:
     """Pre-flight, a fresh session (keys, logs) and the cluster object (no Slurm job yet, no local worker)."""
     if prof.kind == "slurm":
-        from .cleanup import cleanup
-        from .preflight import check_slurm_profile
-
         check_slurm_profile(prof, gpus)
         cleanup()  # jobs a killed kernel left queued (running ones end by themselves): cancel them now
     for stale in stale_sessions():  # keys left by a killed kernel on this host
@@ -68,16 +69,12 @@ def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = F
     creds = SessionCredentials.create(session.path / "tls") if prof.tls else None
     try:
         if prof.kind == "slurm":
-            from .slurm import build_slurm_cluster
-
             cluster = build_slurm_cluster(prof, session, creds, gpus, asynchronous=asynchronous)
             note = f"{gpus} GPU(s) per worker via --gres=gpu:{gpus}" if gpus else "no GPUs"
             if prof.workers_per_job > 1:
                 per_job = f"{prof.workers_per_job} workers per job"
                 note = f"{per_job} (--gres=gpu:{gpus * prof.workers_per_job}), {gpus} GPU(s) each" if gpus else f"{per_job}, no GPUs"
         else:
-            from .local import build_local_cluster
-
             cluster, note = build_local_cluster(prof, workers, gpus, security=creds.security() if creds else None,
                                                 name=session.job_name, asynchronous=asynchronous)
     except BaseException:
@@ -113,8 +110,6 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
     handle = ClusterHandle(cluster=cluster, client=client, profile=prof, kind=prof.kind, session=session,
                            credentials=creds, gpus_per_worker=gpus, note=note, say=say, target=n)
     if prof.kind == "slurm":  # cancels queued jobs too if this kernel is killed (see labkit.cluster.watchdog)
-        from .watchdog import spawn
-
         handle.watchdog = spawn(session)
     if note:
         say(f"labkit: GPUs: {note}")

@@ -12,13 +12,17 @@ import asyncio
 import inspect
 import shlex
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
 
 import dask
+import distributed
 from dask.utils import parse_timedelta
 from dask_jobqueue.slurm import SLURMCluster, SLURMJob
 from distributed import LocalCluster, Nanny
 from distributed.core import Status
+from distributed.deploy.spec import SpecCluster
+from tornado.ioloop import PeriodicCallback
 
 from . import slurmcli
 from .gpu_slice import parse_ids
@@ -59,8 +63,6 @@ class LabkitSLURMCluster(SLURMCluster):
     # after a graceful ``--lifetime`` exit under ``scale``/``adapt``; see also #122 and PR #481, which
     # only documented ``--lifetime``).
     async def _start(self) -> None:
-        from tornado.ioloop import PeriodicCallback
-
         self.periodic_callbacks["labkit-replace-retired"] = PeriodicCallback(self._replace_retired, 2000)
         await super()._start()
 
@@ -224,8 +226,6 @@ class Reliance:
 
 def version_of(package: str) -> str:
     """The installed version of a distribution, or ``"not installed"``."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -332,9 +332,6 @@ RELIED_ON_INSTANCE: tuple[Reliance, ...] = tuple(
 
 def contract_problems(instances: dict[str, Any] | None = None) -> list[str]:
     """Every broken reliance against the installed packages (``instances``: owner name -> object to check)."""
-    import distributed
-    from distributed.deploy.spec import SpecCluster
-
     owners: dict[str, Any] = {"SLURMJob": SLURMJob, "SLURMCluster": SLURMCluster, "SpecCluster": SpecCluster,
                               "Nanny": Nanny, "distributed": distributed, **(instances or {})}
     checks = list(RELIED_ON) + [r for r in RELIED_ON_INSTANCE if r.owner in owners]

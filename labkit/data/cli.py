@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from distributed import Client, LocalCluster
+
+from .config import DataConfig, default_shard_dir
+from .pipeline import preprocess
+from .sources import SourceError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Sources, output folder, scale and the main knobs."""
@@ -19,10 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """Run the pipeline and print the report; non-zero exit when it cannot run."""
-    from .config import DataConfig, default_shard_dir
-    from .pipeline import preprocess
-    from .sources import SourceError
-
     overrides = {}
     if args.near_dup_threshold is not None:
         overrides["near_dup_threshold"] = args.near_dup_threshold
@@ -32,8 +34,6 @@ def cli(args: argparse.Namespace) -> int:
         cfg = DataConfig.for_scale(args.scale, **overrides)
         out = args.out or default_shard_dir(args.scale)
         if args.workers > 0:
-            from distributed import Client, LocalCluster
-
             with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as c, \
                     Client(c) as client:
                 report = preprocess(args.sources, out, client=client, config=cfg, vocab_size=args.vocab_size)

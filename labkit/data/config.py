@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from labkit.config import ScaleSettings
+from labkit.config import ScaleSettings, load_config, runs_dir
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, corpus_bytes=300_000, partition_bytes=60_000, shard_tokens=1 << 16,
@@ -66,8 +66,6 @@ def default_shard_dir(scale: str | None = None, root: str | Path | None = None) 
     (``$LABKIT_RUN_DIR``, else ``runs/`` of the labkit checkout). Notebook 03 writes there and
     notebook 06 (training) reads from there.
     """
-    from labkit.config import load_config, runs_dir
-
     if scale is None:
         scale = load_config().scale().name
     base = Path(root) / "runs" if root is not None else runs_dir()

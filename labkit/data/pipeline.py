@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from distributed import as_completed
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
-from ..events import emit
+from ..core.events import emit
 from . import clean as C
-from .config import DataConfig
+from .config import DataConfig, default_shard_dir
 from .shards import SPLITS, TOKENIZER_FILE, ShardError, clear_folder, dtype_for_vocab, finish_folder, shard_name, write_shard
 from .sources import Document, FileItem, Issue, StdlibSource, list_sources, parse_source, read_file
 from .tokenizer import eot_id as _eot_id, train_bpe
@@ -145,8 +148,6 @@ class TokenizedPartition:
 @functools.lru_cache(maxsize=2)
 def _tokenizer(tokenizer_json: str):
     """Parse a tokenizer once per worker process, not once per task (a pure cache)."""
-    from tokenizers import Tokenizer
-
     return Tokenizer.from_str(tokenizer_json)
 
 
@@ -338,7 +339,6 @@ def _results(client, futures: list):
         for i, f in enumerate(futures):
             yield i, f.result()
         return
-    from distributed import as_completed
 
     pos = {f.key: i for i, f in enumerate(futures)}
     for f in as_completed(futures):
@@ -354,8 +354,6 @@ class _Progress:
         self.total = total
         self.bar = None
         if show:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=stage, unit="part", leave=True)
 
     def update(self, docs: int = 0, tokens: int = 0, nbytes: int = 0) -> None:
@@ -450,8 +448,6 @@ def preprocess(
         overrides["vocab_size"] = vocab_size
     cfg = cfg.replace(**overrides)
     if out_dir is None:
-        from .config import default_shard_dir
-
         out_dir = default_shard_dir(scale)
     out_dir = Path(out_dir)
     stage_seconds: dict[str, float] = {}

@@ -25,12 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
+
+from .sources import stdlib_root
+from .tokenizer import eot_id as _eot, train_bpe
 
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -422,7 +427,7 @@ class ShardReader:
         Start positions come from ``generator`` (a ``torch.Generator``; the global torch RNG when
         None); with ``world_size`` > 1 each rank draws only from its own disjoint part of the stream.
         """
-        import torch
+        import torch  # lazy: torch (~2 s import): only training reads batches; the data pipeline writes shards without it
 
         lo, hi = self.rank_range(rank, world_size)
         if hi - lo < block_size + 1:
@@ -438,8 +443,6 @@ class ShardReader:
 
     def tokenizer(self):
         """The ``tokenizers.Tokenizer`` these ids come from."""
-        from tokenizers import Tokenizer
-
         path = self.out_dir / self.meta.get("tokenizer", TOKENIZER_FILE)
         if not path.is_file():
             raise ShardError(f"{path} is missing; {REBUILD}")
@@ -448,8 +451,6 @@ class ShardReader:
 
 def tiny_text(max_bytes: int = 300_000) -> str:
     """A few hundred KB of real text: some Python standard library modules, read offline."""
-    from labkit.data.sources import stdlib_root
-
     root = stdlib_root()
     names = ["textwrap.py", "argparse.py", "difflib.py", "string.py", "fractions.py", "heapq.py",
              "shlex.py", "bisect.py", "calendar.py", "pprint.py", "statistics.py", "glob.py"]
@@ -478,10 +479,6 @@ def make_tiny_shards(
     Documents are the text's paragraphs (split at blank lines); every ``val_every``-th goes to
     ``val``. For tests and notebooks; the real pipeline is ``labkit.data.preprocess``.
     """
-    import re
-
-    from .tokenizer import eot_id as _eot, train_bpe
-
     given = text is not None
     text = text if given else tiny_text()
     if not text.strip():

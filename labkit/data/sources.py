@@ -213,6 +213,7 @@ def stage_hf(src: HFSource, stage_dir: str | Path | None) -> Path:
         "set HF_DATASETS_CACHE to it and HF_DATASETS_OFFLINE=1 on the compute nodes)."
     )
     try:
+        # lazy: datasets is optional (not a labkit dependency), needed only by hf: sources
         import datasets  # noqa: F401
     except ImportError as exc:
         raise SourceError(f"source {src.spec!r} needs the package 'datasets', which is not installed. {how}") from exc

@@ -12,6 +12,9 @@ import socket
 from dataclasses import dataclass, field, asdict
 from typing import Any
 
+import psutil
+from distributed import get_worker, wait
+
 
 @dataclass(frozen=True)
 class GPUInfo:
@@ -66,17 +69,15 @@ def _cpu_model() -> str:
 
 def _ram_bytes() -> int:
     try:
-        import psutil
-
         return int(psutil.virtual_memory().total)
-    except Exception:  # psutil missing: fall back to sysconf
+    except Exception:  # psutil cannot read it here: fall back to sysconf
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _gpus() -> tuple[tuple[GPUInfo, ...], bool, str, list[str]]:
     notes: list[str] = []
     try:
-        import torch
+        import torch  # lazy: torch (~2 s import); `labkit --help` and `labkit hardware` import this module
     except ImportError:
         return (), False, "", ["torch not installed: GPUs not inspected"]
     gpus = []
@@ -132,10 +133,8 @@ def probe(dask_worker: Any = None) -> WorkerHardware:
 def current_worker() -> Any:
     """The Dask worker this code runs on, or None outside one."""
     try:
-        from distributed import get_worker
-
         return get_worker()
-    except (ImportError, ValueError):
+    except ValueError:  # not in a worker
         return None
 
 
@@ -143,8 +142,6 @@ def on_each_worker(client: Any, fn: Any, *args: Any, timeout: float = 120.0, one
     """Run ``fn(*args)`` as a task pinned to each worker (sorted by address); results in that order.
     Tasks, unlike ``client.run``, leave the worker's event loop free (heartbeats go on during a benchmark).
     A worker that does not answer within ``timeout`` seconds raises TimeoutError naming it."""
-    from distributed import wait
-
     addrs = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     if not addrs:
         raise RuntimeError("the Dask cluster has no workers yet; wait with client.wait_for_workers(n, timeout=300) and retry")

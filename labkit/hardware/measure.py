@@ -17,7 +17,10 @@ from typing import Annotated, Any, Callable, Sequence
 from pydantic import Field, field_validator
 
 from labkit.config import ScaleSettings
+from labkit.core.ranks import run_ranks
+from labkit.hardware.catalog import gpu, match_device
 from labkit.hardware.estimate import allreduce_time
+from labkit.hardware.inspect import _cpu_model, current_worker, on_each_worker
 
 KB, MB = 1024, 1024**2
 Positive = Annotated[int, Field(gt=0)]
@@ -84,7 +87,7 @@ def median_time(fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Calla
 
 
 def _sync_for(device: str) -> Callable[[], None]:
-    import torch
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     if device.startswith("cuda"):
         return torch.cuda.synchronize
@@ -97,7 +100,7 @@ _TORCH_DTYPES = {"fp64": "float64", "fp32": "float32", "tf32": "float32", "bf16"
 def supported_dtypes(device: str) -> tuple[str, ...]:
     """Matmul dtypes worth measuring on ``device``: on CPU fp64, fp32, bf16; on CUDA also tf32 and
     fp16 (bf16 only from compute capability 8.0)."""
-    import torch
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     if device.startswith("cuda"):
         out = ["fp64", "fp32", "tf32", "fp16"]
@@ -235,7 +238,7 @@ class ClusterMeasurement:
 
 def matmul_throughput(device: str, dtype: str, n: int, *, warmup: int = 2, repeats: int = 5) -> MatmulResult:
     """Median time of an n x n @ n x n matmul in ``dtype`` on ``device`` (tf32: fp32 with TF32 allowed)."""
-    import torch
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"unknown matmul dtype {dtype!r}; valid: {', '.join(_TORCH_DTYPES)}")
@@ -258,7 +261,7 @@ def matmul_throughput(device: str, dtype: str, n: int, *, warmup: int = 2, repea
 
 def copy_bandwidth(device: str, n_bytes: int, *, warmup: int = 2, repeats: int = 5) -> BandwidthResult:
     """Device-memory bandwidth from a large tensor copy (each byte read once and written once)."""
-    import torch
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     numel = max(1, n_bytes // 4)
     src = torch.ones(numel, dtype=torch.float32, device=device)
@@ -270,7 +273,7 @@ def copy_bandwidth(device: str, n_bytes: int, *, warmup: int = 2, repeats: int =
 def host_device_bandwidth(device: str, n_bytes: int, *, warmup: int = 2, repeats: int = 5,
                           pinned: bool = True) -> tuple[BandwidthResult, BandwidthResult]:
     """Pinned host -> device and device -> host copy bandwidth (PCIe or C2C); needs a CUDA device."""
-    import torch
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     if not device.startswith("cuda"):
         raise ValueError(f"host<->device bandwidth needs a CUDA device, got {device!r}")
@@ -285,16 +288,14 @@ def host_device_bandwidth(device: str, n_bytes: int, *, warmup: int = 2, repeats
 
 def pick_device() -> str:
     """``cuda`` when torch sees a GPU (the first visible one), else ``cpu``."""
-    import torch
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def bench_device(config: MeasureConfig, device: str | None = None) -> DeviceBench:
     """Run the per-device microbenchmarks here (on a worker when submitted there)."""
-    import torch
-
-    from labkit.hardware.inspect import current_worker
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
 
     start = time.perf_counter()
     device = device or pick_device()
@@ -321,18 +322,16 @@ def bench_device(config: MeasureConfig, device: str | None = None) -> DeviceBenc
 
 
 def _cpu_name() -> str:
-    from labkit.hardware.inspect import _cpu_model
-
     return _cpu_model()
 
 
 # ---------------------------------------------------------------------------------------------- across workers
 
 def allreduce_rank(ctx: Any, sizes: Sequence[int], warmup: int = 2, repeats: int = 5) -> list[AllReducePoint]:
-    """One torch.distributed rank (run via ``labkit.ranks.run_ranks``): time all_reduce of each size.
+    """One torch.distributed rank (run via ``labkit.core.ranks.run_ranks``): time all_reduce of each size.
     Every rank times each repeat between barriers; the slowest rank's median is reported."""
-    import torch
-    import torch.distributed as dist
+    import torch  # lazy: torch (~2 s import); the CLI imports labkit.hardware
+    import torch.distributed as dist  # lazy: as torch above
 
     device = ctx.device if ctx.backend == "nccl" else "cpu"
     sync = _sync_for(device)
@@ -359,16 +358,12 @@ def measure_devices(client: Any, config: MeasureConfig, *, concurrent: bool = Fa
                     timeout: float = 600.0) -> list[DeviceBench]:
     """``bench_device`` on every worker (one at a time by default, so workers sharing a host do not
     steal each other's cores and memory bandwidth)."""
-    from labkit.hardware.inspect import on_each_worker
-
     return on_each_worker(client, bench_device, config, timeout=timeout, one_at_a_time=not concurrent)
 
 
 def measure_allreduce(client: Any, config: MeasureConfig, *, workers: int | Sequence[str] | None = None,
                       backend: str = "auto", timeout: float = 120.0) -> list[AllReducePoint]:
     """All-reduce bandwidth and latency between the workers (gloo on CPU, nccl when each has a GPU)."""
-    from labkit.ranks import run_ranks
-
     per_rank = run_ranks(client, allreduce_rank, tuple(config.allreduce_sizes), config.warmup, config.repeats,
                          workers=workers, backend=backend, timeout=timeout)
     return per_rank[0]
@@ -426,8 +421,6 @@ def _cpuinfo() -> tuple[float, set[str]]:
 def peaks_for(bench: DeviceBench) -> tuple[dict[str, float], float | None, str]:
     """What to compare a worker's measurements with: (peak FLOP/s per dtype, memory bytes/s or None, label).
     A GPU found in the catalog gives its datasheet peaks; a CPU its flag-based estimate for its threads."""
-    from labkit.hardware.catalog import match_device
-
     if bench.device.startswith("cuda"):
         acc = match_device(bench.device_name, bench.device_memory_bytes)
         if acc is None:
@@ -466,8 +459,6 @@ class CatalogComparison:
 def compare_with_catalog(bench: DeviceBench) -> CatalogComparison | None:
     """Measured / catalog peak for matmul per dtype and for the copy bandwidth. A GPU is compared with its
     own catalog entry (None when it has none); a CPU with the generic ``CPU-node`` entry, a yardstick."""
-    from labkit.hardware.catalog import gpu, match_device
-
     cuda = bench.device.startswith("cuda")
     acc = match_device(bench.device_name, bench.device_memory_bytes) if cuda else gpu("CPU-node")
     if acc is None:

@@ -11,11 +11,15 @@ of each head, which is exactly what ``prune_heads`` used to do.
 from __future__ import annotations
 
 import copy
+import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from labkit.pretrained import load_bert, mean_pool
 
 from .importance import check_importance, gated, head_weight_norms, select, wants_normalize
 from .unstructured import check_amount
@@ -60,9 +64,6 @@ CALIBRATION_MODULES = (
 def calibration_sentences(modules: Sequence[str] = CALIBRATION_MODULES, max_chars: int = 300) -> list[str]:
     """First sentences of standard-library module docstrings: real text, offline, and disjoint from
     ``SENTENCES``, so head importance is not estimated on the sentences it is judged on."""
-    import importlib
-    import re
-
     out = []
     for name in modules:
         try:
@@ -93,8 +94,6 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 def load_minilm() -> tuple[nn.Module, Any]:
     """The packaged all-MiniLM-L6-v2 (BertModel, tokenizer), offline, in eval mode (``labkit.pretrained``)."""
-    from labkit.pretrained import load_bert
-
     model, tokenizer = load_bert(attn_implementation="sdpa")
     return model.eval(), tokenizer
 
@@ -108,8 +107,6 @@ def tokenize(tokenizer: Any, sentences: Sequence[str] = SENTENCES, max_length: i
 
 def embed(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled sentence embeddings (padding excluded), one row per sentence."""
-    from labkit.pretrained import mean_pool
-
     return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
 
 
@@ -161,6 +158,7 @@ def bert_head_importance(model: nn.Module, importance: str = "magnitude", batch:
 
 def prune_bert_heads(model: nn.Module, keep: Sequence[torch.Tensor]) -> nn.Module:
     """Physically remove heads in place, keeping ``keep[i]`` (head indices) in layer ``i``."""
+    # lazy: transformers (~1 s import); labkit.prune loads this module for GPT pruning too
     from transformers.pytorch_utils import prune_linear_layer
 
     layers = _layers(model)

@@ -7,6 +7,7 @@ keeps pruned weights at zero (``hold_zeros``).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -14,8 +15,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from labkit.core.events import emit
+from labkit.train import batch_rows, lr_at, make_optimizer, open_data
+
 from .evaluate import perplexity
-from .unstructured import check_amount, hold_zeros, magnitude, penalty, sparsity
+from .structured import prune_structured, structured_size
+from .unstructured import check_amount, hold_zeros, magnitude, penalty, prunable_layers, sparsity
 
 
 def finetune(model: nn.Module, config: Any, data_dir: str | os.PathLike, steps: int | None = None,
@@ -25,9 +30,6 @@ def finetune(model: nn.Module, config: Any, data_dir: str | os.PathLike, steps: 
     ``config`` is a ``labkit.train.TrainConfig`` (lr, schedule, batch, block size, seed). With
     ``regularizer="l1"`` or ``"l2"`` the loss gains ``strength * penalty(model)``. Returns the losses.
     """
-    from labkit.events import emit
-    from labkit.train import batch_rows, lr_at, make_optimizer, open_data
-
     if regularizer not in (None, "l1", "l2"):
         raise ValueError(f"regularizer={regularizer!r}: choose None, 'l1' or 'l2'")
     steps = config.max_steps if steps is None else int(steps)
@@ -84,10 +86,6 @@ def iterative(model: nn.Module, target: float, rounds: int, config: Any, data_di
     the fraction of the original units removed). Each round records the perplexity right after the
     cut and after fine-tuning, so the notebook can show what fine-tuning wins back.
     """
-    from labkit.events import emit
-
-    from .structured import prune_structured, structured_size
-
     if method not in ("unstructured", "structured"):
         raise ValueError(f"method={method!r}: choose 'unstructured' or 'structured'")
     original = structured_size(model) if method == "structured" else None
@@ -115,8 +113,6 @@ def iterative(model: nn.Module, target: float, rounds: int, config: Any, data_di
 
 def near_zero(model: nn.Module, tol: float = 1e-3) -> float:
     """Fraction of prunable weights with |w| < tol: what L1 pushes up and pruning then cuts for free."""
-    from .unstructured import prunable_layers
-
     ws = [m.weight.detach().abs().flatten() for _, m in prunable_layers(model)]
     w = torch.cat(ws)
     return float((w < tol).float().mean())
@@ -130,8 +126,6 @@ def regularisation_study(model: nn.Module, config: Any, data_dir: str | os.PathL
     Rows give the near-zero fraction the penalty produced and the perplexity before and after
     the cut: regularisation prepares the weights so that pruning costs less.
     """
-    import copy
-
     rows = []
     for kind, strength in strengths:
         m = copy.deepcopy(model)

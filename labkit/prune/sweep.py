@@ -11,7 +11,10 @@ import io
 from typing import Any, Callable, Sequence
 
 import torch
+from distributed import as_completed
 from torch import nn
+
+from labkit.core.events import emit
 
 from .evaluate import METHODS, CurvePoint, evaluate_point
 
@@ -30,8 +33,6 @@ def _model_bytes(model: nn.Module) -> bytes:
 
 def _point_task(blob: bytes, val: torch.Tensor, method: str, amount: float, importance: str,
                 threads: int | None) -> dict:
-    from labkit.events import emit
-
     if threads:
         torch.set_num_threads(threads)
     # every task rebuilds its own model: tasks sharing one object on a worker (threads, or one
@@ -51,8 +52,6 @@ def sweep(client: Any, model: nn.Module, val: torch.Tensor, amounts: Sequence[fl
     do not follow the Dask topic. ``threads`` sets torch's thread count on each worker process
     (leave it None for in-process thread workers: it is a per-process setting).
     """
-    from distributed import as_completed
-
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"method={m!r}: choose from {', '.join(METHODS)}")
@@ -67,7 +66,5 @@ def sweep(client: Any, model: nn.Module, val: torch.Tensor, amounts: Sequence[fl
         row = fut.result()
         results[index[fut.key]] = row
         if sink is not None:
-            from labkit.events import emit
-
             emit("prune", sink, **row)
     return [CurvePoint(**r) for r in results if r is not None]

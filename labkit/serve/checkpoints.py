@@ -10,6 +10,7 @@ import torch
 
 from labkit.checkpoint import CheckpointError, load, read_checked
 
+from .demo import demo_generator
 from .engine import ByteTokenizer, ModelGenerator
 
 CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth")
@@ -100,7 +101,6 @@ def pick_generator(checkpoint: str | os.PathLike | None = None,
             pass
         else:
             return load_generator(path, device=device), f"the newest checkpoint: {path}"
-    from .demo import demo_generator
 
     where = "no checkpoint found" if run_dir is not None else "no checkpoint given"
     return demo_generator(device=device), f"{where}: the demo model (tiny GPT, random weights, byte tokens)"

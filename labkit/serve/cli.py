@@ -8,6 +8,11 @@ import sys
 import threading
 from pathlib import Path
 
+from labkit.config import ConfigError, load_config, runs_dir
+
+from .config import ServeConfig
+from .tls import self_signed
+
 RUN_DIR_ENV = "LABKIT_RUN_DIR"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -15,8 +20,6 @@ DEFAULT_PORT = 8000
 
 def default_run_dir() -> Path:
     """Where training writes runs: ``labkit.config.runs_dir()`` (``$LABKIT_RUN_DIR``, else the lab's ``runs/``)."""
-    from labkit.config import runs_dir
-
     return runs_dir()
 
 
@@ -46,14 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def pick_device(name: str = "auto") -> str:
     """The device name to serve on (``labkit.model.resolve_device``): ``auto`` = a GPU when torch sees
     one, else cpu; ``cuda`` where there is no GPU is refused with what to use instead."""
-    from labkit.model import resolve_device
+    from labkit.model import resolve_device  # lazy: torch (~2 s import); `labkit --help` imports this module
 
     return str(resolve_device(name))
 
 
 def _serve_config(args: argparse.Namespace):
-    from .config import ServeConfig
-
     changes = {k: v for k, v in (("max_batch_size", args.max_batch_size), ("max_wait_ms", args.max_wait_ms))
                if v is not None}
     return ServeConfig.for_scale(args.scale, **changes)
@@ -86,8 +87,7 @@ def job_serve_args(args: argparse.Namespace, target: Path | None) -> list[str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from labkit.config import ConfigError, load_config
-
+    # lazy: torch and uvicorn (2-4 s import) stay out of `labkit --help`, which imports this module
     from .checkpoints import newest_checkpoint
     from .slurm import submit
 
@@ -130,6 +130,7 @@ def _write_url(path: str | Path, url: str) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """Start the server in the foreground; Ctrl-C or SIGTERM (scancel) stops it cleanly."""
+    # lazy: torch and uvicorn (2-4 s import) stay out of `labkit --help`, which imports this module
     from labkit.checkpoint import CheckpointError
 
     from .checkpoints import NoCheckpoint, NoTokenizer, load_generator, newest_checkpoint
@@ -159,12 +160,10 @@ def cli(args: argparse.Namespace) -> int:
     host = args.host or DEFAULT_HOST
     certfile, keyfile = args.cert, args.key
     if args.self_signed:
-        from .tls import self_signed
-
         certfile, keyfile = self_signed(args.self_signed)
     embedder = None
     if not args.no_embed:
-        from .embedder import MiniLMEmbedder
+        from .embedder import MiniLMEmbedder  # lazy: torch, transformers (3 s import) unless /embed is served
 
         embedder = MiniLMEmbedder(device=device)
     try:

@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
+from labkit.pretrained import embed, load_bert
+
 
 class MiniLMEmbedder:
     """Loads MiniLM on first use (that call pays a few seconds) and embeds one call at a time."""
@@ -21,8 +23,6 @@ class MiniLMEmbedder:
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One unit-length vector per text (mean pooling, as sentence-transformers does)."""
-        from labkit.pretrained import embed, load_bert
-
         with self._lock, torch.inference_mode():
             if self._model is None:
                 # sdpa: serving needs no attention probabilities, so the fused kernel may run

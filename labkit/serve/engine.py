@@ -268,7 +268,8 @@ class Batcher:
                 self._run([item])
             return
         seconds = time.perf_counter() - t0
-        for (_, fut), res in zip(batch, results):
-            fut.set_result(res)
+        # counted before any caller is answered: a /metrics read right after a response includes it
         if self.on_batch is not None:
             self.on_batch(len(batch), sum(r.new_tokens for r in results), seconds)
+        for (_, fut), res in zip(batch, results):
+            fut.set_result(res)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import httpx
 
 from labkit.config import ScaleSettings
-from labkit.events import emit
+from labkit.core.events import emit
 
 from .metrics import percentile
 

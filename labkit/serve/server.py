@@ -116,7 +116,7 @@ def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token
             raise FileNotFoundError(f"TLS file {f} does not exist; make one with labkit.serve.tls.self_signed()")
     token, generated = resolve_token(token)
     if config.torch_threads:
-        import torch
+        import torch  # lazy: torch (~2 s import); `labkit serve --slurm` imports this module only to submit
 
         torch.set_num_threads(config.torch_threads)
     metrics = Metrics()

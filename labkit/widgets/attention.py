@@ -12,12 +12,15 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import ipywidgets as W
 import plotly.graph_objects as go
 import plotly.io as pio
 import torch
+from IPython.display import display
 from plotly.subplots import make_subplots
 
 from labkit.attention import attention_stats, softmax_at_scales
+from labkit.pretrained import attention_probs
 
 COLORSCALE = "Blues"
 
@@ -159,8 +162,6 @@ class AttentionExplorer:
 
     def compute(self, sentence: str | None = None, factor: float = 1.0, causal: bool = False):
         """(tokens, probs (L, H, T, T)) with scale = factor / sqrt(d_k)."""
-        from labkit.pretrained import attention_probs
-
         return attention_probs(self.model, self.tokenizer, sentence or self.sentence,
                                scale=factor / math.sqrt(self.d_k), causal=causal)
 
@@ -173,8 +174,6 @@ class AttentionExplorer:
 
     def widget(self):
         """The ipywidgets UI (text box, sliders, toggle, two live figures)."""
-        import ipywidgets as W
-
         text = W.Text(value=self.sentence, description="sentence", layout=W.Layout(width="95%"),
                       continuous_update=False)
         layer = W.IntSlider(0, 0, self.n_layer - 1, description="layer")
@@ -209,8 +208,6 @@ class AttentionExplorer:
         return self._ui
 
     def _ipython_display_(self):
-        from IPython.display import display
-
         try:
             display(self.widget())
         except ImportError:  # no ipywidgets: text

@@ -10,15 +10,15 @@ import html
 import threading
 from typing import Any
 
+import ipywidgets
+from IPython import get_ipython
+from IPython.display import display
+
 from ..cluster.status import ClusterStatus
 
 
 def in_jupyter() -> bool:
     """True inside a Jupyter kernel (where widgets render)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
     ip = get_ipython()
     return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
 
@@ -98,9 +98,6 @@ class ClusterPanel:
     def show(self) -> "ClusterPanel":
         """Display: a live widget in Jupyter, else the text once."""
         if in_jupyter():
-            import ipywidgets
-            from IPython.display import display
-
             if self._widget is None:
                 self._widget = ipywidgets.HTML(status_html(self.refresh()))
             display(self._widget)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import html
 from typing import Callable, Mapping, Sequence
 
+import ipywidgets as W
 import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from labkit.data import clean as C
 from labkit.data import shards as S
+
+from .live_plot import LivePlot
 
 PALETTE = ("#dbeafe", "#fde68a", "#bbf7d0", "#fbcfe8", "#ddd6fe", "#fed7aa")
 
 
 def length_histogram(lengths: Sequence[int], title: str = "document length (characters)", bins: int = 40):
     """Histogram of document lengths on a log-spaced axis (lengths span several decades)."""
-    import plotly.graph_objects as go
-
     x = np.asarray(lengths, dtype=float)
     x = x[x > 0]
     edges = np.logspace(np.log10(max(x.min(), 1)), np.log10(x.max() + 1), bins + 1) if x.size else np.array([1, 10])
@@ -41,8 +44,6 @@ def zipf_data(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]
 
 def zipf_plot(ids: np.ndarray, vocab_size: int, tokenizer=None, label_top: int = 8):
     """Token frequency against rank on log-log axes, with the ideal Zipf line f(r) = f(1)/r."""
-    import plotly.graph_objects as go
-
     counts = S.token_counts(ids, vocab_size)
     rank, freq = S.rank_frequency(counts)
     fig = go.Figure()
@@ -62,9 +63,6 @@ def zipf_plot(ids: np.ndarray, vocab_size: int, tokenizer=None, label_top: int =
 
 def steps_funnel(report):
     """Documents and MB left after each cleaning step of a PreprocessReport."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     names = [s.name for s in report.steps]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("documents out", "MB out"))
     fig.add_trace(go.Bar(x=names, y=[s.docs_out for s in report.steps], name="docs",
@@ -76,9 +74,6 @@ def steps_funnel(report):
 
 def duplicates_plot(report):
     """The duplicates found: how many per kind, and near-duplicate similarity."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     kinds = ["exact_dedup", "near_dedup"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("duplicates removed", "near-duplicate similarity"))
     fig.add_trace(go.Bar(x=kinds, y=[sum(d["kind"] == k for d in report.duplicates) for k in kinds]), 1, 1)
@@ -123,8 +118,6 @@ def pieces_html(pieces: Sequence[tuple[int, str]]) -> str:
 
 def playground(tokenizers: Mapping[str, object], text: str = "ﬁnal  ＴＥＳＴ\r\nmail: a.b@example.org\x07  \n\n\n\nend"):
     """A widget to try normalisers and tokenizers on your own text (ipywidgets; never blocks)."""
-    import ipywidgets as W
-
     area = W.Textarea(value=text, layout=W.Layout(width="100%", height="90px"))
     boxes = {n: W.Checkbox(value=n != "scrub_pii", description=n, indent=False, layout=W.Layout(width="120px"))
              for n in C.NORMALISERS}
@@ -152,6 +145,4 @@ def compare_table(rows: Sequence[Mapping]) -> str:
 
 def live_rates(title: str = "preprocessing throughput") -> Callable:
     """A LivePlot for ``preprocess(..., on_event=...)``: docs/s and tokens/s per stage."""
-    from .live_plot import LivePlot
-
     return LivePlot(metrics=("docs_per_s", "tokens_per_s"), x="seconds", group="stage", kinds=("data",), title=title)

@@ -6,10 +6,17 @@ Everything renders as a widget in Jupyter and as plain text elsewhere (terminal,
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import ipywidgets as w
+import plotly.graph_objects as go
+from IPython.display import display
+from plotly.subplots import make_subplots
 
 from labkit.hardware.catalog import catalog, gpu as find_gpu, network as find_network, networks
 from labkit.hardware.estimate import GPT_PRESETS, GPTConfig, RunPlan, plan_run
@@ -46,8 +53,6 @@ class Table:
         return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def widget(self) -> Any:
-        import ipywidgets as w
-
         return w.HTML(self._repr_html_())
 
 
@@ -170,8 +175,6 @@ class HardwarePanel:
             self._status.value = html.escape(self.status)
 
     def _build(self) -> Any:
-        import ipywidgets as w
-
         self._button = w.Button(description="Inspect again", icon="refresh",
                                 tooltip="re-run labkit.hardware.inspect_cluster(client)")
         self._button.on_click(self._clicked)
@@ -198,8 +201,6 @@ class HardwarePanel:
 def plotly_bundle(fig: Any) -> dict[str, Any]:
     """The mimebundle JupyterLab's plotly renderer draws, built without plotly.io's renderer machinery
     (which imports nbformat and jsonschema: seconds per kernel)."""
-    import json
-
     title = fig.layout.title.text or "plotly figure"
     return {"application/vnd.plotly.v1+json": {**json.loads(fig.to_json()), "config": {"responsive": True}},
             "text/plain": f"<{title}: {len(fig.data)} traces>"}
@@ -225,8 +226,6 @@ def roofline_figure(devices: Sequence[DeviceBench] = (), gpus: Sequence[str] = (
                     local_peaks: dict[str, float] | None = None, dtype: str = "auto") -> Any:
     """Roofline: attainable FLOP/s = min(peak, intensity x bandwidth) for catalog GPUs (solid), each
     measured worker (dashed: best matmul and copy bandwidth) and its matmul points; optional local CPU peak."""
-    import plotly.graph_objects as go
-
     xs = [10 ** (k / 10) for k in range(-20, 41)]          # 0.01 .. 10^4 FLOP/byte
     fig = go.Figure()
     for name in gpus:
@@ -254,8 +253,6 @@ def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HD
                  nvlink_of: str | None = "H100-SXM") -> Any:
     """Bus bandwidth vs message size: measured all-reduce, the alpha-beta model ``fit_allreduce`` fits to
     it, and the catalog's links as horizontal lines."""
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     if points:
         sizes = [p.n_bytes for p in points]
@@ -280,9 +277,6 @@ def busbw_figure(points: Sequence[AllReducePoint], nets: Sequence[str] = ("IB-HD
 def plan_figure(plan: RunPlan) -> Any:
     """Two stacked bars: training memory per GPU by part against the GPU's memory (does it fit?), and one
     step's time: compute vs the gradient all-reduce, hidden behind backward or exposed (what dominates?)."""
-    from plotly.subplots import make_subplots
-    import plotly.graph_objects as go
-
     fig = make_subplots(rows=1, cols=2, subplot_titles=("memory per GPU (GB)", "one step (ms)"))
     for part, b in plan.memory.parts().items():
         fig.add_trace(go.Bar(x=["memory"], y=[b / 1e9], name=part, legendgroup="memory"), row=1, col=1)
@@ -372,14 +366,9 @@ class EstimatorPanel:
     __repr__ = __str__
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
-
         display(self.widget if self.widget is not None else Table(["", ""], [], str(self)))
 
     def _build(self) -> Any:
-        import ipywidgets as w
-        import plotly.graph_objects as go
-
         v = self.values
         c = self._controls
         c["model"] = w.Dropdown(options=list(GPT_PRESETS), value=v["model"], description="model")
@@ -412,9 +401,6 @@ class _StaticFigure:
     """Stands in for a FigureWidget: redraws a static plotly figure into an ipywidgets Output."""
 
     def __init__(self) -> None:
-        import ipywidgets as w
-        import plotly.graph_objects as go
-
         self.output = w.Output()
         self._fig = go.Figure()
 
@@ -431,16 +417,12 @@ class _StaticFigure:
         return self._fig.layout
 
     def batch_update(self):
-        import contextlib
-
         return contextlib.nullcontext()
 
     def add_traces(self, traces: list) -> None:
         self._fig.add_traces(traces)
 
     def update_layout(self, layout: Any) -> None:
-        from IPython.display import display
-
         self._fig.update_layout(layout)
         self.output.clear_output(wait=True)
         with self.output:

@@ -15,15 +15,16 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
-from ..events import Event, Subscription, subscribe
+import plotly.graph_objects as go
+from IPython import get_ipython
+from IPython.display import display
+from plotly.subplots import make_subplots
+
+from ..core.events import Event, Subscription, subscribe
 
 
 def in_jupyter_kernel() -> bool:
     """True inside an IPython kernel (JupyterLab, nbclient), where widgets can render."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
 
@@ -115,9 +116,6 @@ class LivePlot:
 
     # -- drawing ---------------------------------------------------------------------------
     def _build_widget(self):
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-
         fig = make_subplots(rows=len(self.metrics), cols=1, shared_xaxes=True,
                             subplot_titles=self.metrics, vertical_spacing=0.08)
         fig.update_layout(title=self.title, height=220 * len(self.metrics) + 80,
@@ -195,8 +193,6 @@ class LivePlot:
             self._draw_text(snapshot, force=True)
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
-
         if self.widget is not None:
             display(self.widget)
         else:

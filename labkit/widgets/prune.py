@@ -10,7 +10,10 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
+import ipywidgets as W
+import plotly.graph_objects as go
 import torch
+from IPython.display import display
 from torch import nn
 
 from labkit.prune.evaluate import METHODS, measure_point
@@ -56,11 +59,7 @@ class SparsitySlider:
         return f"<code>{html.escape(self.text(row))}</code>"
 
     def widget(self) -> Any:
-        """The ipywidgets box (slider, method, result line); falls back to None without ipywidgets."""
-        try:
-            import ipywidgets as W
-        except ImportError:
-            return None
+        """The ipywidgets box (slider, method, result line)."""
         slider = W.FloatSlider(value=0.0, min=0.0, max=self.max_amount, step=self.step, description="amount",
                                continuous_update=False, readout_format=".0%")
         method = W.Dropdown(options=list(METHODS), value=self.method, description="method")
@@ -75,10 +74,7 @@ class SparsitySlider:
         return self._box
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        box = self.widget()
-        display(box if box is not None else self.text(self.update(0.0)))
+        display(self.widget())
 
 
 def _matrix(scores: Sequence[torch.Tensor]) -> list[list[float | None]]:
@@ -88,8 +84,6 @@ def _matrix(scores: Sequence[torch.Tensor]) -> list[list[float | None]]:
 
 def head_heatmap(scores: Sequence[torch.Tensor], title: str = "head importance", pruned: Sequence[Sequence[int]] | None = None):
     """Layers x heads heatmap of importance (plotly); ``pruned`` heads are marked with a cross."""
-    import plotly.graph_objects as go
-
     if not scores:
         raise ValueError("give one importance tensor per layer")
     z = _matrix(scores)
@@ -119,8 +113,6 @@ def curve_figure(rows: Sequence[Any], x: str = "sparsity", y: str = "perplexity"
                  title: str | None = None):
     """Lines of ``y`` against ``x``, one per ``group`` value (one line when None); rows are dicts or
     objects with ``as_dict``."""
-    import plotly.graph_objects as go
-
     data = [r.as_dict() if hasattr(r, "as_dict") else dict(r) for r in rows]
     fig = go.Figure()
     for g in dict.fromkeys(d.get(group) if group else y for d in data):

@@ -44,7 +44,7 @@ print("points:", len(fig.data[0].x))
 # The lab's own `LivePlot`, fed events the way a training run's ranks emit them.
 
 # %%
-from labkit.events import emit
+from labkit.core.events import emit
 from labkit.widgets.live_plot import LivePlot
 
 plot = LivePlot(metrics=("loss",), x="step", group="rank", title="training (simulated)")

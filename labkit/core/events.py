@@ -47,6 +47,7 @@ def _plain(value: Any) -> Any:
 
 def _current_worker():
     try:
+        # lazy: distributed (~0.8 s import); emit() also runs where no Dask is loaded (a served model, a script)
         from distributed import get_worker
 
         return get_worker()
@@ -69,7 +70,7 @@ def emit(kind: str, sink: Sink | None = None, **fields: Any) -> Event:
         try:
             sink(event)
         except Exception as exc:  # a broken plot or logger must not end a training run
-            warnings.warn(f"labkit.events: the sink {sink!r} failed on a {kind!r} event "
+            warnings.warn(f"labkit.core.events: the sink {sink!r} failed on a {kind!r} event "
                           f"({type(exc).__name__}: {exc}); the event was dropped and the work goes on. "
                           "Fix the sink, or run without it (sink=None)", RuntimeWarning, stacklevel=2)
     elif worker is not None:

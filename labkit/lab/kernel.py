@@ -50,7 +50,7 @@ def install_kernel(
     ``user`` installs for the current user, ``prefix`` under ``PREFIX/share/jupyter/kernels``
     (e.g. ``sys.prefix`` of the environment JupyterHub runs), neither: system-wide.
     """
-    from ipykernel.kernelspec import install
+    from ipykernel.kernelspec import install  # lazy: ipykernel (~0.4 s import); every `labkit` command imports this module
 
     if not NAME_RE.match(name):
         raise ValueError(f"kernel name {name!r} may use only lowercase letters, digits, '.', '_' and '-'")

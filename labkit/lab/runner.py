@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 
 import nbformat
 
-from labkit.memwatch import TreeMemoryWatch
-from labkit.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
+from labkit.config import ConfigError, load_config, run_stamp, runs_dir
+from labkit.lab.memwatch import TreeMemoryWatch
+from labkit.lab.notebooks import NOTEBOOK_DIR, execute_notebook, inject_parameters, list_notebooks
 from labkit.settings import Memory
 
 MiB = 1024 * 1024
@@ -61,8 +62,6 @@ class RunResult:
 def default_output(now: _dt.datetime | None = None) -> Path:
     """Where a run's copies and report go without ``--output``: ``<runs>/run-<date>-<time>``, under
     ``labkit.config.runs_dir()`` (``$LABKIT_RUN_DIR``, else the lab's ``runs/``), wherever you start it."""
-    from labkit.config import run_stamp, runs_dir
-
     return runs_dir() / f"run-{run_stamp(now)}"
 
 
@@ -263,8 +262,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Validate the command line into :class:`RunOptions` (bad scale/profile names fail here, in seconds)."""
-    from labkit.config import load_config
-
     cfg = load_config()
     if args.scale:
         cfg.scale(args.scale)
@@ -280,8 +277,6 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
 
 
 def cli(args: argparse.Namespace) -> int:
-    from labkit.config import ConfigError
-
     try:
         opts = options_from_args(args)
     except ConfigError as exc:

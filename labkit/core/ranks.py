@@ -19,6 +19,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from distributed import Event, wait
+from distributed.comm import get_address_host
+
 
 @dataclass(frozen=True)
 class RankContext:
@@ -35,8 +38,6 @@ class RankContext:
 
     def aborted(self) -> bool:
         """True when another rank failed or was lost; check it between steps to stop early."""
-        from distributed import Event
-
         try:
             return Event(f"labkit-abort-{self.run_id}").is_set()
         except Exception:
@@ -91,7 +92,7 @@ def _probe_worker(dask_worker=None) -> dict[str, Any]:
     gpu_ids: list[str] = []
     cuda = False
     try:
-        import torch
+        import torch  # lazy: torch (~2 s import) on the worker only; run_ranks, the client side, needs none
 
         cuda = torch.cuda.is_available()
         if cuda:
@@ -148,8 +149,8 @@ def _free_port(dask_worker=None) -> int:
 def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeout: float,
                args: tuple, kwargs: dict) -> Any:
     """Runs on the worker: set up the process group, call fn, always tear down."""
-    import torch
-    import torch.distributed as dist
+    import torch  # lazy: torch (~2 s import) on the worker only; run_ranks, the client side, needs none
+    import torch.distributed as dist  # lazy: as torch above
 
     ctx_fields = dict(ctx_fields)
     backend = ctx_fields["backend"]
@@ -219,9 +220,6 @@ def run_ranks(
     Once a worker is known lost, the survivors get at most ``min(timeout, survivor_grace)`` seconds
     to end before ``RankLost`` is raised, so a lost rank is reported promptly whatever ``timeout`` is.
     """
-    from distributed import Event, wait
-    from distributed.comm import get_address_host
-
     addrs = select_workers(client, workers)
     probed = client.run(_probe_worker, workers=addrs)
     probes = [RankProbe(a, probed[a]["host"], probed[a]["cuda"], tuple(probed[a]["gpu_ids"])) for a in addrs]
@@ -300,8 +298,6 @@ def _lost_ranks(client, addrs: Sequence[str], grace: float) -> list[int]:
 
 def _drain(futures, timeout: float) -> None:
     """Give the other ranks up to ``timeout`` seconds to end (their collectives fail or time out)."""
-    from distributed import wait
-
     try:
         wait(futures, timeout=timeout)
     except Exception:

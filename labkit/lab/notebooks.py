@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import nbformat
+from nbclient.exceptions import CellExecutionError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from labkit.lab.kernel_watch import KernelStalled, NotebookStopped, WatchedClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # labkit/lab/notebooks.py -> the checkout
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 
 
@@ -79,12 +82,8 @@ def execute_notebook(
     A kernel that stops answering is nudged after ``nudge_after`` seconds (None: never) and fails the
     run about ``stall_after`` seconds later, naming the cell (``on_stall(client, watch)`` runs first);
     a reason returned by ``should_stop()`` (polled twice a second) stops it at once
-    (see :mod:`labkit.kernel_watch`).
+    (see :mod:`labkit.lab.kernel_watch`).
     """
-    from nbclient.exceptions import CellExecutionError
-
-    from labkit.kernel_watch import KernelStalled, NotebookStopped, WatchedClient
-
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     if params:

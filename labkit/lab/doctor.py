@@ -7,6 +7,7 @@ what it saw and, when something is wrong, how to fix it.
 from __future__ import annotations
 
 import glob
+import html
 import importlib.metadata as md
 import json
 import os
@@ -15,10 +16,14 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .cluster import slurmcli
-from .cluster.errors import ClusterError
-from .cluster.preflight import gres_gpus
-from .config import ConfigError, load_config
+import psutil
+from jupyter_core.paths import ENV_CONFIG_PATH, SYSTEM_CONFIG_PATH, jupyter_config_dir, jupyter_config_path
+
+from labkit.cluster import slurmcli
+from labkit.cluster.errors import ClusterError
+from labkit.cluster.preflight import gres_gpus
+from labkit.cluster.start import choose_profile
+from labkit.config import ConfigError, load_config, runs_dir_choice, writable_dir
 
 # package -> needed? (a missing needed package fails the doctor)
 KEY_PACKAGES: dict[str, bool] = {
@@ -94,8 +99,6 @@ class DoctorReport:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:  # shown in notebooks
-        import html
-
         colors = {OK: "#2e7d32", WARN: "#ef6c00", FAIL: "#c62828"}
         rows = "".join(
             f"<tr><td style='color:{colors[c.status]};font-weight:bold'>{c.status}</td>"
@@ -150,8 +153,6 @@ def _check_packages() -> list[Check]:
 
 
 def _check_machine() -> list[Check]:
-    import psutil
-
     mem = psutil.virtual_memory()
     checks = [Check(
         "machine", OK,
@@ -160,7 +161,7 @@ def _check_machine() -> list[Check]:
         f"Python {platform.python_version()}",
     )]
     try:
-        import torch
+        import torch  # lazy: torch (~2 s import); every `labkit` command imports this module
 
         if torch.cuda.is_available():
             names = [
@@ -220,8 +221,6 @@ def server_extension_enabled(name: str, config_dirs: list[str] | None = None) ->
     without starting a server. ``config_dirs`` defaults to that path, user folder first.
     """
     if config_dirs is None:
-        from jupyter_core.paths import jupyter_config_dir, jupyter_config_path
-
         config_dirs = jupyter_config_path()
         if jupyter_config_dir() not in config_dirs:
             config_dirs.insert(0, jupyter_config_dir())
@@ -244,12 +243,6 @@ def server_extension_enabled(name: str, config_dirs: list[str] | None = None) ->
 def enable_extension_fix(name: str, where: str) -> str:
     """The exact step that enables extension ``name`` where it counts: the config folder whose file
     ``where`` disables it (the user folder when no file names it)."""
-    from jupyter_core.paths import (
-        ENV_CONFIG_PATH,
-        SYSTEM_CONFIG_PATH,
-        jupyter_config_dir,
-    )
-
     restart = ", then restart your Jupyter server"
     if where and os.path.basename(where) == "jupyter_server_config.json":  # beats any enable command's file
         return f'in {where} set "{name}": true under ServerApp.jpserver_extensions{restart}'
@@ -294,8 +287,6 @@ def _check_proxy() -> Check:
 
 
 def _check_runs() -> Check:
-    from .config import runs_dir_choice, writable_dir
-
     path, why = runs_dir_choice()
     if writable_dir(path):
         return Check("runs folder", OK, f"{path} ({why}): shards, checkpoints and reports go there")
@@ -310,8 +301,6 @@ def run_doctor(probes: list[Callable[[], list[Check]]] | None = None) -> DoctorR
     report.checks += _check_machine()
     kind = "local"
     try:
-        from .cluster.start import choose_profile
-
         cfg = load_config()
         name = cfg.default_profile
         prof, why = choose_profile(cfg, None)  # what start_cluster() would pick, and why

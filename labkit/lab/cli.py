@@ -12,13 +12,13 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "doctor": ("labkit.doctor", "check this machine, Slurm and the active profile before a session"),
+    "doctor": ("labkit.lab.doctor", "check this machine, Slurm and the active profile before a session"),
     "preprocess": ("labkit.data.cli", "raw text -> cleaned, deduplicated, tokenized shards (labkit.data)"),
     "serve": ("labkit.serve.cli", "serve a checkpoint (or --demo) over an authenticated HTTP API"),
     "cleanup": ("labkit.cluster.cleanup", "cancel your stale labkit Slurm jobs (owner notebook gone)"),
     "hardware": ("labkit.hardware.cli", "the hardware catalog, and the memory/time/energy plan of a training run"),
-    "install-kernel": ("labkit.kernel", "register this environment as a Jupyter kernel (LABKIT_* settings passed through)"),
-    "run": ("labkit.runner", "execute notebooks headless with a scale/profile; write executed copies and an HTML report"),
+    "install-kernel": ("labkit.lab.kernel", "register this environment as a Jupyter kernel (LABKIT_* settings passed through)"),
+    "run": ("labkit.lab.runner", "execute notebooks headless with a scale/profile; write executed copies and an HTML report"),
 }
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from queue import Empty
 from typing import Any, Callable
 
 from jupyter_client.asynchronous import AsyncKernelClient
@@ -73,8 +74,6 @@ class SlicedPollChannel(AsyncZMQSocketChannel):
                     self.missed_wakeups += 1
                 return await self._recv()
             if deadline is not None and time.monotonic() >= deadline:
-                from queue import Empty
-
                 raise Empty
 
 
