@@ -184,3 +184,30 @@ def test_a_script_without_main_guard_fails_fast_naming_the_fix(tmp_path):
     assert 'if __name__ == "__main__":' in r.stderr
     assert "squeue" not in r.stderr and "Slurm" not in r.stderr.split("ClusterError")[-1]
     assert took < 60, f"the failure took {took:.0f} s: it must not wait for the start timeout"
+
+
+def test_a_killed_local_worker_is_reported_with_its_cause(caplog):
+    """distributed says a worker process died only at INFO, which LocalCluster hides: labkit warns,
+    naming the signal and the likely cause (an OOM kill), and the nanny still brings a worker back."""
+    import logging
+    import signal
+
+    from labkit.cluster.upstream import death_note
+
+    caplog.set_level(logging.WARNING, logger="labkit.cluster")
+    with start_cluster("local", workers=1, say=lambda line: None) as h:
+        pid = h.client.run(os.getpid)
+        (addr, pid), = pid.items()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("SIGKILL" in r.getMessage() for r in caplog.records):
+            time.sleep(0.1)
+        notes = [r.getMessage() for r in caplog.records if r.name == "labkit.cluster"]
+        assert any(f"local worker process {pid}" in n and "SIGKILL" in n and "out-of-memory" in n for n in notes), notes
+        h.client.wait_for_workers(1, timeout=60)  # the nanny restarts it
+        assert h.client.run(os.getpid) and pid not in h.client.run(os.getpid).values()
+    # a normal close says nothing
+    assert not [r for r in caplog.records if r.name == "labkit.cluster" and "killed" in r.getMessage()
+                and str(pid) not in r.getMessage()]
+    assert "exited with status 3" in death_note(7, "tcp://x:1", 3)
+    assert "SIGSEGV" in death_note(7, None, -11) and "not yet connected" in death_note(7, None, -11)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import shlex
+import signal
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
@@ -154,7 +156,39 @@ class NonDaemonNanny(Nanny):
     # are not allowed to have children"; #2718 added the config key, which LocalCluster has no argument for).
     async def instantiate(self):  # type: ignore[override]
         with dask.config.set({"distributed.worker.daemon": False}):
-            return await super().instantiate()
+            status = await super().instantiate()
+        self.worker_pid = self.process.pid if self.process else None  # gone from .process once it dies
+        return status
+
+    # Overrides the private ``Nanny._on_worker_exit``: distributed logs a worker process's death at
+    # INFO, which LocalCluster's default silence_logs hides, so a rank lost to a crash or an OOM kill
+    # showed no cause at all. Said here, as a warning, before the nanny goes on as before.
+    async def _on_worker_exit(self, exitcode):  # type: ignore[override]
+        if exitcode and self.status == Status.running:
+            _log.warning("labkit: %s", death_note(getattr(self, "worker_pid", None), self.worker_address, exitcode))
+        return await super()._on_worker_exit(exitcode)
+
+
+_log = logging.getLogger("labkit.cluster")
+
+
+def death_note(pid: int | None, address: str | None, exitcode: int) -> str:
+    """What a local worker process's exit code says, and what to do about it."""
+    who = f"local worker process {pid or '?'} ({address or 'not yet connected'})"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        why = {
+            "SIGKILL": "killed from outside, most often by the kernel's out-of-memory killer: lower the batch or "
+                       "the workers, or raise memory_limit",
+            "SIGSEGV": "crashed in native code (a segfault): see its traceback above, if any",
+            "SIGABRT": "aborted by native code: see its message above",
+            "SIGBUS": "crashed on a bad memory access (a full /dev/shm can cause it)",
+        }.get(name, "stopped by a signal")
+        return f"{who} was killed by {name} ({why}); the Nanny restarts it, and a rank on it is lost"
+    return f"{who} exited with status {exitcode}; see its error above; the Nanny restarts it, and a rank on it is lost"
 
 
 class LabkitLocalCluster(LocalCluster):
@@ -309,6 +343,8 @@ RELIED_ON: tuple[Reliance, ...] = (
              why="LabkitLocalCluster gives each new worker its GPUs"),
     Reliance("distributed", "Nanny", "instantiate", "coroutine", (),
              why="NonDaemonNanny sets distributed.worker.daemon around it"),
+    Reliance("distributed", "Nanny", "_on_worker_exit", "coroutine", ("exitcode",),
+             why="NonDaemonNanny warns of a worker process's death there"),
     Reliance("distributed", "distributed", "distributed.worker.daemon", "config",
              why="read by the nanny when it starts its worker process"),
     Reliance("distributed", "distributed", "distributed.deploy.lost-worker-timeout", "config",
