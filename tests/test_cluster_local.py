@@ -195,9 +195,20 @@ def test_a_killed_local_worker_is_reported_with_its_cause(caplog):
     from labkit.cluster.upstream import death_note
 
     caplog.set_level(logging.WARNING, logger="labkit.cluster")
+    from distributed.core import Status
+
     with start_cluster("local", workers=1, say=lambda line: None) as h:
-        pid = h.client.run(os.getpid)
-        (addr, pid), = pid.items()
+        # a worker can answer before its nanny has marked it started; killed then, it is a failed
+        # start (another path, tested above), not a death
+        def started() -> bool:
+            nannies = list(h.cluster.workers.values())
+            return len(nannies) == 1 and nannies[0].status == Status.running
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not started():
+            time.sleep(0.05)
+        assert started(), f"the nanny never reported itself started: {h.cluster.workers}"
+        (addr, pid), = h.client.run(os.getpid).items()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any("SIGKILL" in r.getMessage() for r in caplog.records):

@@ -218,3 +218,27 @@ def test_training_goes_on_when_its_sink_fails(shards):
     with pytest.warns(RuntimeWarning, match="no display"):
         res = train(cfg, shards, sink=broken)
     assert res.steps == 3
+
+
+def _hold(ctx, seconds):
+    time.sleep(seconds)
+    return ctx.rank
+
+
+def test_the_client_refreshing_its_cache_is_not_a_lost_rank(client):
+    """The client's periodic refresh (here every 5 ms) replaces the cache that
+    ``client.scheduler_info()`` returns with one that lists no workers: a rank watched through that
+    cache looked lost now and then (RankLost after 1.8 s in CI, both workers fine). Watched through
+    ``workers_now``, 2,000 reads and a 4 s run under that refresh never see a worker missing."""
+    import dask
+    from distributed import Client
+
+    from labkit.core.workers import workers_now
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}):
+        fast = Client(client.scheduler.address, set_as_default=False)
+    try:
+        assert all(len(workers_now(fast)) == 2 for _ in range(2000))
+        assert run_ranks(fast, _hold, 4.0, poll=0.005, timeout=60) == [0, 1]
+    finally:
+        fast.close()

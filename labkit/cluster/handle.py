@@ -13,6 +13,7 @@ from typing import Any, Callable
 from distributed import Client
 
 from ..config import Profile
+from ..core.workers import workers_now
 from . import slurmcli, upstream
 from .errors import ClusterError, ClusterTimeout
 from .gpu_slice import parse_ids
@@ -74,7 +75,7 @@ class ClusterHandle:
 
     def workers(self) -> dict[str, dict]:
         """Worker address -> scheduler's info (name, nthreads, memory_limit, resources, metrics)."""
-        return dict(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+        return workers_now(self.client)
 
     def gpu_map(self) -> dict[str, list[str]]:
         """Worker name -> the GPU ids it sees (its CUDA_VISIBLE_DEVICES, as Slurm or labkit set it)."""

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 from distributed import Event, wait
 from distributed.comm import get_address_host
 
+from labkit.core.workers import workers_now
+
 
 @dataclass(frozen=True)
 class RankContext:
@@ -186,7 +188,7 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
 
 def select_workers(client, workers: int | Sequence[str] | None) -> list[str]:
     """The worker addresses to use, in rank order (sorted, so runs are repeatable)."""
-    available = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    available = sorted(workers_now(client))
     if not available:
         raise RuntimeError("the cluster has no workers yet: start or scale it first (e.g. handle.scale(2))")
     if workers is None:
@@ -244,7 +246,7 @@ def run_ranks(
             done = [f for f in futures if f.done()]
             if any(f.status == "error" for f in done) or len(done) == len(futures):
                 break
-            alive = set(client.scheduler_info(n_workers=-1)["workers"])
+            alive = set(workers_now(client))
             lost = [r for r, a in enumerate(addrs) if a not in alive and not futures[r].done()]
             if lost:
                 abort.set()
@@ -289,7 +291,7 @@ def _lost_ranks(client, addrs: Sequence[str], grace: float) -> list[int]:
     """Ranks whose worker left the cluster, watching for up to ``grace`` seconds."""
     deadline = time.monotonic() + grace
     while True:
-        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        alive = set(workers_now(client))
         lost = [r for r, a in enumerate(addrs) if a not in alive]
         if lost or time.monotonic() >= deadline:
             return lost

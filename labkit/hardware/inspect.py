@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 from distributed import get_worker, wait
 
+from labkit.core.workers import workers_now
+
 
 @dataclass(frozen=True)
 class GPUInfo:
@@ -142,7 +144,7 @@ def on_each_worker(client: Any, fn: Any, *args: Any, timeout: float = 120.0, one
     """Run ``fn(*args)`` as a task pinned to each worker (sorted by address); results in that order.
     Tasks, unlike ``client.run``, leave the worker's event loop free (heartbeats go on during a benchmark).
     A worker that does not answer within ``timeout`` seconds raises TimeoutError naming it."""
-    addrs = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+    addrs = sorted(workers_now(client))
     if not addrs:
         raise RuntimeError("the Dask cluster has no workers yet; wait with client.wait_for_workers(n, timeout=300) and retry")
     groups = [[a] for a in addrs] if one_at_a_time else [addrs]

@@ -164,7 +164,7 @@ class HardwarePanel:
             self.refresh()
         except Exception as exc:     # shown in the panel: a callback's exception would vanish into the log
             self.status = (f"inspection failed: {exc!r}; the table shows the previous one. Check the cluster "
-                           "(client.scheduler_info()) and press again")
+                           "(client.nthreads() lists its workers) and press again")
             self._render()
         finally:
             self._button.disabled = False
