@@ -149,7 +149,7 @@ class TrainConfig(ScaleSettings):
     @model_validator(mode="after")
     def _lr_range(self) -> "TrainConfig":
         if self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}; lower min_lr or raise lr")
         return self
 
     @classmethod

@@ -56,7 +56,7 @@ class MeasureConfig(ScaleSettings):
     @classmethod
     def _at_least_one_float(cls, sizes: tuple[int, ...]) -> tuple[int, ...]:
         if not sizes or min(sizes) < 4:
-            raise ValueError("needs sizes of at least 4 bytes (one float32)")
+            raise ValueError("needs sizes of at least 4 bytes (one float32); give one or more byte counts, e.g. [4096, 1048576]")
         return sizes
 
 
