@@ -31,8 +31,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 system:
 	scripts/install-system.sh
 
+## make slurm-up: one-node Slurm on this host plus SLURM_NODES compute hosts in namespaces (0: the host alone)
+SLURM_NODES ?= 2
 slurm-up:
-	scripts/local-slurm.sh up
+	scripts/local-slurm.sh up --nodes $(SLURM_NODES)
 
 slurm-down:
 	scripts/local-slurm.sh down

@@ -65,6 +65,7 @@ class Profile(Settings):
     prologue: tuple[str, ...] = ()
     job_extra: tuple[str, ...] = ()
     interface: str | None = None
+    scheduler_interface: str | None = None  # None: ``interface`` (a login node with another name sets its own)
     tls: bool = False
     lifetime: Duration | None = None
     lifetime_stagger: Duration | None = None
@@ -72,7 +73,7 @@ class Profile(Settings):
     start_timeout: NonNegative = 300
     fake_gpus: bool = False
 
-    @field_validator("partition", "account", "interface", "log_directory", "dashboard_address", mode="before")
+    @field_validator("partition", "account", "interface", "scheduler_interface", "log_directory", "dashboard_address", mode="before")
     @classmethod
     def _number_as_text(cls, value: Any) -> Any:
         """YAML reads ``account: 1234`` as a number; it names a Slurm account all the same."""

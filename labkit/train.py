@@ -53,6 +53,7 @@ from labkit.checkpoint import FileCheckpointer
 from labkit.config import ScaleSettings, runs_dir
 from labkit.core.events import emit
 from labkit.core.ranks import run_ranks
+from labkit.core.shared import check_shared
 from labkit.data.config import default_shard_dir
 from labkit.data.shards import ShardError, ShardReader, make_tiny_shards, verify_shards
 from labkit.model import GPT, GPTConfig, resolve_device
@@ -624,6 +625,9 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
                          "(or a checkpointer=)")
     if config.checkpoint_dir:
         config = config.replace(checkpoint_dir=str(Path(config.checkpoint_dir).resolve()))
+    # a folder under this host's /tmp does not exist on the compute nodes: say so now, naming the node
+    check_shared(client, {"data_dir": data_dir, "checkpoint_dir": config.checkpoint_dir},
+                 workers=workers if isinstance(workers, list) else None, create={"checkpoint_dir"})
     verify_shards(data_dir, client=client)
     results = run_ranks(client, _rank_main, config, data_dir, resume, strategy, checkpointer, workers=workers,
                         backend=backend, timeout=timeout)

@@ -2,7 +2,7 @@
 # Install the Debian packages the tests need: a single-node Slurm (slurmctld, slurmd,
 # slurm-client, munge) and Chromium for the browser tests. Skips what is already there.
 set -euo pipefail
-PKGS=(slurmctld slurmd slurm-client munge chromium fonts-liberation)
+PKGS=(slurmctld slurmd slurm-client munge iproute2 chromium fonts-liberation)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -260,6 +260,9 @@ class _SpyClient:
         self.scattered.append((data, kwargs))
         return self.client.scatter(data, **kwargs)
 
+    def run(self, fn, *args, **kwargs):  # the shared-folder check before the work (labkit.core.shared)
+        return self.client.run(fn, *args, **kwargs)
+
 
 def test_workers_write_the_shards_and_the_driver_gets_names_sizes_hashes(tmp_path, monkeypatch):
     import distributed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import html
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class ClusterHandle:
     target: int = 0
     _closed: bool = field(default=False, repr=False)
     _job_ids: set = field(default_factory=set, repr=False)
+    _hosts: dict = field(default_factory=dict, repr=False)  # worker address -> hostname, asked once
     watchdog: Any = field(default=None, repr=False)  # the process that cancels our jobs if we are killed
 
     def __post_init__(self) -> None:
@@ -77,11 +79,28 @@ class ClusterHandle:
         """Worker address -> scheduler's info (name, nthreads, memory_limit, resources, metrics)."""
         return workers_now(self.client)
 
-    def gpu_map(self) -> dict[str, list[str]]:
-        """Worker name -> the GPU ids it sees (its CUDA_VISIBLE_DEVICES, as Slurm or labkit set it)."""
+    def gpu_map(self, by_node: bool = False) -> dict[str, Any]:
+        """Worker name -> the GPU ids it sees (its CUDA_VISIBLE_DEVICES, as Slurm or labkit set it).
+
+        ``by_node=True``: node (hostname) -> {worker name: GPU ids}, to see how jobs spread over nodes."""
         names = {addr: str(info.get("name", addr)) for addr, info in self.workers().items()}
         seen = self.client.run(_visible_gpus)
-        return {names.get(addr, addr): ids for addr, ids in sorted(seen.items(), key=lambda kv: names.get(kv[0], kv[0]))}
+        flat = {names.get(addr, addr): ids for addr, ids in sorted(seen.items(), key=lambda kv: names.get(kv[0], kv[0]))}
+        if not by_node:
+            return flat
+        hosts = self.hosts()
+        out: dict[str, dict[str, list[str]]] = {}
+        for name, ids in flat.items():
+            out.setdefault(hosts.get(name, "?"), {})[name] = ids
+        return dict(sorted(out.items()))
+
+    def hosts(self) -> dict[str, str]:
+        """Worker name -> the hostname of the node it runs on (asked once per worker, then cached)."""
+        info = self.workers()
+        missing = [a for a in info if a not in self._hosts]
+        if missing:
+            self._hosts.update(self.client.run(socket.gethostname, workers=missing))
+        return {str(w.get("name", a)): self._hosts.get(a, "?") for a, w in sorted(info.items(), key=lambda kv: str(kv[1].get("name")))}
 
     @property
     def workers_per_job(self) -> int:
@@ -115,11 +134,13 @@ class ClusterHandle:
         missing = [a for a in info if a not in cache]
         if missing:
             cache.update({a: tuple(v) for a, v in self.client.run(_visible_gpus, workers=missing).items()})
+        hosts = self.hosts()
         rows = []
         for addr, w in sorted(info.items(), key=lambda kv: str(kv[1].get("name"))):
             m = w.get("metrics", {})
             rows.append(WorkerRow(
                 name=str(w.get("name", addr)), address=addr, gpus=cache.get(addr, ()),
+                host=hosts.get(str(w.get("name", addr)), ""),
                 threads=int(w.get("nthreads", 0)), memory_used=int(m.get("memory", 0)),
                 memory_limit=int(w.get("memory_limit", 0) or 0), executing=int(m.get("executing", 0)),
                 ready=int(m.get("ready", 0)), in_memory=int(m.get("in_memory", 0)),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
+
+import psutil
 
 from ..config import Profile
 from . import slurmcli
@@ -73,6 +76,7 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
             "(e.g. 'module load slurm'), run the lab on a login node, or use start_cluster(profile='local')"
         )
     _check_lifetime(profile, where)
+    check_scheduler_interface(profile, where)
     if profile.require_account and not profile.account:
         raise ClusterConfigError(
             f"{where}: this site requires a Slurm account; pass start_cluster(account='<project>') or set "
@@ -115,6 +119,30 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
                 f"{part.max_gpus_per_node}; ask gpus_per_worker{jobs_of}<={part.max_gpus_per_node} (more workers instead)"
             )
     return part
+
+
+def host_interfaces() -> dict[str, list[str]]:
+    """This host's network interfaces and their IPv4 addresses (what ``interface:`` may name)."""
+    return {name: [a.address for a in addrs if a.family == socket.AF_INET]
+            for name, addrs in sorted(psutil.net_if_addrs().items())}
+
+
+def check_scheduler_interface(profile: Profile, where: str) -> None:
+    """The scheduler binds here: an interface this host lacks fails now, listing the ones it has."""
+    name = profile.scheduler_interface or profile.interface
+    if not name:
+        return
+    have = host_interfaces()
+    if name in have and have[name]:
+        return
+    listing = ", ".join(f"{n} ({', '.join(a) or 'no IPv4 address'})" for n, a in have.items())
+    key = "scheduler_interface" if profile.scheduler_interface else "interface"
+    raise ClusterConfigError(
+        f"{where}: {key}={name!r} is not a network interface with an IPv4 address on this host "
+        f"({socket.gethostname()}), where the scheduler runs; its interfaces: {listing}. Set {key} to one "
+        "of them (if the compute nodes name theirs differently, keep 'interface:' for them and set "
+        "'scheduler_interface:' for this host)"
+    )
 
 
 def _check_lifetime(profile: Profile, where: str) -> None:

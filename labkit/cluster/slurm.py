@@ -70,7 +70,14 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     if per_job > 1 and gpus_per_worker > 0:
         worker_args += ["--preload-nanny", shlex.quote(str(Path(gpu_slice.__file__).resolve()))]
         prologue.append(f"export {gpu_slice.WORKERS_PER_JOB}={per_job} {gpu_slice.GPUS_PER_WORKER}={gpus_per_worker}")
+    if profile.interface:
+        # torch.distributed's own sockets: without these gloo and nccl pick an interface from the
+        # hostname, which on many clusters resolves to the management network (or not at all)
+        iface = shlex.quote(profile.interface)
+        prologue.append(f"export GLOO_SOCKET_IFNAME={iface} NCCL_SOCKET_IFNAME={iface}")
     scheduler_options = {"dashboard_address": profile.dashboard_address or "127.0.0.1:0"}
+    if profile.scheduler_interface or profile.interface:
+        scheduler_options["interface"] = profile.scheduler_interface or profile.interface
     kwargs: dict[str, Any] = dict(
         queue=profile.partition,
         account=profile.account,

@@ -18,6 +18,7 @@ class WorkerRow:
     executing: int
     ready: int
     in_memory: int
+    host: str = ""  # the node's hostname
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ class ClusterStatus:
                 + (" (closed)" if self.closed else "") + f"\n  scheduler {self.address}\n  dashboard {self.dashboard}")
         lines = [head]
         if self.workers:
-            lines.append(f"  {'worker':<22} {'GPUs':<8} {'memory':<19} {'tasks run/ready/held'}")
+            lines.append(f"  {'worker':<22} {'node':<12} {'GPUs':<8} {'memory':<19} {'tasks run/ready/held'}")
             for w in self.workers:
                 mem = f"{_gib(w.memory_used)}/{_gib(w.memory_limit)} GiB"
-                lines.append(f"  {w.name:<22} {','.join(w.gpus) or '-':<8} {mem:<19} "
+                lines.append(f"  {w.name:<22} {w.host or '-':<12} {','.join(w.gpus) or '-':<8} {mem:<19} "
                              f"{w.executing}/{w.ready}/{w.in_memory}")
         for p in self.pending:
             lines.append(f"  pending job {p}")

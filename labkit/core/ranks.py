@@ -61,13 +61,14 @@ class RankError(RuntimeError):
 class RankLost(RuntimeError):
     """A rank's worker disappeared mid-run (killed process, cancelled job, node failure)."""
 
-    def __init__(self, rank: int, worker: str, seconds: float) -> None:
+    def __init__(self, rank: int, worker: str, seconds: float, host: str = "") -> None:
+        on = f" on node {host}" if host else ""
         super().__init__(
-            f"rank {rank} was lost: its worker {worker} left the cluster after {seconds:.1f} s "
-            f"(process killed or Slurm job ended). Scale the cluster back up and resume from the "
+            f"rank {rank} was lost: its worker {worker}{on} left the cluster after {seconds:.1f} s "
+            f"(process killed, Slurm job ended or node down). Scale the cluster back up and resume from the "
             f"last checkpoint (e.g. train_distributed(..., resume=True))."
         )
-        self.rank, self.worker = rank, worker
+        self.rank, self.worker, self.host = rank, worker, host
 
 
 class _RankFailed(Exception):
@@ -251,7 +252,7 @@ def run_ranks(
             if lost:
                 abort.set()
                 _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
-                raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start)
+                raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start, probes[lost[0]].host)
             try:
                 wait(futures, timeout=poll, return_when="FIRST_COMPLETED")
             except TimeoutError:
@@ -264,7 +265,7 @@ def run_ranks(
             lost = _lost_ranks(client, addrs, grace=lost_grace)
             if lost:
                 _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
-                raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start)
+                raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start, probes[lost[0]].host)
             _drain(futures, timeout)
             for f in futures:
                 if f.status == "error":

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from ..core.events import emit
+from ..core.shared import check_shared
 from . import clean as C
 from .config import DataConfig, default_shard_dir
 from .shards import SPLITS, TOKENIZER_FILE, ShardError, clear_folder, dtype_for_vocab, finish_folder, shard_name, write_shard
@@ -450,6 +451,8 @@ def preprocess(
     if out_dir is None:
         out_dir = default_shard_dir(scale)
     out_dir = Path(out_dir)
+    if client is not None:  # the workers write the shards: a folder only this host has fails now, not after an hour
+        check_shared(client, {"out_dir": out_dir}, create={"out_dir"})
     stage_seconds: dict[str, float] = {}
 
     # list (driver)

@@ -29,7 +29,7 @@ def status_html(st: ClusterStatus) -> str:
         return "<b>labkit cluster</b>: closed"
     esc = html.escape
     rows = "".join(
-        f"<tr><td>{esc(w.name)}</td><td>{esc(','.join(w.gpus) or '-')}</td><td>{w.threads}</td>"
+        f"<tr><td>{esc(w.name)}</td><td>{esc(w.host or '-')}</td><td>{esc(','.join(w.gpus) or '-')}</td><td>{w.threads}</td>"
         f"<td><progress max='{max(w.memory_limit, 1)}' value='{w.memory_used}'></progress> "
         f"{w.memory_used / 2**30:.1f}/{w.memory_limit / 2**30:.1f} GiB</td>"
         f"<td>{w.executing}</td><td>{w.ready}</td><td>{w.in_memory}</td></tr>"
@@ -40,7 +40,7 @@ def status_html(st: ClusterStatus) -> str:
     return (
         f"<div><b>{esc(st.kind)} cluster</b>, profile <code>{esc(st.profile)}</code>: "
         f"{len(st.workers)}/{st.target} workers &middot; <code>{esc(st.address)}</code> &middot; {link}"
-        "<table><tr><th>worker</th><th>GPUs</th><th>threads</th><th>memory</th><th>running</th>"
+        "<table><tr><th>worker</th><th>node</th><th>GPUs</th><th>threads</th><th>memory</th><th>running</th>"
         f"<th>ready</th><th>results held</th></tr>{rows}</table>"
         + (f"<div>pending jobs:<ul>{pending}</ul></div>" if pending else "")
         + "</div>"
