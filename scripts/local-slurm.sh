@@ -37,7 +37,10 @@ MEM_MB=${LABKIT_SLURM_MEM_MB:-$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/
 MUNGED_RECORD="$STATE_DIR/munged.pid"   # exists only while a munged started by "up" runs
 NODES=${LABKIT_SLURM_NODES:-0}          # compute hosts in namespaces (0: the one-node cluster only)
 SUBNET=${LABKIT_SLURM_SUBNET:-10.77.0}  # the bridge is $SUBNET.1/24, node I is $SUBNET.(10+I)
-BRIDGE=labkit0                          # on the host; each node's end of its veth has the same name
+BRIDGE=${LABKIT_SLURM_BRIDGE:-labkit0}   # on the host; each node's end of its veth has the same name
+NETNS_PREFIX=${LABKIT_SLURM_NETNS_PREFIX:-labkit-}   # node I's network namespace: ${NETNS_PREFIX}nodeI
+VETH_PREFIX=${LABKIT_SLURM_VETH_PREFIX:-lkv-}        # the host's end of its veth: ${VETH_PREFIX}nodeI
+HOSTS_FILE=${LABKIT_SLURM_HOSTS_FILE:-/etc/hosts}    # where the login node learns the nodes' names
 MADE="$STATE_DIR/made"                  # what "up --nodes" created, one "kind name" per line, for "down"
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SHARED=${LABKIT_SLURM_SHARED:-$REPO:${HOME:-/root}}   # paths every node sees as the host does
@@ -214,7 +217,7 @@ slurmd_pids_in() {  # NSFILE: pids of the slurmd processes whose network namespa
 }
 
 host_slurmd_pids() { slurmd_pids_in /proc/self/ns/net; }
-node_slurmd_pids() { slurmd_pids_in "/var/run/netns/labkit-$1"; }
+node_slurmd_pids() { slurmd_pids_in "/var/run/netns/${NETNS_PREFIX}$1"; }
 
 made() {  # KIND NAME: whether "up --nodes" recorded making it
     [ -f "$MADE" ] && grep -qx "$1 $2" "$MADE"
@@ -243,7 +246,7 @@ make_bridge() {
 }
 
 make_node_net() {  # NODE: its network namespace, and a veth from the bridge into it
-    local n=$1 ns="labkit-$1" veth="lkv-$1"
+    local n=$1 ns="${NETNS_PREFIX}$1" veth="${VETH_PREFIX}$1"
     if [ ! -e "/var/run/netns/$ns" ]; then
         ip netns add "$ns"
         record netns "$ns"
@@ -260,16 +263,35 @@ make_node_net() {  # NODE: its network namespace, and a veth from the bridge int
     chmod 1777 "$STATE_DIR/nodes/$n/tmp"
 }
 
-write_hosts() {  # the /etc/hosts every node sees: the login node and the compute hosts
+HOSTS_BEGIN="# labkit local-slurm compute hosts on $BRIDGE: begin (removed by scripts/local-slurm.sh down)"
+HOSTS_END="# labkit local-slurm compute hosts on $BRIDGE: end"
+
+drop_hosts_block() {  # the lines "up --nodes" added to this host's /etc/hosts, and nothing else
+    grep -qxF "$HOSTS_BEGIN" "$HOSTS_FILE" 2>/dev/null || return 0
+    local kept
+    kept=$(awk -v b="$HOSTS_BEGIN" -v e="$HOSTS_END" '$0 == b {skip = 1; next} $0 == e {skip = 0; next} !skip' "$HOSTS_FILE")
+    # rewritten in place, not replaced: /etc/hosts is often a bind mount (containers)
+    printf '%s\n' "$kept" > "$HOSTS_FILE"
+}
+
+write_hosts() {  # the /etc/hosts every node sees (login node and compute hosts); the host learns the nodes' names
     {
         echo "127.0.0.1 localhost"
         echo "$SUBNET.1 $NODE login"
         for n in $(node_names); do echo "$(node_addr "$n") $n"; done
     } > "$STATE_DIR/hosts.new"
     mv "$STATE_DIR/hosts.new" "$STATE_DIR/hosts"
+    # the login node resolves compute hosts by name, as a site's DNS would (a job's URL https://node1:PORT)
+    drop_hosts_block
+    {
+        echo "$HOSTS_BEGIN"
+        for n in $(node_names); do echo "$(node_addr "$n") $n"; done
+        echo "$HOSTS_END"
+    } >> "$HOSTS_FILE"
+    made hosts "$HOSTS_FILE" || record hosts "$HOSTS_FILE"
 }
 
-node_init() {  # NODE: runs inside the node's new UTS and mount namespaces, becomes its slurmd
+node_setup() {  # NODE: inside the node's new UTS and mount namespaces: hostname, /etc/hosts, node-local /tmp
     local n=$1 p real hold i=0 keep=()
     hostname "$n"
     mount --bind "$STATE_DIR/hosts" /etc/hosts
@@ -290,13 +312,17 @@ node_init() {  # NODE: runs inside the node's new UTS and mount namespaces, beco
         mkdir -p "${p#*=}"
         mount --move "${p%%=*}" "${p#*=}"
     done
-    exec /usr/sbin/slurmd -N "$n"
+}
+
+node_init() {  # NODE: the node's namespaces set up, then this process becomes its slurmd
+    node_setup "$1"
+    exec /usr/sbin/slurmd -N "$1"
 }
 
 start_node() {  # NODE: its slurmd in the node's namespaces, unless one runs there
     local n=$1
     [ -n "$(node_slurmd_pids "$n")" ] && return 0
-    nsenter --net="/var/run/netns/labkit-$n" unshare --uts --mount --propagation private -- \
+    nsenter --net="/var/run/netns/${NETNS_PREFIX}$n" unshare --uts --mount --propagation private -- \
         bash "$REPO/scripts/local-slurm.sh" node-init "$n" \
         || die "slurmd of $n did not start: see $LOG_DIR/slurmd-$n.log"
 }
@@ -320,6 +346,7 @@ remove_made() {  # every namespace, veth and bridge "up --nodes" made (processes
         case "$kind" in
             veth|bridge) ip link del "$name" 2>/dev/null || true ;;
             netns) ip netns del "$name" 2>/dev/null || true ;;
+            hosts) drop_hosts_block ;;
         esac
     done
     rm -rf "$STATE_DIR/nodes" "$STATE_DIR/hosts" "$MADE"
@@ -328,9 +355,9 @@ remove_made() {  # every namespace, veth and bridge "up --nodes" made (processes
 
 fail_node() {  # NODE: a crash, as the rest of the cluster sees it: its slurmd and every process on it die
     local n=${1:-} pids
-    [ -n "$n" ] || die "usage: $0 fail-node NODE (one of: $(ls /var/run/netns 2>/dev/null | sed -n 's/^labkit-//p' | tr '\n' ' '))"
-    made netns "labkit-$n" || die "$n is not a compute host of this cluster (start them with: $0 up --nodes N)"
-    pids=$(ip netns pids "labkit-$n" || true)
+    [ -n "$n" ] || die "usage: $0 fail-node NODE (one of: $(ls /var/run/netns 2>/dev/null | sed -n "s/^${NETNS_PREFIX}//p" | tr '\n' ' '))"
+    made netns "${NETNS_PREFIX}$n" || die "$n is not a compute host of this cluster (start them with: $0 up --nodes N)"
+    pids=$(ip netns pids "${NETNS_PREFIX}$n" || true)
     [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
     echo "local-slurm: $n failed (killed $(echo $pids | wc -w) process(es)); bring it back with: $0 up --nodes <N>"
 }

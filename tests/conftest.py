@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,19 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
     make_tiny_shards(out)
     return out
+
+
+def training_past_a_checkpoint(client, config, shards, timeout: float = 20.0, wait: float = 120.0):
+    """A background training run (``start_distributed``) once its first checkpoint is written."""
+    from labkit.core.events import Recorder, subscribe
+    from labkit.train import start_distributed
+
+    rec = Recorder()
+    sub = subscribe(client, rec, kinds=["checkpoint"])
+    run = start_distributed(client, config, shards, timeout=timeout)
+    deadline = time.time() + wait
+    while not rec.of("checkpoint") and not run.done() and time.time() < deadline:
+        time.sleep(0.1)
+    sub.close()
+    assert not run.done(), "training ended before a checkpoint was seen"
+    return run

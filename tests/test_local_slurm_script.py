@@ -116,3 +116,70 @@ def test_up_again_keeps_its_record_and_records_no_foreign_munged(tmp_path, fake_
     finally:
         with_other.kill()
         with_other.wait()
+
+
+# ---- up --nodes: the compute hosts' namespaces, made and removed under names of the test's own ----
+
+ISOLATED = {"LABKIT_SLURM_SUBNET": "10.79.0", "LABKIT_SLURM_BRIDGE": "lkt0", "LABKIT_SLURM_NETNS_PREFIX": "lkt-",
+            "LABKIT_SLURM_VETH_PREFIX": "lktv-", "LABKIT_SLURM_NODES": "2"}
+
+
+def _bash(cmd: str, env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _links() -> str:
+    return subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
+
+
+def _links_names() -> set[str]:
+    return {line.split()[0].split("@")[0] for line in _links().splitlines() if line.strip()}
+
+
+def _netns() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def test_compute_hosts_are_separate_hosts_and_down_removes_only_what_up_made(tmp_path):
+    from conftest import skip_unless_ci
+
+    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("nsenter") and shutil.which("unshare")):
+        skip_unless_ci("needs root, iproute2 and util-linux (nsenter, unshare), as up --nodes does")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    env = dict(os.environ, LABKIT_SLURM_STATE_DIR=str(tmp_path / "state"), LABKIT_SLURM_HOSTS_FILE=str(hosts), **ISOLATED)
+    src = f'source "{SCRIPT}"'
+    # a namespace and a veth that up did not make, named like its own: they must survive down
+    subprocess.run(["ip", "netns", "add", "lkt-other"], check=True)
+    subprocess.run(["ip", "link", "add", "lktv-x", "type", "veth", "peer", "name", "lktv-y"], check=True)
+    (Path("/tmp") / f"login-only-{os.getpid()}").write_text("only on the login node")
+    try:
+        r = _bash(f"{src}; make_nodes", env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "lkt-node1" in _netns() and "lkt-node2" in _netns() and "lkt0" in _links()
+        assert "10.79.0.11 node1" in hosts.read_text() and "10.79.0.12 node2" in hosts.read_text()
+        inside = (f'nsenter --net=/var/run/netns/lkt-node1 unshare --uts --mount --propagation private -- bash -c '
+                  f'\'{src}; node_setup node1; echo "host=$(hostname)"; echo "tmp=$(ls -A /tmp | tr "\\n" " ")"; '
+                  f'ip -4 -o addr show | awk "{{print \\"addr=\\" \\$4}}"; ip -4 route | sed "s/^/route=/"; '
+                  f'ip route get 192.0.2.1 >/dev/null 2>&1 || echo "outside=unreachable"; '
+                  f'getent hosts node2 | sed "s/^/resolve=/"; test -f "{SCRIPT}" && echo shared=yes\'')
+        r = _bash(inside, env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out = r.stdout.splitlines()
+        assert "host=node1" in out
+        assert "tmp=" in out  # a fresh node-local /tmp: the login node's files are not there
+        assert sorted(line for line in out if line.startswith("addr=")) == ["addr=10.79.0.11/24", "addr=127.0.0.1/8"]
+        routes = [line for line in out if line.startswith("route=")]
+        assert len(routes) == 1 and routes[0].startswith("route=10.79.0.0/24 dev lkt0 "), routes  # no default route
+        assert "outside=unreachable" in out and any(line.startswith("resolve=10.79.0.12") for line in out)
+        assert "shared=yes" in out  # the checkout stays visible, even when it lies under /tmp
+        r = _bash(f"{src}; remove_made", env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "lkt-node1" not in _netns() and "lkt-node2" not in _netns() and "lkt0" not in _links_names()
+        assert "node1" not in hosts.read_text() and hosts.read_text().startswith("127.0.0.1 localhost")
+        assert "lkt-other" in _netns() and "lktv-x" in _links_names()  # what up did not make stays
+    finally:
+        _bash(f"{src}; remove_made", env)
+        subprocess.run(["ip", "netns", "del", "lkt-other"], check=False)
+        subprocess.run(["ip", "link", "del", "lktv-x"], check=False)
+        (Path("/tmp") / f"login-only-{os.getpid()}").unlink(missing_ok=True)

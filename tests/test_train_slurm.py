@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from labkit.core.events import Recorder, subscribe
+from conftest import training_past_a_checkpoint
+
 from labkit.core.ranks import RankLost
 from labkit.checkpoint import list_checkpoints
 from labkit.model import GPTConfig
-from labkit.train import TrainConfig, start_distributed, train_distributed
+from labkit.train import TrainConfig, train_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slurm
@@ -39,14 +40,7 @@ def test_cancelled_slurm_job_is_named_and_resume_continues(slurm, tmp_path):
         config = TrainConfig(model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, precision="float32"),
                              batch_size=2, max_steps=2000, eval_interval=0, sample_tokens=0, num_threads=1,
                              checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_interval=5)
-        rec = Recorder()
-        sub = subscribe(client, rec, kinds=["checkpoint"])
-        run = start_distributed(client, config, shards, timeout=20)
-        deadline = time.time() + 120
-        while not rec.of("checkpoint") and not run.done() and time.time() < deadline:
-            time.sleep(0.1)
-        sub.close()
-        assert not run.done(), "training ended before a checkpoint was seen"
+        run = training_past_a_checkpoint(client, config, shards)
         workers = client.scheduler_info()["workers"]
         rank1 = sorted(workers)[1]
         job_id = handle.cluster.workers[workers[rank1]["name"]].job_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import html
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
-TERMINAL = slurmcli.TERMINAL_STATES  # the one set of ended-job states (kept under its old name)
+TERMINAL = slurmcli.TERMINAL_STATES
+_ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit): ")  # "ValueError: 'ib0' is not a valid ..."  # the one set of ended-job states (kept under its old name)
 
 
 def _visible_gpus() -> list[str]:
@@ -276,8 +278,11 @@ class ClusterHandle:
         out = []
         for jid in job_ids:
             for path in sorted(log_dir.glob(f"*-{jid}.err")):
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"--- worker log of job {jid} ({path.name}), last lines:\n" + "\n".join(text))
+                all_lines = path.read_text(errors="replace").splitlines()
+                # a chained traceback prints its cause first: the line a reader needs may be far above the tail
+                first = next((ln for ln in all_lines if _ERROR_LINE.match(ln)), None)
+                head = f"first error in the log: {first.strip()}\n" if first and first not in all_lines[-lines:] else ""
+                out.append(f"--- worker log of job {jid} ({path.name}): {head}last lines:\n" + "\n".join(all_lines[-lines:]))
         return "\n".join(out)
 
     # ------------------------------------------------------------------ end
