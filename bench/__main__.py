@@ -2,7 +2,7 @@
 
     python -m bench                     # the list (imports nothing heavy, runs nothing)
     python -m bench attention prune     # run these, one after the other
-    python -m bench --all               # run every one (many minutes; bench.cluster needs Slurm)
+    python -m bench --all               # run every one (many minutes; bench.cluster and bench.multinode need Slurm)
 
 Each benchmark is a module ``bench/<name>.py`` run as ``python -m bench.<name>``; it prints ratios
 against a baseline measured in the same run. The exit status of a run is 1 when any of them failed.
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     found = benchmarks()
     ap = argparse.ArgumentParser(prog="python -m bench", description="List labkit's benchmarks, or run them.")
     ap.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(found)}")
-    ap.add_argument("--all", action="store_true", help="run every benchmark (many minutes; bench.cluster needs Slurm)")
+    ap.add_argument("--all", action="store_true", help="run every benchmark (many minutes; bench.cluster and bench.multinode need Slurm)")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in found]
     if unknown:
