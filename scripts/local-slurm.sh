@@ -301,7 +301,7 @@ node_setup() {  # NODE: inside the node's new UTS and mount namespaces: hostname
         [ -d "$p" ] || continue
         real=$(realpath "$p")
         case "$real/" in /tmp/*) ;; *) continue ;; esac
-        hold="$STATE_DIR/nodes/$n/hold$i"
+        hold="/run/labkit-hold-$$-$i"  # outside /tmp, which the node-local mount is about to cover
         i=$(( i + 1 ))
         mkdir -p "$hold"
         mount --bind "$real" "$hold"
@@ -311,6 +311,7 @@ node_setup() {  # NODE: inside the node's new UTS and mount namespaces: hostname
     for p in ${keep[@]+"${keep[@]}"}; do
         mkdir -p "${p#*=}"
         mount --move "${p%%=*}" "${p#*=}"
+        rmdir "${p%%=*}" 2>/dev/null || true
     done
 }
 
@@ -319,9 +320,20 @@ node_init() {  # NODE: the node's namespaces set up, then this process becomes i
     exec /usr/sbin/slurmd -N "$1"
 }
 
-start_node() {  # NODE: its slurmd in the node's namespaces, unless one runs there
-    local n=$1
-    [ -n "$(node_slurmd_pids "$n")" ] && return 0
+node_sees_checkout() {  # PID: whether that process (a node's slurmd) sees this checkout, the shared filesystem
+    nsenter --target "$1" --mount -- test -e "$REPO/scripts/local-slurm.sh" 2>/dev/null
+}
+
+start_node() {  # NODE: its slurmd in the node's namespaces, unless one runs there that sees this checkout
+    local n=$1 pid
+    for pid in $(node_slurmd_pids "$n"); do
+        node_sees_checkout "$pid" && return 0
+        # started from another checkout: its jobs could not see this one's Python; restart it sharing this one
+        echo "local-slurm: restarting the slurmd of $n so that it shares $REPO"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    done
     nsenter --net="/var/run/netns/${NETNS_PREFIX}$n" unshare --uts --mount --propagation private -- \
         bash "$REPO/scripts/local-slurm.sh" node-init "$n" \
         || die "slurmd of $n did not start: see $LOG_DIR/slurmd-$n.log"
