@@ -25,8 +25,8 @@ from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
-TERMINAL = slurmcli.TERMINAL_STATES
-_ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit): ")  # "ValueError: 'ib0' is not a valid ..."  # the one set of ended-job states (kept under its old name)
+TERMINAL = slurmcli.TERMINAL_STATES  # the one set of ended-job states (kept under its old name)
+_ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit): ")  # "ValueError: 'ib0' is not a valid ..."
 
 
 def _visible_gpus() -> list[str]:

@@ -64,7 +64,8 @@ def check_shared(client: Any, folders: Mapping[str, str | os.PathLike | None], *
             if label in create:
                 path.mkdir(parents=True, exist_ok=True)
             if not path.is_dir():
-                raise SharedFolderError(f"{label} {path} is not a folder on this host ({socket.gethostname()})")
+                raise SharedFolderError(f"{label} {path} is not a folder on this host ({socket.gethostname()}): "
+                                        "fix the path, or make the folder on shared storage first")
             labels[str(path)] = label
             token = uuid.uuid4().hex
             marker = path / f"{MARKER}{token[:12]}"
