@@ -49,16 +49,17 @@ import psutil
 import torch
 from pydantic import Field, PlainValidator, model_validator
 
-from labkit.checkpoint import FileCheckpointer
+from labkit.checkpoint import default_checkpointer
 from labkit.config import ScaleSettings, runs_dir
 from labkit.core.events import emit
+from labkit.core.memcap import Cap, is_out_of_memory, memory_cap
 from labkit.core.ranks import run_ranks
 from labkit.core.shared import check_shared
 from labkit.data.config import default_shard_dir
 from labkit.data.shards import ShardError, ShardReader, make_tiny_shards, verify_shards
 from labkit.model import GPT, GPTConfig, resolve_device
 from labkit.settings import merge
-from labkit.strategy import default_strategy
+from labkit.strategy import STRATEGIES, make_strategy
 
 SCALES = ("tiny", "binder", "workshop", "full")
 
@@ -126,12 +127,17 @@ class TrainConfig(ScaleSettings):
     log_interval: NonNegative = 1      # a train event (and a host sync) every this many steps; 0: none
     sample_tokens: int = 24            # 0 disables samples
     sample_prompt: str = "def "
+    # how the ranks share the work: auto (DDP over 2+ ranks) | single | ddp | fsdp
+    strategy: str = "auto"
     # checkpoints
     checkpoint_dir: str | None = None
+    checkpoint_format: str = "auto"    # auto (sharded under FSDP or when the folder has them) | file | sharded
     checkpoint_interval: int = 10      # 0: only at the end (when checkpoint_dir is set)
     keep_last: Positive = 2            # checkpoints kept
     # where
     device: str = "auto"               # auto | cpu | cuda | cuda:N (ranks get theirs from run_ranks)
+    memory_cap_mb: Annotated[float, Field(gt=0)] | None = None  # each rank may allocate at most this
+                                       # much more (labkit.core.memcap): a small GPU, simulated
     num_threads: int | None = None     # torch threads per rank on CPU; None leaves torch's choice
     scale: str | None = None           # the preset it came from (for_scale sets it): whose shards are
                                        # the default data; None = the lab's active scale
@@ -149,6 +155,10 @@ class TrainConfig(ScaleSettings):
 
     @model_validator(mode="after")
     def _lr_range(self) -> "TrainConfig":
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        if self.checkpoint_format not in ("auto", "file", "sharded"):
+            raise ValueError(f"checkpoint_format={self.checkpoint_format!r}; valid: auto, file, sharded")
         if self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}; lower min_lr or raise lr")
         return self
@@ -318,6 +328,13 @@ class Run:
     start_step: int = 0
     sink: Callable | None = None
     host_syncs: int = 0                 # times the host waited for the device to read values back
+    capped: Cap = field(default_factory=Cap)  # the rank's memory cap (TrainConfig.memory_cap_mb)
+
+    def full_model(self) -> GPT | None:
+        """The whole model on rank 0 (None elsewhere); every rank calls it (FSDP gathers). It goes to
+        host memory, so outside the simulated device cap."""
+        with self.capped.lifted():
+            return self.strategy.full_model(self.wrapped, self.rank)
 
     @property
     def model(self) -> GPT:
@@ -348,14 +365,16 @@ def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, wo
           device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
           strategy: Any = None, checkpointer: Any = None, verify: bool = True) -> Run:
     """Device, data, tokenizer, resume point, model, the strategy's wrap, optimizer, restored state.
-    ``strategy`` None: ``labkit.strategy.default_strategy``; ``checkpointer`` None: files in
-    ``config.checkpoint_dir`` when it is set, else none."""
+    ``strategy`` None: the one ``config.strategy`` names (``labkit.strategy.make_strategy``);
+    ``checkpointer`` None: ``labkit.checkpoint.default_checkpointer`` in ``config.checkpoint_dir``
+    when it is set (sharded under FSDP), else none."""
     device = resolve_device(config.device if device is None else device)
     if config.num_threads and device.type == "cpu":
         torch.set_num_threads(config.num_threads)
-    strategy = default_strategy(world_size) if strategy is None else strategy
+    strategy = make_strategy(config.strategy, world_size) if strategy is None else strategy
     if checkpointer is None and config.checkpoint_dir:
-        checkpointer = FileCheckpointer(config.checkpoint_dir, config.keep_last)
+        checkpointer = default_checkpointer(config.checkpoint_dir, config.keep_last, config.checkpoint_format,
+                                            sharded=strategy.sharded)
     train_data, val_data = open_data(data_dir, verify=verify)
     try:
         tokenizer = train_data.tokenizer()
@@ -440,10 +459,14 @@ def _sample(model: GPT, tokenizer: Any, config: TrainConfig, device: torch.devic
 
 
 def sample(run: Run, when: str, step: int, seed: int | None = None) -> str | None:
-    """On rank 0, with a tokenizer and ``sample_tokens`` set: a sample, emitted as a ``sample`` event."""
-    if not (run.is_main and run.tokenizer is not None and run.config.sample_tokens):
+    """On rank 0, with a tokenizer and ``sample_tokens`` set: a sample, emitted as a ``sample`` event.
+    Every rank calls it (a sharded model is gathered onto rank 0 first)."""
+    if run.tokenizer is None or not run.config.sample_tokens:
         return None
-    text = _sample(run.model, run.tokenizer, run.config, run.device, seed=seed)
+    model = run.full_model()
+    if model is None:
+        return None
+    text = _sample(model, run.tokenizer, run.config, run.device, seed=seed)
     emit("sample", run.sink, rank=run.rank, step=step, when=when, text=text)
     return text
 
@@ -529,10 +552,43 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
     The host waits for the device only at sync points: the first step, every ``log_interval``
     steps, validations, checkpoints and the last step; the losses of the steps between stay on the
     device and come back (averaged over the ranks) in one transfer. ``verify=False`` skips hashing the
-    shards (the run's driver had them verified once for all ranks)."""
+    shards (the run's driver had them verified once for all ranks). With ``config.memory_cap_mb``
+    the rank runs under that cap (``labkit.core.memcap``) and running out raises ``MemoryCapExceeded``."""
+    cap = config.memory_cap_mb
+    with memory_cap(cap, resolve_device(config.device if device is None else device)) as capped:
+        try:
+            return _loop(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink,
+                         resume=resume, should_stop=should_stop, strategy=strategy, checkpointer=checkpointer,
+                         verify=verify, capped=capped)
+        except Exception as exc:
+            if cap is None or not is_out_of_memory(exc):
+                raise
+            raise MemoryCapExceeded(rank, cap, config.strategy if strategy is None else strategy.name) from exc
+
+
+class MemoryCapExceeded(RuntimeError):
+    """A rank needed more memory than ``TrainConfig.memory_cap_mb`` allows."""
+
+    def __init__(self, rank: int, cap_mb: float, strategy: str) -> None:
+        super().__init__(
+            f"rank {rank} ran out of memory under memory_cap_mb={cap_mb:g} (strategy {strategy!r}): its model "
+            "states and activations need more. Shard them with strategy='fsdp', use a smaller model or "
+            "batch_size, or raise memory_cap_mb")
+        self.rank, self.cap_mb, self.strategy = rank, cap_mb, strategy
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.rank, self.cap_mb, self.strategy)
+
+
+def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_size: int,
+          device: torch.device | str | None, sink: Callable | None, resume: bool,
+          should_stop: Callable[[], bool] | None, strategy: Any, checkpointer: Any, verify: bool,
+          capped: Cap) -> TrainResult:
+    """The body of ``run_loop``."""
     t_start = time.time()
     run = setup(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink, resume=resume,
                 strategy=strategy, checkpointer=checkpointer, verify=verify)
+    run.capped = capped
     config = run.config  # resume may have changed grad_accum to keep the effective batch
     samples: dict[str, str] = {}
     if run.start_step == 0 and (text := sample(run, "before", 0)) is not None:
@@ -571,12 +627,13 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
 
     if (text := sample(run, "after", config.max_steps)) is not None:
         samples["after"] = text
+    final = run.full_model()  # gathered on rank 0 under FSDP
     return TrainResult(
         steps=len(meter.losses), losses=meter.losses, val=val_hist, samples=samples,
         tokens_per_s=meter.timed_tokens / meter.timed_s if meter.timed_s else float("nan"),
         seconds=time.time() - t_start, first_step_time=meter.first_step_time, world_size=world_size,
         effective_batch=config.effective_batch(world_size), start_step=run.start_step, checkpoint=last_ckpt,
-        model=run.model.cpu() if run.is_main else None, host_syncs=run.host_syncs,
+        model=final.cpu() if final is not None else None, host_syncs=run.host_syncs,
     )
 
 

@@ -8,12 +8,12 @@ from typing import Any, Sequence
 
 import torch
 
-from labkit.checkpoint import CheckpointError, load, read_checked
+from labkit.checkpoint import SHARDED_RE, CheckpointError, load, verify
 
 from .demo import demo_generator
 from .engine import ByteTokenizer, ModelGenerator
 
-CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth")
+CHECKPOINT_SUFFIXES = (".pt", ".ckpt", ".pth", ".safetensors")
 
 
 class NoCheckpoint(FileNotFoundError):
@@ -39,10 +39,12 @@ class HFTokenizer:
 
 
 def checkpoints_newest_first(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Checkpoint files under ``run_dir`` (one folder or several, searched recursively), newest first."""
+    """Checkpoints under ``run_dir`` (one folder or several, searched recursively), newest first: files
+    (``.pt``, ``.safetensors``, ...) and sharded checkpoint folders (``step_*.dcp`` of an FSDP run)."""
     roots = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
     found = [p for root in map(Path, roots) if root.is_dir() for p in root.rglob("*")
-             if p.suffix in CHECKPOINT_SUFFIXES and p.is_file() and not p.name.startswith(".")]
+             if not p.name.startswith(".") and ((p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+                                                or (SHARDED_RE.match(p.name) and p.is_dir()))]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
@@ -51,7 +53,7 @@ def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) 
     found = checkpoints_newest_first(run_dir)
     for path in found:
         try:
-            read_checked(path)
+            verify(path)
         except CheckpointError:
             continue  # a broken or half-copied file: fall back to the one before
         return path
@@ -66,9 +68,9 @@ def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelGenerator:
     """A ``ModelGenerator`` for a checkpoint written by ``labkit.checkpoint.save`` (pruned or not)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not SHARDED_RE.match(path.name):
         path = newest_checkpoint(path)
-    if not path.is_file():
+    if not path.exists():
         raise NoCheckpoint(f"no checkpoint at {path}; pass an existing file, a run directory, or use --demo")
     ckpt = load(path, map_location=device)
     tok = ckpt.tokenizer()

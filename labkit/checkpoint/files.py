@@ -1,4 +1,4 @@
-"""Checkpoints of labkit's GPT: the one place that knows the file format, the names and the rotation.
+"""Single-file checkpoints of labkit's GPT: the file format, the names and the rotation.
 
 A checkpoint is one file: a header line ``LABKIT-CKPT 1 sha256=<hex> length=<n>``, then a
 ``torch.save`` payload of plain types and tensors (loadable with ``weights_only=True``)::
@@ -13,8 +13,8 @@ either the old file or none, never a bad one.
 - ``FileCheckpointer(directory, keep_last)``: what training writes, ``step_<8 digits>.pt`` with the
   optimizer and step in ``extra``, keeping the last ``keep_last``; ``latest`` skips broken files.
   A training run takes any object with its ``save(run, step)``, ``load_latest()`` and
-  ``restore(run, resume)`` (``labkit.train.run_loop``'s ``checkpointer=``), so another format
-  (e.g. sharded ``torch.distributed.checkpoint``) can come in beside it without editing the loop.
+  ``restore(run, resume)`` (``labkit.train.run_loop``'s ``checkpointer=``); the sharded one
+  (``torch.distributed.checkpoint``) is ``labkit.checkpoint.sharded.ShardedCheckpointer``.
 """
 
 from __future__ import annotations
@@ -48,32 +48,43 @@ class CheckpointError(RuntimeError):
 
 def write_checked(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` (tensors and plain Python types) atomically with a SHA-256 checksum."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getvalue()
     header = MAGIC + b" sha256=%s length=%d\n" % (hashlib.sha256(payload).hexdigest().encode(), len(payload))
+    return write_atomic(path, header, payload)
+
+
+def write_atomic(path: str | os.PathLike, *parts: bytes) -> Path:
+    """Write ``parts`` to ``path`` through a temporary file renamed into place: a process killed
+    mid-write leaves the old file or none, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename into ``folder`` durable (where the file system allows it)."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass
-    return path
 
 
 def read_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:

@@ -1,0 +1,185 @@
+"""Sharded training checkpoints with ``torch.distributed.checkpoint`` (DCP): each rank writes its shard.
+
+A checkpoint is a folder ``step_<8 digits>.dcp`` holding DCP's files (one ``__<rank>_0.distcp``
+per rank that wrote, and ``.metadata``, the map from each tensor's slices to files) and
+``labkit.json``, the manifest: step, world size, strategy, the run's settings, the model's shape,
+the tokenizer, and the size and SHA-256 of every file. Because DCP stores where each slice of a
+tensor lies, a run saved on 4 ranks loads on 2, or on 1 process without a process group: each
+reader asks for the slices its own (sharded or whole) tensors cover ("resharding at load").
+
+Atomic: the ranks write into ``.step_<step>.dcp.partial``; only when all have finished does rank
+0 hash the files, write the manifest and rename the folder into place. A folder without a manifest,
+or whose files do not match it, is never taken as a checkpoint (``latest`` skips it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from labkit.model import GPT, GPTConfig
+
+from .files import FORMAT, CheckpointError, FileCheckpointer, Resume, fsync_dir, list_checkpoints
+
+SHARDED_RE = re.compile(r"^step_(\d{8})\.dcp$")
+MANIFEST = "labkit.json"
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns when it runs without a process group; for a world of one that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file DCP wrote in ``folder`` (the manifest left out)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def list_sharded(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """The finished sharded checkpoints (``step_<8 digits>.dcp`` folders) in a folder, oldest first."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if SHARDED_RE.match(p.name) and p.is_dir())
+
+
+def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a sharded checkpoint, after checking every file against it (``verify``)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder} is not a finished sharded checkpoint ({MANIFEST} unreadable: {exc}); "
+                              "use an earlier checkpoint") from None
+    if manifest.get("format") != FORMAT or manifest.get("layout") != "sharded":
+        raise CheckpointError(f"{folder} holds no sharded GPT checkpoint (manifest format {manifest.get('format')!r})")
+    if verify:
+        for name, want in manifest["files"].items():
+            f = folder / name
+            if not f.is_file() or f.stat().st_size != want["bytes"]:
+                raise CheckpointError(f"{f} is missing or truncated; use an earlier checkpoint")
+            if _sha256(f) != want["sha256"]:
+                raise CheckpointError(f"{f} is corrupt (checksum mismatch); use an earlier checkpoint")
+    return manifest
+
+
+def _states(run: Any) -> dict[str, Any]:
+    """Model and optimizer state keyed by parameter name, as this rank holds them (shards under FSDP)."""
+    return {"model": get_model_state_dict(run.wrapped),
+            "optim": get_optimizer_state_dict(run.wrapped, run.optimizer)}
+
+
+def load_sharded_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, dict]:
+    """The whole model of a sharded checkpoint in this one process (no process group needed), and
+    its manifest: for export, serving or evaluation after an FSDP run."""
+    manifest = read_manifest(folder)
+    model = GPT(GPTConfig.from_dict(manifest["model_config"]))
+    state = {"model": model.state_dict()}
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=str(folder))
+    model.load_state_dict(state["model"])
+    return model.to(map_location), manifest
+
+
+@dataclass
+class ShardedCheckpointer:
+    """Training checkpoints as ``step_<step>.dcp`` folders in ``directory``, written by every rank
+    together (collective: all ranks call ``save`` and ``restore``); the last ``keep_last`` kept.
+
+    ``run`` is the loop's ``labkit.train.Run`` (``wrapped``, ``optimizer``, ``rank``,
+    ``world_size``, ``strategy``, ``config``, ``model_config``, ``tokenizer_json``)."""
+
+    directory: str
+    keep_last: int = 2
+
+    def save(self, run: Any, step: int) -> str | None:
+        """Write the checkpoint of ``step``; its folder on rank 0, None on the others."""
+        d = Path(self.directory)
+        final, partial = d / f"step_{step:08d}.dcp", d / f".step_{step:08d}.dcp.partial"
+        if run.rank == 0:  # a partial folder of an earlier crash is not mixed into this one
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        with _one_process_is_fine():
+            dcp.save(_states(run), checkpoint_id=str(partial))  # each rank its shard; rank 0 the metadata
+        if run.rank == 0:
+            manifest = {"format": FORMAT, "layout": "sharded", "step": step, "world_size": run.world_size,
+                        "strategy": run.strategy.name, "train_config": run.config.to_dict(),
+                        "model_config": run.model_config.to_dict(), "tokenizer": run.tokenizer_json,
+                        "files": _files(partial)}
+            (partial / MANIFEST).write_text(json.dumps(manifest))
+            for f in partial.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            fsync_dir(d)
+            for old in list_sharded(d)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()  # no rank goes on (or stops) before the checkpoint is in place
+        return str(final) if run.rank == 0 else None
+
+    def load_latest(self) -> Resume | None:
+        """The newest intact sharded checkpoint in ``directory`` (broken ones skipped), or None."""
+        for folder in reversed(list_sharded(self.directory)):
+            try:
+                m = read_manifest(folder)
+            except CheckpointError:
+                continue
+            return Resume(step=int(m["step"]), world_size=m.get("world_size"),
+                          grad_accum=(m.get("train_config") or {}).get("grad_accum"),
+                          model_config=m["model_config"], payload=m, where=str(folder))
+        return None
+
+    def restore(self, run: Any, resume: Resume) -> None:
+        """Load model and optimizer state into the run's (possibly differently) sharded tensors."""
+        state = _states(run)  # the target layout; the optimizer's state exists after this
+        with _one_process_is_fine():
+            dcp.load(state, checkpoint_id=resume.where)
+        set_model_state_dict(run.wrapped, state["model"])
+        set_optimizer_state_dict(run.wrapped, run.optimizer, state["optim"])
+
+
+def default_checkpointer(directory: str, keep_last: int = 2, fmt: str = "auto", sharded: bool = False) -> Any:
+    """The checkpointer ``TrainConfig.checkpoint_format`` names: ``"auto"`` is sharded for a sharded
+    strategy (``sharded``) or when ``directory``'s newest checkpoint is sharded, else one file."""
+    if fmt == "auto":
+        newest_sharded = max((int(SHARDED_RE.match(p.name).group(1)) for p in list_sharded(directory)), default=-1)
+        newest_file = max((int(p.name[5:13]) for p in list_checkpoints(directory)), default=-1)
+        fmt = "sharded" if sharded or newest_sharded > newest_file else "file"
+    if fmt == "file" and sharded:
+        raise ValueError("an FSDP run keeps its optimizer state in shards: use checkpoint_format='sharded' "
+                         "(or 'auto'), not 'file'")
+    return ShardedCheckpointer(directory, keep_last) if fmt == "sharded" else FileCheckpointer(directory, keep_last)
