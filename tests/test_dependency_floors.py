@@ -36,6 +36,8 @@ NUMPY_NEW = {
 API_FLOORS = [
     ("torch", "2.0", r"F\.scaled_dot_product_attention\(", "torch.nn.functional.scaled_dot_product_attention"),
     ("torch", "1.13", r"torch\.load\(.*weights_only=", "torch.load(weights_only=...)"),
+    ("torch", "2.6", r"from torch\.distributed\.fsdp import [^\n]*\bfully_shard\b", "torch.distributed.fsdp.fully_shard (FSDP2)"),
+    ("safetensors", "0.4", r"from safetensors\.torch import", "safetensors.torch save/load of bytes with metadata"),
     ("transformers", "4.36", r"attn_implementation=attn_implementation", "from_pretrained(attn_implementation=...)"),
     ("pydantic", "2.0", r"from pydantic import [^\n]*\bfield_validator\b", "pydantic v2 (ConfigDict, field_validator)"),
 ]
