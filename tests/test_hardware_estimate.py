@@ -214,3 +214,18 @@ def test_storage_and_plan():
     ok = plan_run(GPTConfig.preset("gpt2"), 1e10, "H100-SXM", 8, micro_batch=8)
     assert ok.memory.fits and not ok.notes and math.isclose(ok.time.flops, ok.time.gpu_hours * 3600 / 8 * 8 * 989.4e12 * 0.4, rel_tol=1e-9)
     assert ok.energy.kwh == pytest.approx(ok.time.gpu_hours * 0.7 * 1.2)
+
+
+def test_float32_sizes_split_the_same_16_bytes_and_double_the_activations():
+    from labkit.hardware.estimate import activation_bytes, training_memory
+    from labkit.model import GPTConfig
+
+    cfg = GPTConfig(vocab_size=1000, n_layer=2, n_head=2, n_embd=64, block_size=32)
+    mixed = training_memory(10_000, cfg, micro_batch=2)
+    fp32 = training_memory(10_000, cfg, micro_batch=2, weight_bytes=4, grad_bytes=4, optimizer_bytes_per_param=8,
+                           activation_value_bytes=4)
+    assert fp32.model_states_bytes == mixed.model_states_bytes == 16 * 10_000
+    assert (fp32.weights_bytes, fp32.grads_bytes, fp32.optimizer_bytes) == (40_000, 40_000, 80_000)
+    logits = 4.0 * 32 * 2 * 1000  # float32 in both
+    assert fp32.activations_bytes - logits == pytest.approx(2 * (mixed.activations_bytes - logits))
+    assert activation_bytes(cfg, micro_batch=2, value_bytes=4) == fp32.activations_bytes

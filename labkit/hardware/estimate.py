@@ -271,19 +271,19 @@ class TrainingMemory:
 
 def activation_bytes(
     cfg: GPTConfig, *, micro_batch: int = 1, seq_len: int | None = None,
-    checkpointing: bool = False, flash_attention: bool = False,
+    checkpointing: bool = False, flash_attention: bool = False, value_bytes: float = 2,
 ) -> float:
-    """Activation memory of one micro-batch (16-bit activations), after Korthikanti et al. 2022:
+    """Activation memory of one micro-batch (16-bit activations; ``value_bytes=4`` for float32), after Korthikanti et al. 2022:
     s·b·d·(34 + 5·a·s/d) bytes per layer; FlashAttention does not store the a·s² scores (drops 5·a·s/d).
     With full checkpointing only each layer's input (2·s·b·d) is kept, plus one layer recomputed at a time.
     The fp32 logits of the loss (4·s·b·V) are added in both cases."""
     s = seq_len or cfg.block_size
     _positive(micro_batch=micro_batch, seq_len=s)
     b, d, a = micro_batch, cfg.n_embd, cfg.n_head
-    per_layer = s * b * d * (34 + (0 if flash_attention else 5 * a * s / d))
+    per_layer = s * b * d * (34 + (0 if flash_attention else 5 * a * s / d)) * value_bytes / 2
     logits = 4.0 * s * b * cfg.vocab_size
     if checkpointing:
-        return cfg.n_layer * 2.0 * s * b * d + per_layer + logits
+        return cfg.n_layer * value_bytes * s * b * d + per_layer + logits
     return cfg.n_layer * per_layer + logits
 
 
@@ -299,14 +299,19 @@ def training_memory(
     flash_attention: bool = False,
     gpu: str | Accelerator | None = None,
     optimizer_bytes_per_param: float = ADAM_BYTES,
+    weight_bytes: float = WEIGHT_BYTES,
+    grad_bytes: float = GRAD_BYTES,
+    activation_value_bytes: float = 2,
 ) -> TrainingMemory:
     """Memory per GPU for mixed-precision AdamW training under ZeRO stage 0-3 (FSDP full shard = 3) over
     ``dp`` data-parallel ranks: 2N weights, 2N grads, 12N optimizer bytes; stage 1 shards the optimizer
-    states, 2 also the grads, 3 also the weights (Rajbhandari et al., ZeRO, 2020). Activations need ``cfg``."""
+    states, 2 also the grads, 3 also the weights (Rajbhandari et al., ZeRO, 2020). Activations need ``cfg``.
+    Plain float32 training is ``weight_bytes=4, grad_bytes=4, optimizer_bytes_per_param=8,
+    activation_value_bytes=4`` (the same 16 bytes of model states per parameter, split otherwise)."""
     _positive(n_params=n_params, dp=dp)
     if zero_stage not in ZERO_STAGES:
         raise EstimateError(f"zero_stage must be one of {ZERO_STAGES} (3 = FSDP full shard), got {zero_stage!r}")
-    w, g, o = WEIGHT_BYTES * n_params, GRAD_BYTES * n_params, optimizer_bytes_per_param * n_params
+    w, g, o = weight_bytes * n_params, grad_bytes * n_params, optimizer_bytes_per_param * n_params
     if zero_stage >= 1:
         o /= dp
     if zero_stage >= 2:
@@ -314,7 +319,8 @@ def training_memory(
     if zero_stage >= 3:
         w /= dp
     act = 0.0 if cfg is None else activation_bytes(
-        cfg, micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, flash_attention=flash_attention)
+        cfg, micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, flash_attention=flash_attention,
+        value_bytes=activation_value_bytes)
     mem = None if gpu is None else find_gpu(gpu).memory_bytes
     return TrainingMemory(w, g, o, act, zero_stage, int(dp), mem)
 
