@@ -84,3 +84,21 @@ def test_bench_memory_report_states_the_goals():
     bad = bench.report([dict(row, strategy="ddp", states_ratio=1.3)], n_embd=64)
     assert "NOT met" in bad
 
+
+
+def test_memory_views_render_every_row():
+    from labkit.widgets.memory import memory_figure, memory_table_view
+
+    row = dict(n_params=1000, ranks=2, zero_stage=0, strategy="ddp", states_measured=4 * MiB, states_predicted=4 * MiB,
+               states_ratio=1.0, activations_measured=MiB, activations_predicted=1.1 * MiB, activations_ratio=0.91,
+               peak_measured=6 * MiB, peak_predicted=5 * MiB, peak_ratio=1.2)
+    fsdp = dict(row, strategy="fsdp", zero_stage=3, states_measured=2 * MiB, states_vs_ddp=0.5, peak_vs_ddp=0.6)
+    text = str(memory_table_view([row, fsdp]))
+    assert "fsdp (ZeRO-3)" in text and "4.0 / 4.0 (1.00)" in text and "0.50 / 0.60" in text
+    fig = memory_figure([row, fsdp])
+    assert [t.name for t in fig.data] == ["model states, measured", "model states, predicted",
+                                         "step peak, measured", "step peak, predicted"]
+    assert list(fig.data[0].y) == [4.0, 2.0]
+
+
+MiB = 2**20

@@ -1,0 +1,163 @@
+"""The few lines that turn single-process training into a DDP rank or an FSDP shard, as code that runs.
+
+Notebook 06 shows these functions as diffs (``diff("single", "ddp")``) and runs them on the Dask
+workers (``run_lesson``), so the lesson's code is the code that was tested, not a picture of it:
+
+- ``train_single``: one process, the whole batch;
+- ``train_ddp``: the same loop as one rank of many: each rank takes its rows of the batch and
+  ``DistributedDataParallel`` averages the gradients in backward, so every rank steps to the same weights;
+- ``train_fsdp``: the same again, with ``fully_shard`` on each block and the root: each rank keeps
+  1/world of every weight, gathers a block's weights just before using it and frees them after.
+
+Each returns what the proofs need: the losses, a digest of the weights a rank holds, and, for one
+weight, the rank's own piece of it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from labkit.core.ranks import run_ranks
+from labkit.model import GPT, GPTConfig
+
+WATCHED = "transformer.h.0.attn.c_attn.weight"  # the weight whose pieces the proofs compare
+
+
+@dataclass(frozen=True)
+class LessonConfig:
+    """A GPT small enough to train in seconds on any laptop, and its stand-in batches."""
+
+    vocab_size: int = 96
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 32
+    batch_size: int = 8   # sequences per optimizer step, over all ranks together
+    steps: int = 3
+    lr: float = 1e-3
+    seed: int = 0
+
+    def model(self) -> GPT:
+        """The same freshly initialised GPT in every process (the seed is fixed)."""
+        torch.manual_seed(self.seed)
+        return GPT(GPTConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                             n_embd=self.n_embd, block_size=self.block_size, dropout=0.0, precision="float32"))
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step ``step``'s whole batch of (input, target) token rows; the same in every process."""
+        g = torch.Generator().manual_seed(self.seed * 1000 + step)
+        tokens = torch.randint(0, self.vocab_size, (self.batch_size, self.block_size + 1), generator=g)
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the weights this process holds (for FSDP: its shards), in parameter order."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        h.update(name.encode())
+        h.update(local.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _report(model: torch.nn.Module, losses: list[float]) -> dict[str, Any]:
+    watched = dict(model.named_parameters())[WATCHED]
+    local = watched.to_local() if hasattr(watched, "to_local") else watched
+    return {"losses": losses, "digest": weights_digest(model), "watched": local.detach().cpu().clone(),
+            "watched_shape": tuple(watched.shape)}
+
+
+def train_single(cfg: LessonConfig) -> dict[str, Any]:
+    """One process trains on the whole batch."""
+    model = cfg.model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        x, y = cfg.batch(step)
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return _report(model, losses)
+
+
+def train_ddp(cfg: LessonConfig) -> dict[str, Any]:
+    """One rank of many: its rows of each batch; DDP averages the gradients over the ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()  # the process group is up (torchrun, srun, run_ranks)
+    model = DistributedDataParallel(cfg.model())  # copies rank 0's weights to all; all-reduces in backward
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        x, y = cfg.batch(step)
+        x, y = x[rank::world], y[rank::world]  # this rank's rows
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return _report(model.module, losses)
+
+
+def train_fsdp(cfg: LessonConfig) -> dict[str, Any]:
+    """One shard of many: like DDP, but each rank keeps only its slice of every weight."""
+    rank, world = dist.get_rank(), dist.get_world_size()  # the process group is up (torchrun, srun, run_ranks)
+    model = cfg.model()
+    for block in model.transformer.h:
+        fully_shard(block)  # a block's weights: gathered for its forward and backward, freed after
+    fully_shard(model)      # the rest (embeddings, final norm); grads are reduce-scattered to their owners
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    losses = []
+    for step in range(cfg.steps):
+        x, y = cfg.batch(step)
+        x, y = x[rank::world], y[rank::world]  # this rank's rows
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return _report(model, losses)
+
+
+VARIANTS: dict[str, Callable[[LessonConfig], dict[str, Any]]] = {
+    "single": train_single, "ddp": train_ddp, "fsdp": train_fsdp}
+
+
+def diff(a: str = "single", b: str = "ddp") -> str:
+    """The lines that change from variant ``a``'s training function to ``b``'s, as a unified diff."""
+    for name in (a, b):
+        if name not in VARIANTS:
+            raise ValueError(f"no lesson variant {name!r}; valid: {', '.join(VARIANTS)}")
+    src = {n: inspect.getsource(VARIANTS[n]).replace(VARIANTS[n].__name__, "train", 1).splitlines() for n in (a, b)}
+    return "\n".join(difflib.unified_diff(src[a], src[b], f"train_{a}", f"train_{b}", lineterm="", n=20))
+
+
+def _lesson_rank(ctx: Any, variant: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return dict(VARIANTS[variant](LessonConfig(**fields)), rank=ctx.rank, world_size=ctx.world_size)
+
+
+def run_lesson(client: Any, variant: str, cfg: LessonConfig = LessonConfig(), workers: int | None = None,
+               timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Run variant ``"ddp"`` or ``"fsdp"`` as one rank per Dask worker (``"single"`` here, in this
+    process); each rank's report, in rank order."""
+    if variant == "single":
+        return [dict(train_single(cfg), rank=0, world_size=1)]
+    if variant not in VARIANTS:
+        raise ValueError(f"no lesson variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    return run_ranks(client, _lesson_rank, variant, asdict(cfg), workers=workers, timeout=timeout)
+
+
+def gather_watched(reports: list[dict[str, Any]]) -> torch.Tensor:
+    """FSDP's pieces of the watched weight put back together: rank 0's rows, then rank 1's, ...
+    (``fully_shard`` splits every weight along its first dimension)."""
+    whole = torch.cat([r["watched"] for r in reports], dim=0)
+    return whole[: reports[0]["watched_shape"][0]]  # the last piece may carry padding rows
