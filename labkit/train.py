@@ -397,7 +397,7 @@ def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, wo
 
     torch.manual_seed(config.seed)
     mcfg = config.gpt_config(train_data.vocab_size)
-    if found is not None and GPTConfig.from_dict(found.model_config) != mcfg:
+    if found is not None and GPTConfig.from_saved(found.model_config) != mcfg:
         raise ValueError(f"the checkpoint {found.where} is for another model shape ({found.model_config}); "
                          "resume with the same model settings or a fresh folder")
     wrapped = strategy.wrap(GPT(mcfg).to(device), device)

@@ -12,7 +12,9 @@ def test_bench_part_a_smoke(tmp_path):
     make_tiny_shards(tmp_path / "shards")
     out = bench.part_a(tmp_path / "shards", rounds=1, steps_per_round=1, loss_steps=3)
     assert out["plain_tokens_per_s"] > 0 and out["labkit_tokens_per_s"] > 0
-    assert 0 < out["mfu_labkit"] < 1 and 0 < out["mfu_plain_fp32"] < 1
+    assert 0 < out["mfu_labkit"] < 1 and 0 < out["mfu_plain_fp32"] < 1 and 0 < out["mfu_labkit_fp32"] < 1
+    assert out["labkit_fp32_tokens_per_s"] > 0 and out["speedup_fp32"] > 0
+    assert "flags" in out["cpu"]  # the CPU decides the fast precision: the report names it
     assert out["loss_rel_diff"] < 0.05  # 3 steps in: the two precisions are still close
 
 

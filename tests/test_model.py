@@ -277,3 +277,22 @@ def test_train_prune_and_serve_resolve_the_device_alike(monkeypatch, capsys):
     # `labkit serve --device cuda` on a CPU node: exit 2 with the advice, no traceback, no server
     assert serve_cli(build_parser().parse_args(["serve", "--demo", "--device", "cuda"])) == 2
     assert "--device" in (err := capsys.readouterr().err) and "use 'cpu'" in err
+
+
+def test_exact_gelu_by_default_tanh_on_request_and_for_configs_saved_before(tmp_path):
+    torch.manual_seed(0)
+    exact = GPT(tiny())
+    tanh = GPT(tiny(activation="gelu_tanh"))
+    tanh.load_state_dict(exact.state_dict())
+    x = torch.randint(0, 50, (2, 16))
+    a, b = exact(x)[0], tanh(x)[0]
+    assert not torch.equal(a, b)  # a different function ...
+    assert torch.allclose(a, b, atol=1e-3)  # ... that the tanh form approximates
+    with pytest.raises(ValueError, match="activation='relu'.*gelu, gelu_tanh"):
+        tiny(activation="relu")
+    old = {k: v for k, v in tiny().to_dict().items() if k != "activation"}  # written before the key existed
+    assert GPTConfig.from_saved(old).activation == "gelu_tanh"
+    assert GPTConfig.from_dict(old).activation == "gelu"  # a new config dict takes the new default
+    path = C.save(tanh, tmp_path / "ck.pt")
+    loaded, _ = C.load(path)
+    assert loaded.config.activation == "gelu_tanh" and torch.equal(loaded(x)[0], b)

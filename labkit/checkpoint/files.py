@@ -185,7 +185,7 @@ def save(model: GPT, path: str | os.PathLike, tokenizer: Any = None, **extra: An
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint written by ``save`` or by training: ``(model, extra)``, ``extra["tokenizer"]`` the JSON."""
     obj = read_payload(path, map_location=map_location)
-    model = GPT(GPTConfig.from_dict(obj["config"]))
+    model = GPT(GPTConfig.from_saved(obj["config"]))
     load_model_state(model, obj["state_dict"], path)
     model.to(map_location)
     extra = dict(obj.get("extra") or {})

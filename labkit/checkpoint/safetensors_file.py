@@ -56,6 +56,6 @@ def read_safetensors(path: str | os.PathLike, map_location: str | torch.device =
                               "export one with labkit.checkpoint.export_safetensors")
     if _data_sha256(blob) != meta.get("sha256"):
         raise CheckpointError(f"{path} is truncated or corrupt (checksum mismatch); export it again")
-    model = GPT(GPTConfig.from_dict(json.loads(meta["config"])))
+    model = GPT(GPTConfig.from_saved(json.loads(meta["config"])))
     load_model_state(model, load(blob), path)
     return Checkpoint(model.to(map_location), {"tokenizer": meta.get("tokenizer") or None, "format": "safetensors"})

@@ -105,7 +105,7 @@ def load_sharded_model(folder: str | os.PathLike, map_location: str | torch.devi
     """The whole model of a sharded checkpoint in this one process (no process group needed), and
     its manifest: for export, serving or evaluation after an FSDP run."""
     manifest = read_manifest(folder)
-    model = GPT(GPTConfig.from_dict(manifest["model_config"]))
+    model = GPT(GPTConfig.from_saved(manifest["model_config"]))
     state = {"model": model.state_dict()}
     with _one_process_is_fine():
         dcp.load(state, checkpoint_id=str(folder))
