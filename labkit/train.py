@@ -53,11 +53,12 @@ from labkit.checkpoint import default_checkpointer
 from labkit.config import ScaleSettings, runs_dir
 from labkit.core.events import emit
 from labkit.core.memcap import Cap, is_out_of_memory, memory_cap
-from labkit.core.ranks import run_ranks
+from labkit.core.ranks import run_ranks, select_workers
 from labkit.core.shared import check_shared
 from labkit.data.config import default_shard_dir
 from labkit.data.shards import ShardError, ShardReader, make_tiny_shards, verify_shards
 from labkit.model import GPT, GPTConfig, resolve_device
+from labkit.profiling import StepProfiler, check_profile, phase
 from labkit.settings import merge
 from labkit.strategy import STRATEGIES, make_strategy
 
@@ -139,6 +140,11 @@ class TrainConfig(ScaleSettings):
     memory_cap_mb: Annotated[float, Field(gt=0)] | None = None  # each rank may allocate at most this
                                        # much more (labkit.core.memcap): a small GPU, simulated
     num_threads: int | None = None     # torch threads per rank on CPU; None leaves torch's choice
+    # torch.profiler (labkit.profiling): optimizer steps (first, last), counted from 1, on these ranks;
+    # one Chrome/Perfetto trace per rank in profile_dir (None: runs_dir()/"profiles")
+    profile_steps: tuple[Positive, Positive] | None = None
+    profile_ranks: tuple[NonNegative, ...] = (0,)
+    profile_dir: str | None = None
     scale: str | None = None           # the preset it came from (for_scale sets it): whose shards are
                                        # the default data; None = the lab's active scale
 
@@ -161,7 +167,17 @@ class TrainConfig(ScaleSettings):
             raise ValueError(f"checkpoint_format={self.checkpoint_format!r}; valid: auto, file, sharded")
         if self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}; lower min_lr or raise lr")
+        if self.profile_steps is not None:
+            first, last = self.profile_steps
+            if not first <= last <= self.max_steps:
+                raise ValueError(f"profile_steps={self.profile_steps} must be (first, last) with 1 <= first <= last "
+                                 f"<= max_steps={self.max_steps}: choose steps within 1..{self.max_steps} (from 2 "
+                                 "on, step 1 is warm-up) or raise max_steps")
         return self
+
+    def profile_folder(self) -> Path:
+        """Where the profiler's traces go: ``profile_dir``, else ``runs_dir()/"profiles"``."""
+        return Path(self.profile_dir) if self.profile_dir else runs_dir() / "profiles"
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -198,6 +214,8 @@ class TrainResult:
     checkpoint: str | None = None       # the last checkpoint written
     model: GPT | None = field(default=None, repr=False)
     host_syncs: int = 0                 # times rank 0 waited for its device to read values back
+    profiles: list[dict[str, Any]] = field(default_factory=list)  # per profiled rank: its trace and
+                                        # breakdown (labkit.profiling; all ranks' in a distributed run)
 
 
 # --------------------------------------------------------------------------------- schedule
@@ -425,17 +443,21 @@ def train_step(run: Run, step: int) -> StepStats:
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(config.grad_accum):
         lo = (micro * run.world_size + run.rank) * config.batch_size
-        x, y = batch_rows(run.train_data, T, config.seed, step, rows, lo, lo + config.batch_size)
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        with phase("data"):  # profiler ranges (labkit.profiling), free when no profiler runs
+            x, y = batch_rows(run.train_data, T, config.seed, step, rows, lo, lo + config.batch_size)
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last else strategy.no_sync(run.wrapped):
-            _, loss = run.wrapped(x, y)
-            (loss / config.grad_accum).backward()
+            with phase("forward"):
+                _, loss = run.wrapped(x, y)
+            with phase("backward"):
+                (loss / config.grad_accum).backward()
         loss_sum += loss.detach()
-    grad_norm = (strategy.clip_grad_norm(run.wrapped, config.grad_clip) if config.grad_clip > 0
-                 else torch.zeros((), device=run.device))
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    with phase("optimizer"):
+        grad_norm = (strategy.clip_grad_norm(run.wrapped, config.grad_clip) if config.grad_clip > 0
+                     else torch.zeros((), device=run.device))
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
     return StepStats(loss=loss_sum / config.grad_accum, grad_norm=grad_norm, lr=lr)
 
 
@@ -586,6 +608,7 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
           capped: Cap) -> TrainResult:
     """The body of ``run_loop``."""
     t_start = time.time()
+    check_profile(config.profile_ranks, config.profile_steps, world_size)
     run = setup(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink, resume=resume,
                 strategy=strategy, checkpointer=checkpointer, verify=verify)
     run.capped = capped
@@ -594,10 +617,13 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
     if run.start_step == 0 and (text := sample(run, "before", 0)) is not None:
         samples["before"] = text
     meter = _Meter(run)
+    profiler = StepProfiler(config.profile_ranks, config.profile_steps, config.profile_folder(), rank, run.device,
+                            sink)
     val_hist: list[dict[str, float]] = []
     last_ckpt: str | None = None
     for step in range(run.start_step, config.max_steps):
-        stats = train_step(run, step)
+        with profiler.step(step + 1):
+            stats = train_step(run, step)
         meter.add(stats)
         done = step + 1
         end = done == config.max_steps
@@ -634,6 +660,7 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
         seconds=time.time() - t_start, first_step_time=meter.first_step_time, world_size=world_size,
         effective_batch=config.effective_batch(world_size), start_step=run.start_step, checkpoint=last_ckpt,
         model=final.cpu() if final is not None else None, host_syncs=run.host_syncs,
+        profiles=[profiler.result] if profiler.result else [],
     )
 
 
@@ -682,12 +709,18 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
                          "(or a checkpointer=)")
     if config.checkpoint_dir:
         config = config.replace(checkpoint_dir=str(Path(config.checkpoint_dir).resolve()))
+    profile_dir = None
+    if config.profile_steps is not None:  # a bad rank fails here, before any worker starts
+        check_profile(config.profile_ranks, config.profile_steps, len(select_workers(client, workers)))
+        config = config.replace(profile_dir=str(config.profile_folder().resolve()))
+        profile_dir = config.profile_dir
     # a folder under this host's /tmp does not exist on the compute nodes: say so now, naming the node
-    check_shared(client, {"data_dir": data_dir, "checkpoint_dir": config.checkpoint_dir},
-                 workers=workers if isinstance(workers, list) else None, create={"checkpoint_dir"})
+    check_shared(client, {"data_dir": data_dir, "checkpoint_dir": config.checkpoint_dir, "profile_dir": profile_dir},
+                 workers=workers if isinstance(workers, list) else None, create={"checkpoint_dir", "profile_dir"})
     verify_shards(data_dir, client=client)
     results = run_ranks(client, _rank_main, config, data_dir, resume, strategy, checkpointer, workers=workers,
                         backend=backend, timeout=timeout)
+    results[0].profiles = [p for r in results for p in r.profiles]
     return results[0]
 
 
