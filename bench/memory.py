@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 MiB = 2**20
-SHAPE = dict(n_layer=4, n_head=4, n_embd=384, block_size=64)
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 
 
@@ -38,12 +37,12 @@ def run(quick: bool = False, world_sizes: tuple[int, ...] = (2, 4)) -> list[dict
 
     from labkit.data.shards import make_tiny_shards
     from labkit.train import TrainConfig
-    from labkit.train_memory import memory_table
+    from labkit.train_memory import memory_config, memory_table
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the workers' profiler: errors only, no start/stop lines
 
-    config = TrainConfig().replace(**(QUICK if quick else SHAPE), batch_size=2, max_steps=3, warmup_steps=1,
-                                   precision="float32", device="cpu", num_threads=1)
+    base = TrainConfig().replace(max_steps=3, warmup_steps=1, device="cpu", num_threads=1)
+    config = memory_config(base, **(QUICK if quick else {}))
     with tempfile.TemporaryDirectory(prefix="labkit-bench-") as tmp:
         data = Path(tmp) / "shards"
         make_tiny_shards(data)
@@ -52,9 +51,13 @@ def run(quick: bool = False, world_sizes: tuple[int, ...] = (2, 4)) -> list[dict
             return memory_table(client, config, data, world_sizes=world_sizes)
 
 
-def report(rows: list[dict], n_embd: int = SHAPE["n_embd"]) -> str:
+def report(rows: list[dict], n_embd: int | None = None) -> str:
     """The table as text: MiB measured and predicted with their ratio (model states, activations,
     step peak), FSDP as a fraction of DDP, the goals, and what the estimate leaves out of the peak."""
+    if n_embd is None:  # the measured GPT's (labkit.train_memory.MEMORY_SHAPE)
+        from labkit.train_memory import MEMORY_SHAPE
+
+        n_embd = MEMORY_SHAPE["n_embd"]
     lines = [f"GPT of {rows[0]['n_params']:,} parameters, float32, AdamW; the rank that peaked highest; MiB measured "
              "/ predicted (ratio)",
              f"{'ranks':>5} {'strategy':<8} {'model states':>22} {'activations':>20} {'step peak':>22} "
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     rows = run(quick=args.quick)
-    print(report(rows, (QUICK if args.quick else SHAPE)["n_embd"]))
+    print(report(rows, QUICK["n_embd"] if args.quick else None))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

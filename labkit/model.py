@@ -271,8 +271,8 @@ class MLP(nn.Module):
     """The position-wise feed-forward network: Linear, GELU, Linear.
 
     GELU is the exact one (x * Phi(x), through erf) unless ``activation="gelu_tanh"``: GPT-2's tanh
-    approximation takes about twice the exact kernel's time forward and backward on CPU (see
-    ``bench.train`` (a)) and differs from it by < 5e-4."""
+    approximation differs from it by < 5e-4 and is the slower kernel on CPU (``bench.train`` (a)
+    prints labkit's tokens/s with each)."""
 
     def __init__(self, config: GPTConfig, hidden: int) -> None:
         super().__init__()

@@ -180,6 +180,17 @@ def predicted(config: TrainConfig, n_params: int, world_size: int, zero_stage: i
                            seq_len=mcfg.block_size, **sizes)
 
 
+# a GPT of 7,319,808 parameters (vocab 512): its model states outweigh its activations at 2 sequences
+MEMORY_SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 384, "block_size": 64}
+
+
+def memory_config(config: TrainConfig | None = None, **shape: int) -> TrainConfig:
+    """The run ``memory_table`` measures: ``config`` (default settings when None) with the GPT of
+    ``MEMORY_SHAPE`` (or ``shape``), 2 sequences a rank and float32, the byte sizes the estimate uses."""
+    base = TrainConfig() if config is None else config
+    return base.replace(**{**MEMORY_SHAPE, **shape}, batch_size=2, precision="float32")
+
+
 def memory_table(client: Any, config: TrainConfig, data_dir: str | os.PathLike,
                  world_sizes: Iterable[int] = (2, 4), vocab_size: int | None = None,
                  restart: bool = True) -> list[dict[str, Any]]:

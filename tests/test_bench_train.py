@@ -14,7 +14,11 @@ def test_bench_part_a_smoke(tmp_path):
     assert out["plain_tokens_per_s"] > 0 and out["labkit_tokens_per_s"] > 0
     assert 0 < out["mfu_labkit"] < 1 and 0 < out["mfu_plain_fp32"] < 1 and 0 < out["mfu_labkit_fp32"] < 1
     assert out["labkit_fp32_tokens_per_s"] > 0 and out["speedup_fp32"] > 0
-    assert "flags" in out["cpu"]  # the CPU decides the fast precision: the report names it
+    # the CPU decides the fast precision: the report names the flags that decide it, as this CPU has them
+    from labkit.model import cpu_flags
+
+    for flag in ("avx2", "avx512_bf16", "amx_bf16"):
+        assert (flag in out["cpu"].split("flags:")[1].split()) == (flag in cpu_flags()), (flag, out["cpu"])
     assert out["loss_rel_diff"] < 0.05  # 3 steps in: the two precisions are still close
 
 

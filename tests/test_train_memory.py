@@ -102,3 +102,14 @@ def test_memory_views_render_every_row():
 
 
 MiB = 2**20
+
+
+def test_memory_config_is_the_measured_gpt_in_float32_on_the_given_settings():
+    from labkit.train_memory import MEMORY_SHAPE, memory_config
+
+    base = TrainConfig().replace(max_steps=7, seed=3, precision="auto", batch_size=16)
+    c = memory_config(base)
+    assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size) == tuple(MEMORY_SHAPE.values())
+    assert c.model.precision == "float32" and c.batch_size == 2  # the estimate's byte sizes, activations kept small
+    assert (c.max_steps, c.seed) == (7, 3)  # the rest is the caller's
+    assert memory_config(base, n_embd=64).model.n_embd == 64

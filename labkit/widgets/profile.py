@@ -71,7 +71,8 @@ class ProfileView:
 
     def __init__(self, mode: str = "auto") -> None:
         if mode not in ("auto", "widget", "text", "silent"):
-            raise ValueError("mode must be 'auto', 'widget', 'text' or 'silent'")
+            raise ValueError(f"ProfileView(mode={mode!r}): use 'auto' (a widget in Jupyter, text elsewhere), "
+                             "'widget', 'text' or 'silent'")
         self.mode = ("widget" if in_jupyter_kernel() else "text") if mode == "auto" else mode
         self.profiles: list[Event] = []
         self._lock = threading.Lock()
