@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 import yaml
 from pydantic import Field, PlainValidator, field_validator
 
-from labkit.settings import ConfigError, Duration, GpuCount, Memory, Settings, Walltime, merge
+from labkit.settings import ConfigError, Duration, GpuCount, Memory, Settings, SlurmSignal, Walltime, merge
 
 PACKAGED = Path(__file__).with_name("profiles") / "defaults.yaml"
 SITE_DEFAULT = Path("/etc/labkit/labkit.yaml")
@@ -57,6 +57,7 @@ class Profile(Settings):
     account: str | None = None
     require_account: bool = False
     walltime: Walltime | None = None
+    signal: SlurmSignal | None = None  # e.g. "USR1@90": training checkpoints and stops when it arrives
     gpus_per_worker: GpuCount = 0
     workers_per_job: Annotated[int, Field(ge=1, description="Dask worker processes per Slurm job")] = 1
     cores: NonNegative = 1

@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import core_schema
 
-__all__ = ["ConfigError", "Duration", "GpuCount", "Memory", "Settings", "Walltime",
+__all__ = ["ConfigError", "Duration", "GpuCount", "Memory", "Settings", "SlurmSignal", "Walltime",
            "config_error", "merge"]
 
 
@@ -180,6 +180,41 @@ class Memory(_Parsed):
         if value <= 0:
             raise cls._fail(key, text, ": it must be more than zero")
         return value
+
+
+_SIGNAL_RE = re.compile(r"^(?:B:)?(?:SIG)?(USR1|USR2)@(\d+)$", re.IGNORECASE)
+
+
+class SlurmSignal(_Parsed):
+    """The warning Slurm sends before the time limit: ``"USR1@90"`` (signal, seconds ahead); ``.name``, ``.lead``."""
+
+    kind = "a warning signal"
+    example = "'USR1@90' (SIGUSR1 90 seconds before the time limit) or 'USR2@120'"
+
+    @classmethod
+    def _read(cls, text: str, key: str) -> int:
+        m = _SIGNAL_RE.match(text)
+        if not m:
+            raise cls._fail(key, text, ": labkit's workers catch USR1 or USR2, given as NAME@SECONDS")
+        lead = int(m.group(2))
+        if not 10 <= lead <= 65535:
+            raise cls._fail(key, text, ": the lead must be 10 to 65535 seconds, time enough to save a checkpoint")
+        return lead
+
+    @property
+    def name(self) -> str:
+        """The signal's name without ``SIG``: ``USR1`` or ``USR2``."""
+        return _SIGNAL_RE.match(str(self)).group(1).upper()
+
+    @property
+    def lead(self) -> int:
+        """Seconds before the time limit that Slurm sends it."""
+        return self._value
+
+    @property
+    def directive(self) -> str:
+        """The sbatch option: ``--signal=B:USR1@90`` (to the batch shell, which execs the worker)."""
+        return f"--signal=B:{self.name}@{self.lead}"
 
 
 GpuCount = Annotated[int, Field(ge=0, strict=True)]

@@ -25,7 +25,8 @@ What makes runs repeatable:
 - **Dropout**: reseeded per ``(seed, rank, step)``, so nothing hidden has to be saved.
 - **Checkpoints** carry model, optimizer and step; resuming reproduces an uninterrupted run
   bit for bit on CPU. They are written atomically with a checksum (``labkit.checkpoint``)
-  and the last ``keep_last`` are kept.
+  and the last ``keep_last`` are kept. Slurm's warning signal before walltime (``labkit.core.preempt``)
+  makes every rank stop at the same sync point and save one (``TrainResult.stopped == "walltime"``).
 
 Metrics go out as ``labkit.core.events`` of kind ``train`` (every ``log_interval`` steps), ``val``, ``sample`` (``when`` is
 ``"before"``, ``"step"`` with each validation, or ``"after"``) and ``checkpoint``: to ``sink`` when
@@ -51,6 +52,7 @@ from pydantic import Field, PlainValidator, model_validator
 
 from labkit.checkpoint import default_checkpointer
 from labkit.config import ScaleSettings, runs_dir
+from labkit.core import preempt
 from labkit.core.events import emit
 from labkit.core.memcap import Cap, is_out_of_memory, memory_cap
 from labkit.core.ranks import run_ranks, select_workers
@@ -216,6 +218,16 @@ class TrainResult:
     host_syncs: int = 0                 # times rank 0 waited for its device to read values back
     profiles: list[dict[str, Any]] = field(default_factory=list)  # per profiled rank: its trace and
                                         # breakdown (labkit.profiling; all ranks' in a distributed run)
+    stopped: str | None = None          # "walltime": Slurm's warning signal came, the ranks saved and stopped early
+
+    @property
+    def note(self) -> str:
+        """A line on how the run ended: finished, or stopped early with where to resume from."""
+        if self.stopped is None:
+            return f"finished at step {self.start_step + self.steps}"
+        saved = f"saved checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint (set checkpoint_dir)"
+        return (f"stopped at step {self.start_step + self.steps} on Slurm's warning signal before walltime "
+                f"({saved}); resume with train_distributed(..., resume=True) on a fresh job")
 
 
 # --------------------------------------------------------------------------------- schedule
@@ -530,13 +542,17 @@ class _Meter:
         self.pending.append(stats.loss)
         self.grad_norm = stats.grad_norm
 
-    def flush(self) -> None:
-        """One host sync: the losses of the steps since the last flush, over all ranks."""
+    def flush(self, stop: bool = False) -> bool:
+        """One host sync: the losses of the steps since the last flush, over all ranks; returns whether
+        any rank asked to ``stop`` (the flag rides in the same all-reduce, so all ranks agree)."""
         run = self.run
         local = torch.stack(self.pending)
-        everyone = run.strategy.all_mean(local.clone())
+        flag = torch.full((1,), float(stop), device=local.device, dtype=local.dtype)
+        everyone = run.strategy.all_mean(torch.cat([local, flag]))
         values = run.to_host(torch.cat([local, everyone, self.grad_norm.reshape(1).to(local)]))
         n = len(self.pending)
+        any_stop = values[2 * n] > 0
+        del values[2 * n]
         first = not self.losses
         self.losses += values[n:2 * n]
         self.last_local, self.last_grad_norm = values[n - 1], values[-1]
@@ -550,6 +566,7 @@ class _Meter:
             self.timed_s += dt
         self.log_tokens += tokens
         self.log_s += dt
+        return any_stop
 
     def restart_clock(self) -> None:
         """Start timing training steps again (after validation, samples or a checkpoint)."""
@@ -621,6 +638,7 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
                             sink)
     val_hist: list[dict[str, float]] = []
     last_ckpt: str | None = None
+    stopped: str | None = None
     for step in range(run.start_step, config.max_steps):
         with profiler.step(step + 1):
             stats = train_step(run, step)
@@ -632,11 +650,14 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
         ckpt_due = run.checkpointer is not None and (
             (bool(config.checkpoint_interval) and done % config.checkpoint_interval == 0) or end)
         synced = log_due or eval_due or ckpt_due or end or step == run.start_step
-        if synced:
-            meter.flush()
-            if log_due:
-                meter.log(done, stats.lr)
-        if eval_due:
+        # Slurm's warning (labkit.core.preempt) is read at sync points only, where every rank joins the
+        # same all-reduce: if any rank got it, all stop after this step and save a checkpoint together
+        if synced and meter.flush(stop=preempt.requested()):
+            stopped = "walltime"
+            ckpt_due = run.checkpointer is not None
+        if synced and log_due:
+            meter.log(done, stats.lr)
+        if eval_due and not stopped:
             vl = evaluate(run)
             val_hist.append({"step": done, "loss": vl, "ppl": math.exp(min(vl, 50.0))})
             emit("val", sink, rank=rank, step=done, val_loss=vl, ppl=val_hist[-1]["ppl"])
@@ -648,10 +669,13 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
             emit("checkpoint", sink, rank=rank, step=done, path=last_ckpt)
         if synced:  # time training steps only, from here to the next sync point
             meter.restart_clock()
+        if stopped:
+            preempt.clear()
+            break
         if should_stop is not None and should_stop():
             raise RuntimeError(f"rank {rank} stopped at step {done}: another rank failed or was lost")
 
-    if (text := sample(run, "after", config.max_steps)) is not None:
+    if not stopped and (text := sample(run, "after", config.max_steps)) is not None:
         samples["after"] = text
     final = run.full_model()  # gathered on rank 0 under FSDP
     return TrainResult(
@@ -659,7 +683,7 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
         tokens_per_s=meter.timed_tokens / meter.timed_s if meter.timed_s else float("nan"),
         seconds=time.time() - t_start, first_step_time=meter.first_step_time, world_size=world_size,
         effective_batch=config.effective_batch(world_size), start_step=run.start_step, checkpoint=last_ckpt,
-        model=final.cpu() if final is not None else None, host_syncs=run.host_syncs,
+        model=final.cpu() if final is not None else None, host_syncs=run.host_syncs, stopped=stopped,
         profiles=[profiler.result] if profiler.result else [],
     )
 
@@ -702,7 +726,11 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
     rank raises ``labkit.core.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
     naming the rank; then ``resume=True`` continues from the last checkpoint. The shards' hashes are
-    checked once per call, each file by one worker, not by every rank."""
+    checked once per call, each file by one worker, not by every rank.
+
+    When a worker gets Slurm's warning before walltime (the profile's ``signal``, or SIGUSR1/SIGUSR2 sent to
+    the worker process), all ranks stop at the next sync point, save a checkpoint and return a result
+    with ``stopped="walltime"`` (``result.note`` says where); ``resume=True`` on a fresh job continues."""
     data_dir = str(_data_dir(config, data_dir).resolve())
     if resume and not config.checkpoint_dir and checkpointer is None:
         raise ValueError("resume=True needs TrainConfig.checkpoint_dir, the folder of earlier checkpoints "
@@ -718,6 +746,7 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
     check_shared(client, {"data_dir": data_dir, "checkpoint_dir": config.checkpoint_dir, "profile_dir": profile_dir},
                  workers=workers if isinstance(workers, list) else None, create={"checkpoint_dir", "profile_dir"})
     verify_shards(data_dir, client=client)
+    client.run(preempt.install)  # each worker's main thread: Slurm's warning (or a SIGUSR1) sets the stop flag
     results = run_ranks(client, _rank_main, config, data_dir, resume, strategy, checkpointer, workers=workers,
                         backend=backend, timeout=timeout)
     results[0].profiles = [p for r in results for p in r.profiles]

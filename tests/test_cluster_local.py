@@ -101,7 +101,7 @@ def test_auto_profile_picks_configured_slurm(slurm, tmp_path, monkeypatch):
 def test_lifetime_defaults_from_walltime():
     from labkit.cluster.slurm import lifetime_args
 
-    prof = load_config().profile("slurm")
+    prof = load_config().profile("slurm").replace(signal=None)
     assert lifetime_args(prof.replace(walltime="01:00:00")) == ["--lifetime", "3300s", "--lifetime-stagger", "150s"]
     assert lifetime_args(prof.replace(walltime="00:10:00", lifetime_stagger=None)) == ["--lifetime", "540s"]
     assert lifetime_args(prof.replace(lifetime="20m", lifetime_stagger="1m")) == [

@@ -84,7 +84,7 @@ def test_profile_types_are_read_once_at_load(tmp_path, monkeypatch):
     for typ in (Walltime, Duration, Memory):
         monkeypatch.setattr(typ, "_read", classmethod(no_second_read))
     assert lifetime_args(prof) == ["--lifetime", "20m", "--lifetime-stagger", "1m"]
-    assert lifetime_args(prof.model_copy(update={"lifetime": None})) == [
+    assert lifetime_args(prof.model_copy(update={"lifetime": None, "signal": None})) == [
         "--lifetime", "3300s", "--lifetime-stagger", "60s"]
     preflight._check_lifetime(prof, "here")  # 20m + 1m ends before the walltime
     assert "--time=01:00:00" in job_directives(prof, 0, prof.memory.bytes)

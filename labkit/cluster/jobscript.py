@@ -37,3 +37,9 @@ def job_directives(profile: Profile, gpus: int, memory: int | None) -> list[str]
     if profile.walltime:
         out.append(f"--time={profile.walltime}")
     return out + list(profile.job_extra)
+
+
+def signal_directives(profile: Profile) -> list[str]:
+    """``--signal=B:USR1@90`` when the profile sets ``signal``: the warning before walltime, to the batch
+    shell, whose trap passes it to the worker command (see :mod:`labkit.core.preempt`)."""
+    return [profile.signal.directive] if profile.signal else []

@@ -10,7 +10,7 @@ from typing import Any
 from ..config import Profile
 from ..settings import Memory
 from . import gpu_slice
-from .jobscript import gpu_directives, uses_mem_per_gpu
+from .jobscript import gpu_directives, signal_directives, uses_mem_per_gpu
 from .session import Session
 from .tls import SessionCredentials
 from .upstream import LabkitSLURMCluster, LabkitSLURMJob
@@ -20,6 +20,7 @@ __all__ = ["LabkitSLURMCluster", "LabkitSLURMJob", "build_slurm_cluster", "lifet
 # Worker processes must be allowed children (torch DataLoader workers inside a task).
 NON_DAEMONIC = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
 DEATH_TIMEOUT_S = 30  # a worker whose scheduler is gone (kernel killed) exits after this
+PREEMPT = "labkit.core.preempt"  # preloaded into nannies (forward Slurm's warning) and workers (catch it)
 
 
 def _seconds_text(seconds: int) -> str:
@@ -30,13 +31,16 @@ def lifetime_args(profile: Profile) -> list[str]:
     """``--lifetime``/``--lifetime-stagger`` so workers retire before walltime (replaced by new jobs).
 
     Without an explicit ``lifetime`` a worker retires 5 minutes (or 10 %, for short walltimes)
-    before its walltime, staggered so that not all leave at once.
+    before its walltime, staggered so that not all leave at once; with a ``signal``, no earlier than a
+    third of its lead before walltime, so the warning comes first and training can checkpoint.
     """
     lifetime = profile.lifetime
     stagger = profile.lifetime_stagger
     if lifetime is None and profile.walltime:
         wall = profile.walltime.seconds
         margin = min(300, max(10, wall // 10))
+        if profile.signal:
+            margin = min(margin, max(5, profile.signal.lead // 3))
         lifetime = _seconds_text(wall - margin)
         stagger_s = stagger.seconds if stagger else 0
         stagger = _seconds_text(min(stagger_s, margin // 2)) if stagger_s else None
@@ -61,11 +65,14 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     memory = profile.memory or Memory("4GiB")
     # partition, account, --mem and walltime: dask-jobqueue's own directives; GPUs and extras: labkit's
     directives = [f"--comment={session.owner_comment}",
-                  *gpu_directives(profile, job_gpus, memory.bytes * per_job), *profile.job_extra]
+                  *gpu_directives(profile, job_gpus, memory.bytes * per_job), *signal_directives(profile),
+                  *profile.job_extra]
     skip = ["--mem"] if uses_mem_per_gpu(profile, job_gpus) else []
     worker_args = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"] + lifetime_args(profile)  # /health, /metrics: local only
     if gpus_per_worker > 0:
         worker_args += ["--resources", f"GPU={gpus_per_worker}"]
+    if profile.signal:
+        worker_args += ["--preload-nanny", PREEMPT, "--preload", PREEMPT]
     prologue = list(profile.prologue) + [NON_DAEMONIC]
     if per_job > 1 and gpus_per_worker > 0:
         worker_args += ["--preload-nanny", shlex.quote(str(Path(gpu_slice.__file__).resolve()))]

@@ -89,7 +89,7 @@ def start_cluster(profile: str | None = None, workers: int | None = None, gpus_p
     """Start Dask workers locally or as Slurm jobs (same notebook code); returns a ClusterHandle.
 
     ``overrides`` are profile keys (``partition=``, ``walltime=``, ``account=``, ``memory=``,
-    ``job_extra=``, ``workers_per_job=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
+    ``job_extra=``, ``workers_per_job=``, ``signal=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
     and raises ClusterTimeout (jobs cancelled) after ``timeout`` seconds.
     """
     if importing_main_in_a_child():

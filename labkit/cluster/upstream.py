@@ -34,6 +34,13 @@ FIX = ("pin {package}<{version} in pyproject.toml and environment.yml (the last 
 
 
 # ---------------------------------------------------------------------------------------- Slurm jobs
+# The worker command in the background, Slurm's warning (USR1/USR2 to the batch shell) passed on to it;
+# the script ends with the worker's exit status (a trapped signal only interrupts ``wait``).
+FORWARD_SIGNALS = """trap 'kill -USR1 "$labkit_worker" 2>/dev/null' USR1
+trap 'kill -USR2 "$labkit_worker" 2>/dev/null' USR2
+{command} &
+labkit_worker=$!
+while :; do wait "$labkit_worker"; rc=$?; kill -0 "$labkit_worker" 2>/dev/null || exit "$rc"; done"""
 class LabkitSLURMJob(SLURMJob):
     """A SLURMJob submitted through :func:`slurmcli.submit`: an enclosing job's environment stripped, a time limit."""
 
@@ -46,6 +53,16 @@ class LabkitSLURMJob(SLURMJob):
     async def _submit_job(self, script_filename: str) -> str:
         args = shlex.split(self.submit_command)[1:]  # site extras (submit_command_extra) after "sbatch"
         return await asyncio.to_thread(slurmcli.submit, script_filename, args=args)
+
+    # Extends the public ``Job.job_script()``: its last line, the worker command, runs in the background
+    # while the batch shell waits, so the shell's traps can pass Slurm's ``--signal=B:...`` warning on to
+    # the process that runs the nannies (labkit.core.preempt forwards it to the workers). Not ``exec``:
+    # the dask-worker command then closes gracefully on scancel's SIGTERM and SpecCluster keeps the
+    # cancelled job. No upstream issue found as of 2026-12; behaviour relied on: the script ends with
+    # the worker command on one line.
+    def job_script(self) -> str:
+        head, _, command = super().job_script().rstrip("\n").rpartition("\n")
+        return f"{head}\n{FORWARD_SIGNALS.format(command=command)}\n"
 
 
 class LabkitSLURMCluster(SLURMCluster):
@@ -327,6 +344,8 @@ RELIED_ON: tuple[Reliance, ...] = (
              why="dask-jobqueue's own sbatch/scancel calls, which _submit_job replaces"),
     Reliance("dask-jobqueue", "SLURMJob", "submit_command", "attribute", of_type=str,
              why="'sbatch' plus site extras, split by LabkitSLURMJob._submit_job"),
+    Reliance("dask-jobqueue", "SLURMJob", "job_script", "method", (),
+             why="LabkitSLURMJob.job_script runs its last line, the worker command, under signal traps"),
     Reliance("dask-jobqueue", "SLURMJob", "job_id_regexp", "attribute", of_type=str,
              why="parses the bare job id LabkitSLURMJob._submit_job returns"),
     Reliance("dask-jobqueue", "SLURMCluster", "job_cls", "attribute",

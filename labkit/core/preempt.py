@@ -1,0 +1,81 @@
+"""Slurm's warning before walltime (or preemption), caught in the worker process as a flag.
+
+A Slurm profile's ``signal: "USR1@90"`` makes each worker job ask ``#SBATCH --signal=B:USR1@90``:
+Slurm sends SIGUSR1 to the job's batch shell 90 s before the time limit. The job script runs
+the Dask worker command in the background and traps the signal, passing it on to that process (the
+one that runs the nannies); this module, given as ``--preload-nanny``, forwards it from there to
+each nanny's worker process, and, given as
+``--preload`` (or installed by ``install`` through ``client.run``), sets a flag in the worker. The
+handlers do no other work: the training loop reads the flag (``requested``) at its sync points,
+the ranks agree, save a checkpoint and stop (``labkit.train``).
+
+``signal.signal`` works only in a process's main thread: ``dask_setup`` and ``client.run`` run in
+the worker's event loop, which is that thread in a worker process; elsewhere ``install`` does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+_flag = threading.Event()
+_received: list[int] = []      # the signal numbers caught, newest last
+_nannies: list[Any] = []       # this process's nannies (when preloaded into them)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """In a worker: remember that the warning came (nothing else in a handler)."""
+    _received.append(signum)
+    _flag.set()
+
+
+def _forward(signum: int, frame: Any) -> None:
+    """In the nannies' process: pass the warning on to each nanny's worker process."""
+    for nanny in list(_nannies):
+        pid = getattr(getattr(getattr(nanny, "process", None), "process", None), "pid", None)
+        if pid:
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+
+
+def install(signals: tuple[int, ...] = SIGNALS) -> int | None:
+    """Catch ``signals`` in this (worker) process as the stop flag; its pid, or None off the main thread.
+
+    Python lets only the main thread set handlers; a worker running in a thread (``LocalCluster(processes=False)``)
+    is left as it is: the flag can still be set there with ``request()``, but no signal sets it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    for s in signals:
+        signal.signal(s, _on_signal)
+    return os.getpid()
+
+
+def requested() -> bool:
+    """Whether the warning signal arrived since the last ``clear``."""
+    return _flag.is_set()
+
+
+def request() -> None:
+    """Set the flag as the signal would (tests, or a scheduler hook of a site's own)."""
+    _flag.set()
+
+
+def clear() -> None:
+    """Forget the warning (once a run stopped on it)."""
+    _flag.clear()
+    _received.clear()
+
+
+def dask_setup(server: Any) -> None:
+    """Dask preload hook: in a nanny, forward the warning to its worker; in a worker, catch it."""
+    if type(server).__name__.endswith("Nanny"):
+        _nannies.append(server)
+        for s in SIGNALS:
+            signal.signal(s, _forward)
+    else:
+        install()

@@ -1,0 +1,156 @@
+"""Walltime and preemption: Slurm's warning signal makes every rank save a checkpoint and stop at the
+same step; resuming on a fresh job continues bit for bit like a run that was never interrupted.
+
+The profile key (``signal``) and the job script are checked here; the signal itself on local Dask
+workers (SIGUSR1 to one worker process) and on real Slurm jobs (``scancel --signal=USR1 --batch``,
+which is what ``#SBATCH --signal=B:USR1@90`` sends before the time limit) on the local Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import training_past_a_checkpoint
+
+from labkit.checkpoint import list_checkpoints
+from labkit.cluster.slurm import lifetime_args
+from labkit.config import get_profile
+from labkit.model import GPTConfig
+from labkit.settings import ConfigError, SlurmSignal
+from labkit.train import TrainConfig, train_distributed
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_STEPS = 400  # the same in every run here: the learning-rate schedule depends on it
+
+
+def _config(ckpt: Path) -> TrainConfig:
+    """A GPT small enough that 400 steps take seconds on two CPU ranks."""
+    return TrainConfig(model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, precision="float32"),
+                       batch_size=2, max_steps=MAX_STEPS, eval_interval=0, sample_tokens=0, num_threads=1,
+                       checkpoint_dir=str(ckpt), checkpoint_interval=20)
+
+
+def test_signal_key_reads_and_names_the_fix():
+    """``signal: USR1@90`` is the Slurm default; a bad one says how to write it; lifetime waits for it."""
+    sig = SlurmSignal("USR1@90")
+    assert (sig.name, sig.lead, sig.directive) == ("USR1", 90, "--signal=B:USR1@90")
+    assert SlurmSignal("B:SIGUSR2@120").directive == "--signal=B:USR2@120"
+    profile = get_profile("slurm")
+    assert profile.signal == "USR1@90"
+    for bad, why in (("TERM@60", "USR1 or USR2"), ("USR1@5", "10 to 65535"), ("USR1", "USR1 or USR2")):
+        with pytest.raises(ConfigError, match=why) as err:
+            profile.replace(signal=bad)
+        assert "signal" in str(err.value) and "write it like 'USR1@90'" in str(err.value)
+    # workers retire a third of the lead before walltime (not 5 min): the warning comes first
+    assert lifetime_args(profile) == ["--lifetime", "3570s", "--lifetime-stagger", "15s"]
+    assert lifetime_args(profile.replace(signal=None))[:2] == ["--lifetime", "3300s"]
+
+
+def _pids(client) -> list[int]:
+    """Each worker's process id, in the order run_ranks gives ranks (sorted addresses)."""
+    pids = client.run(os.getpid)
+    return [pids[a] for a in sorted(pids)]
+
+
+def _stopped_run(client, config: TrainConfig, shards: Path, send):
+    """Train, ``send()`` the warning once a checkpoint is out, and check the clean stop; its result."""
+    run = training_past_a_checkpoint(client, config, shards)
+    send()
+    res = run.result(timeout=60)
+    stop = res.start_step + res.steps
+    assert res.stopped == "walltime" and stop < MAX_STEPS, res.note
+    assert res.checkpoint and Path(res.checkpoint) == list_checkpoints(config.checkpoint_dir)[-1]
+    assert Path(res.checkpoint).name.startswith(f"step_{stop:08d}"), (res.checkpoint, stop)
+    assert "resume with train_distributed(..., resume=True) on a fresh job" in res.note
+    return res
+
+
+def _resume_matches_whole_run(client, config: TrainConfig, shards: Path, res, tmp_path: Path) -> None:
+    """Resume ``res`` on ``client``; every loss equals an uninterrupted run's, bit for bit."""
+    stop = res.start_step + res.steps
+    resumed = train_distributed(client, config, shards, resume=True, timeout=20)
+    assert resumed.stopped is None and resumed.start_step == stop and resumed.steps == MAX_STEPS - stop
+    whole = train_distributed(client, config.replace(checkpoint_dir=str(tmp_path / "whole")), shards, timeout=20)
+    assert whole.losses[:stop] == res.losses  # identical floats, not close ones
+    assert whole.losses[stop:] == resumed.losses
+
+
+def test_sigusr1_to_one_local_worker_stops_all_ranks_and_resumes_bit_exact(client, shards, tmp_path):
+    """SIGUSR1 to rank 1's worker process only: both ranks stop at one step with a checkpoint."""
+    pids = _pids(client)
+    config = _config(tmp_path / "ckpt")
+    res = _stopped_run(client, config, shards, lambda: os.kill(pids[1], signal.SIGUSR1))
+    assert _pids(client) == pids  # no worker died of the signal
+    _resume_matches_whole_run(client, config, shards, res, tmp_path)
+
+
+@pytest.mark.slurm
+def test_slurm_warning_signal_checkpoints_and_a_fresh_job_resumes(slurm, shards, tmp_path):
+    """The job script asks ``--signal=B:USR1@90`` and traps it for the worker; the signal to one job's batch
+    shell stops both ranks with a checkpoint; fresh jobs resume it bit for bit."""
+    from labkit import start_cluster
+
+    def cluster():
+        return start_cluster("slurm", workers=2, gpus_per_worker=1, cores=1, memory="1GiB", timeout=120,
+                             say=lambda line: None,
+                             prologue=[f"export PYTHONPATH={REPO}", "export OMP_NUM_THREADS=1"])
+
+    handle = cluster()
+    try:
+        script = handle.cluster.job_script()
+        assert "#SBATCH --signal=B:USR1@90" in script
+        assert "trap 'kill -USR1 \"$labkit_worker\" 2>/dev/null' USR1" in script
+        assert "--preload-nanny labkit.core.preempt" in script and "--preload labkit.core.preempt" in script
+        client = handle.client
+        workers = client.scheduler_info()["workers"]
+        rank1 = sorted(workers)[1]
+        job_id = handle.cluster.workers[workers[rank1]["name"]].job_id
+
+        def send():
+            subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+
+        config = _config(tmp_path / "ckpt")
+        res = _stopped_run(client, config, shards, send)
+        assert len(client.scheduler_info()["workers"]) == 2  # the signalled job's worker lives on
+    finally:
+        handle.close()
+    fresh = cluster()  # new jobs, as after a walltime
+    try:
+        _resume_matches_whole_run(fresh.client, config, shards, res, tmp_path)
+    finally:
+        fresh.close()
+
+
+@pytest.mark.slurm
+def test_batch_shell_signal_reaches_every_worker_of_a_two_worker_job(slurm):
+    """One job of two workers: USR1 to its batch shell is passed to the nannies' process and on to
+    both worker processes, which set the flag and live on."""
+    from labkit import start_cluster
+
+    def flagged() -> bool:  # on a worker (defined here: workers cannot import this test module)
+        import time
+
+        from labkit.core import preempt
+
+        deadline = time.monotonic() + 5
+        while not preempt.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = preempt.requested()
+        preempt.clear()
+        return found
+
+    handle = start_cluster("slurm", workers=2, gpus_per_worker=1, workers_per_job=2, cores=1, memory="1GiB",
+                           timeout=120, say=lambda line: None, prologue=[f"export PYTHONPATH={REPO}"])
+    try:
+        (job,) = handle.job_ids()
+        pids = handle.client.run(os.getpid)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+        assert all(handle.client.run(flagged).values())
+        assert handle.client.run(os.getpid) == pids
+    finally:
+        handle.close()
