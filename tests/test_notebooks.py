@@ -32,6 +32,15 @@ def test_one_parameters_cell(path):
     assert re.search(r"^scale\s*=", nb.cells[idx[0]].source, re.M), "the parameters cell must set `scale`"
 
 
+# What a notebook's prose promises the learner will see, checked in its outputs at tiny scale
+PROMISED = {
+    "06_distributed_training": [
+        "on Slurm's warning signal before walltime",              # the warned run stopped cleanly ...
+        "losses equal the uninterrupted run's, bit for bit: True",  # ... and resumed exactly
+    ],
+}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_at_tiny_scale(path, tmp_path):
     run = execute_notebook(path, {"scale": "tiny"}, timeout=600)
@@ -42,6 +51,8 @@ def test_notebook_runs_at_tiny_scale(path, tmp_path):
     # the injected value reached the kernel
     outputs = json.dumps([c.get("outputs", []) for c in run.notebook.cells])
     assert "Traceback" not in outputs
+    missing = [line for line in PROMISED.get(path.stem, []) if line not in outputs]
+    assert not missing, f"{path.name}: its prose promises output it did not print: {missing}"
 
 
 def test_harness_catches_a_failing_cell(tmp_path):

@@ -154,3 +154,45 @@ def test_batch_shell_signal_reaches_every_worker_of_a_two_worker_job(slurm):
         assert handle.client.run(os.getpid) == pids
     finally:
         handle.close()
+
+
+def test_warn_by_hand_sets_the_flag_of_one_worker_only(client):
+    """``preempt.warn`` sends the real SIGUSR1 to one worker process, which lives on with its flag set."""
+    from labkit.core import preempt
+
+    pids = client.run(os.getpid)
+    target = preempt.warn(client)
+    assert target == sorted(pids)[-1]
+    flags = client.run(preempt.requested)
+    assert flags == {a: a == target for a in pids}
+    client.run(preempt.clear)
+    assert not any(client.run(preempt.requested).values()) and client.run(os.getpid) == pids
+    with pytest.raises(ValueError, match="no worker 'tcp://nowhere:1'; workers: "):
+        preempt.warn(client, "tcp://nowhere:1")
+
+
+def test_warn_refuses_a_worker_in_a_thread_of_this_process():
+    """A threads-only LocalCluster shares this process: the signal would end it, so warn refuses."""
+    from distributed import Client, LocalCluster
+
+    from labkit.core import preempt
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as lc, Client(lc) as c:
+        with pytest.raises(RuntimeError, match=r"runs in a thread.*client.run\(labkit.core.preempt.request\)"):
+            preempt.warn(c)
+
+
+def test_a_lifetime_that_retires_workers_before_the_warning_is_warned_about():
+    """lifetime - stagger before walltime - lead: the training would lose a rank, so preflight says so."""
+    import warnings
+
+    from labkit.cluster.preflight import _check_lifetime
+
+    profile = get_profile("slurm")  # walltime 1 h, signal USR1@90
+    with pytest.warns(UserWarning, match=r"retire 3240 s .* before Slurm's warning at 3510 s.*Leave lifetime null"):
+        _check_lifetime(profile.replace(lifetime="55m", lifetime_stagger="1m"), "profile 'slurm'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_lifetime(profile, "profile 'slurm'")                          # lifetime null: labkit's own
+        _check_lifetime(profile.replace(lifetime="59m", lifetime_stagger="10s"), "profile 'slurm'")
+        _check_lifetime(profile.replace(lifetime="50m", signal=None), "profile 'slurm'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import warnings
 from dataclasses import dataclass, field
 
 import psutil
@@ -155,3 +156,12 @@ def _check_lifetime(profile: Profile, where: str) -> None:
             f"{profile.walltime}, so Slurm would kill workers before they retire; shorten lifetime or leave it "
             "null (labkit then retires workers 5 minutes before walltime)"
         )
+    if lifetime and profile.walltime and profile.signal:
+        warned_at = profile.walltime.seconds - profile.signal.lead
+        if lifetime - stagger < warned_at:
+            warnings.warn(
+                f"{where}: workers may retire {lifetime - stagger} s into their jobs (lifetime {profile.lifetime} - "
+                f"stagger {profile.lifetime_stagger}), before Slurm's warning at {warned_at} s (walltime "
+                f"{profile.walltime} - signal {profile.signal}): a training run then loses a rank instead of "
+                "saving and stopping. Leave lifetime null (labkit retires workers after the warning) or set it "
+                f"to at least {warned_at}s plus the stagger", UserWarning, stacklevel=3)

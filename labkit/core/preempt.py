@@ -71,6 +71,30 @@ def clear() -> None:
     _received.clear()
 
 
+def _signal_self(signum: int) -> int:
+    """On a worker: send ``signum`` to this process (as its job script would); its pid."""
+    os.kill(os.getpid(), signum)
+    return os.getpid()
+
+
+def warn(client: Any, worker: str | None = None, signum: int = signal.SIGUSR1) -> str:
+    """Send Slurm's warning by hand to one worker process (``worker``'s address; by default the last):
+    the signal its job script passes on when ``--signal`` fires. Lessons and tests use it where no
+    walltime runs out. The handler is installed on every worker first, so the signal sets the stop flag
+    instead of ending the process (SIGUSR1's default). Returns the address signalled."""
+    pids = client.run(install)
+    if not pids:
+        raise RuntimeError("no Dask workers to warn: start_cluster(...) first")
+    target = worker or sorted(pids)[-1]
+    if target not in pids:
+        raise ValueError(f"no worker {target!r}; workers: {', '.join(sorted(pids))}")
+    if pids[target] is None:
+        raise RuntimeError(f"worker {target} runs in a thread of this process, so a signal cannot reach it alone; "
+                           "set its flag with client.run(labkit.core.preempt.request) instead")
+    client.run(_signal_self, signum, workers=[target])
+    return target
+
+
 def dask_setup(server: Any) -> None:
     """Dask preload hook: in a nanny, forward the warning to its worker; in a worker, catch it."""
     if type(server).__name__.endswith("Nanny"):
