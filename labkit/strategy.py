@@ -23,9 +23,10 @@ from typing import Any, ContextManager
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+# torch.distributed.fsdp and .checkpoint (with DTensor and sympy) add ~45 MiB to every process that
+# imports them; FSDP's methods import them when an FSDP run uses them, so DDP and Binder never pay it
 from torch.nn.parallel import DistributedDataParallel
 
 from labkit.checkpoint import load_model_state
@@ -147,6 +148,8 @@ class FSDP(SingleProcess):
 
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """Shard ``model`` in place: one FSDP unit per block (``transformer.h``), then the root."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: see the top
+
         _need_group("FSDP")
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         dtype = self.param_dtype(device)
@@ -171,10 +174,14 @@ class FSDP(SingleProcess):
 
     def model_state(self, wrapped: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The full (gathered) state dict on rank 0's CPU; empty on the others. All ranks must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # lazy: see the top
+
         return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def load_model_state(self, wrapped: torch.nn.Module, state: dict[str, torch.Tensor], where: Any = "") -> None:
         """Load a full state dict (each rank keeps its shard of it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # lazy: see the top
+
         full = dict(state)
         for tied in ("lm_head.weight",):  # stored once, under the embedding
             full.setdefault(tied, full.get("transformer.wte.weight"))

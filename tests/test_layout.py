@@ -3,7 +3,8 @@
 (a) the module-level imports between labkit modules form no cycle;
 (b) only labkit/lab (the tooling) imports labkit.lab;
 (c) an import inside a function of a module outside labkit is a deliberate lazy one: it carries a
-    ``# lazy:`` comment (on its line or the line above) that names the dependency and why.
+    ``# lazy:`` comment (on its line or the line above) that names the dependency and why;
+(d) one test imports: DDP training, pruning and serving leave FSDP and DCP unloaded (memory).
 """
 
 from __future__ import annotations
@@ -240,3 +241,16 @@ def test_checker_finds_an_import_of_the_lab_from_outside(tmp_path):
     pkg = _write(tmp_path, {"__init__.py": "", "lab/__init__.py": "", "lab/cli.py": "from ..core import ev\n",
                             "core/__init__.py": "", "core/ev.py": "def f():\n    from fake.lab import cli\n"})
     assert imports_of_the_lab_from_outside(pkg) == ["fake/core/ev.py:2 imports fake.lab", "fake/core/ev.py:2 imports fake.lab.cli"]
+
+
+def test_ddp_training_and_pruning_do_not_load_fsdp_or_distributed_checkpoint():
+    """FSDP and DCP (with DTensor and sympy) cost ~45 MiB per process: only FSDP runs may import them,
+    or Binder's 1.5 GB is spent on workers and kernels that never shard (07 went over by it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, labkit.train, labkit.prune.sweep, labkit.checkpoint, labkit.strategy, labkit.serve\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('torch.distributed.fsdp', "
+            "'torch.distributed.checkpoint', 'sympy')))[:5])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+
+# torch.distributed.checkpoint (with DTensor and sympy) adds ~45 MiB to every process that imports it;
+# it is imported where a sharded checkpoint is written or read, so DDP runs and Binder's 1.5 GB never pay it
 
 from labkit.model import GPT, GPTConfig
 
@@ -97,6 +97,8 @@ def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict[str, A
 
 def _states(run: Any) -> dict[str, Any]:
     """Model and optimizer state keyed by parameter name, as this rank holds them (shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # lazy: see top
+
     return {"model": get_model_state_dict(run.wrapped),
             "optim": get_optimizer_state_dict(run.wrapped, run.optimizer)}
 
@@ -104,6 +106,8 @@ def _states(run: Any) -> dict[str, Any]:
 def load_sharded_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, dict]:
     """The whole model of a sharded checkpoint in this one process (no process group needed), and
     its manifest: for export, serving or evaluation after an FSDP run."""
+    import torch.distributed.checkpoint as dcp  # lazy: see the top of this module
+
     manifest = read_manifest(folder)
     model = GPT(GPTConfig.from_saved(manifest["model_config"]))
     state = {"model": model.state_dict()}
@@ -126,6 +130,8 @@ class ShardedCheckpointer:
 
     def save(self, run: Any, step: int) -> str | None:
         """Write the checkpoint of ``step``; its folder on rank 0, None on the others."""
+        import torch.distributed.checkpoint as dcp  # lazy: see the top of this module
+
         d = Path(self.directory)
         final, partial = d / f"step_{step:08d}.dcp", d / f".step_{step:08d}.dcp.partial"
         if run.rank == 0:  # a partial folder of an earlier crash is not mixed into this one
@@ -165,6 +171,9 @@ class ShardedCheckpointer:
 
     def restore(self, run: Any, resume: Resume) -> None:
         """Load model and optimizer state into the run's (possibly differently) sharded tensors."""
+        import torch.distributed.checkpoint as dcp  # lazy: see the top of this module
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
         state = _states(run)  # the target layout; the optimizer's state exists after this
         with _one_process_is_fine():
             dcp.load(state, checkpoint_id=resume.where)
