@@ -196,3 +196,40 @@ def test_a_lifetime_that_retires_workers_before_the_warning_is_warned_about():
         _check_lifetime(profile, "profile 'slurm'")                          # lifetime null: labkit's own
         _check_lifetime(profile.replace(lifetime="59m", lifetime_stagger="10s"), "profile 'slurm'")
         _check_lifetime(profile.replace(lifetime="50m", signal=None), "profile 'slurm'")
+
+
+@pytest.mark.slurm
+def test_a_real_walltime_ends_the_run_with_a_checkpoint_not_a_killed_rank(slurm, shards, tmp_path):
+    """One-minute jobs with ``signal: USR1@50``: nobody sends a signal here, Slurm itself warns the jobs
+    before their time limit. Training (planned far longer than a minute) stops with a checkpoint, both
+    workers alive, and fresh jobs resume from that step."""
+    import time
+
+    from labkit import start_cluster
+
+    def cluster(**extra):
+        return start_cluster("slurm", workers=2, gpus_per_worker=1, cores=1, memory="1GiB", timeout=120,
+                             say=lambda line: None, **extra,
+                             prologue=[f"export PYTHONPATH={REPO}", "export OMP_NUM_THREADS=1"])
+
+    config = _config(tmp_path / "ckpt").replace(max_steps=10**7, checkpoint_interval=0)  # only the warning saves
+    handle = cluster(walltime="00:01:00", signal="USR1@50")
+    try:
+        script = handle.cluster.job_script()
+        assert "#SBATCH -t 00:01:00" in script and "#SBATCH --signal=B:USR1@50" in script, script
+        t0 = time.monotonic()
+        res = train_distributed(handle.client, config, shards, timeout=20)
+        took = time.monotonic() - t0
+        stop = res.start_step + res.steps
+        assert res.stopped == "walltime" and 0 < stop < config.max_steps, res.note
+        assert took < 60, f"the warning came after {took:.0f} s, not before the one-minute limit"
+        assert res.checkpoint and Path(res.checkpoint).name.startswith(f"step_{stop:08d}")
+        assert len(handle.client.scheduler_info()["workers"]) == 2  # no rank was killed
+    finally:
+        handle.close()
+    fresh = cluster()  # new jobs, a full walltime
+    try:
+        more = train_distributed(fresh.client, config.replace(max_steps=stop + 3), shards, resume=True, timeout=20)
+        assert (more.start_step, more.steps, more.stopped) == (stop, 3, None)
+    finally:
+        fresh.close()
