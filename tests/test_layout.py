@@ -1,4 +1,4 @@
-"""The package's shape, read from the source with ``ast`` (nothing is imported):
+"""The package's shape, read from the source with ``ast`` (nothing is imported, but in (d)):
 
 (a) the module-level imports between labkit modules form no cycle;
 (b) only labkit/lab (the tooling) imports labkit.lab;
