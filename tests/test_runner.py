@@ -156,3 +156,26 @@ def test_a_notebook_without_parameters_cell_is_a_failed_row_not_a_crash(tmp_path
     assert results[1].ok
     page = (tmp_path / "out" / "report.html").read_text()
     assert "Property Inspector" in page and 'href="01_fine.ipynb"' in page
+
+
+def test_html_previews_carry_outputs_and_embedded_figures(tmp_path):
+    """`labkit run --html` writes a page per notebook that shows outputs and its SVG figures with no kernel
+    and no files beside it (the figure is embedded, so the page can be mailed or moved)."""
+    src = tmp_path / "src"
+    (src / "figures").mkdir(parents=True)
+    (src / "figures" / "box.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><text x="1" y="5">marker-in-svg</text></svg>')
+    nb = make_notebook(src / "01_fig.ipynb", "print('printed', 6 * 7)")
+    book = nbformat.read(nb, as_version=4)
+    book.cells.insert(0, nbformat.v4.new_markdown_cell("# A figure\n\n![a box](figures/box.svg)"))
+    nbformat.write(book, nb)
+    out = tmp_path / "out"
+    [result] = run_notebooks([nb], RunOptions(scale="tiny", output=out, html=True))
+    assert result.ok, result.error
+    page = (out / "01_fig.html").read_text()
+    assert "printed 42" in page
+    assert "data:image/svg+xml" in page and "figures/box.svg" not in page
+    assert 'href="01_fig.html"' in (out / "report.html").read_text()
+    # without the flag, no page
+    [again] = run_notebooks([nb], RunOptions(scale="tiny", output=tmp_path / "plain"))
+    assert again.ok and not (tmp_path / "plain" / "01_fig.html").exists()

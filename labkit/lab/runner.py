@@ -78,6 +78,7 @@ class RunOptions:
     max_memory: int | None = None
     fail_fast: bool = False
     sample_interval: float = 0.2
+    html: bool = False  # also write NAME.html beside each executed copy, for previews without a kernel
 
 
 def resolve_notebooks(names: Sequence[str], directory: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -132,6 +133,8 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
         )
     executed = out_dir / path.name
     nbformat.write(run.notebook, executed)
+    if opts.html:
+        write_preview(run.notebook, out_dir / f"{path.stem}.html", source_dir=path.parent)
     stopped_by_budget = bool(run.stopped and run.stopped.startswith("NotebookStopped"))
     error = ANSI_RE.sub("", run.error) if run.error and not stopped_by_budget else None
     result = RunResult(
@@ -149,6 +152,19 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
             result.over_budget.append(
                 f"peak memory {result.peak_mib:.0f} MiB, over --max-memory {opts.max_memory / MiB:.0f} MiB")
     return result
+
+
+def write_preview(nb: nbformat.NotebookNode, target: Path, source_dir: Path = NOTEBOOK_DIR) -> Path:
+    """Write an executed notebook as one self-contained HTML page (figures embedded), readable with no kernel.
+
+    Markdown images (``figures/*.svg``) are embedded as data, so the page works offline and moved
+    anywhere; widgets that need a live kernel show their text fallback."""
+    from nbconvert import HTMLExporter  # only a run that asks for previews pays for nbconvert's import
+
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"path": str(source_dir)}})
+    target.write_text(body, encoding="utf-8")
+    return target
 
 
 def run_notebooks(
@@ -203,6 +219,9 @@ def render_html(results: Sequence[RunResult], ctx: dict[str, str]) -> str:
         if r.error:
             problems += f"<details><summary>error</summary><pre>{e(r.error[-6000:])}</pre></details>"
         link = f'<a href="{e(Path(r.executed).name)}">{e(r.name)}</a>' if r.executed else e(r.name)
+        preview = Path(r.executed).with_suffix(".html") if r.executed else None
+        if preview is not None and preview.exists():
+            link += f' (<a href="{e(preview.name)}">HTML</a>)'
         rows.append(
             f'<tr class="{status.replace(" ", "-")}"><td>{link}</td>'
             f"<td>{status}</td><td>{r.seconds:.1f}</td><td>{r.peak_mib:.0f}</td>"
@@ -258,6 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None, help="fail a notebook that takes longer")
     parser.add_argument("--max-memory", default=None, help="fail a notebook whose peak memory is higher, e.g. 1.5GB")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
+    parser.add_argument("--html", action="store_true",
+                        help="also write each executed notebook as a self-contained NAME.html to preview without a kernel")
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
@@ -272,7 +293,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         scale=args.scale, profile=args.profile, output=output, timeout=args.timeout, kernel_name=args.kernel,
         max_seconds=args.max_seconds,
         max_memory=Memory(args.max_memory, "--max-memory").bytes if args.max_memory else None,
-        fail_fast=args.fail_fast,
+        fail_fast=args.fail_fast, html=args.html,
     )
 
 
