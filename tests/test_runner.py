@@ -165,7 +165,9 @@ def test_html_previews_carry_outputs_and_embedded_figures(tmp_path):
     (src / "figures").mkdir(parents=True)
     (src / "figures" / "box.svg").write_text(
         '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 10 10"><text x="1" y="5">marker-in-svg</text></svg>')
-    nb = make_notebook(src / "01_fig.ipynb", "print('printed', 6 * 7)")
+    plots = ("import plotly.graph_objects as go\n"
+             "for n in (2, 3):\n    go.Figure(go.Bar(y=list(range(n)))).show()")
+    nb = make_notebook(src / "01_fig.ipynb", "print('printed', 6 * 7)", plots)
     book = nbformat.read(nb, as_version=4)
     book.cells.insert(0, nbformat.v4.new_markdown_cell("# A figure\n\n![a box](figures/box.svg)"))
     nbformat.write(book, nb)
@@ -175,6 +177,8 @@ def test_html_previews_carry_outputs_and_embedded_figures(tmp_path):
     page = (out / "01_fig.html").read_text()
     assert "printed 42" in page
     assert "data:image/svg+xml" in page and "figures/box.svg" not in page
+    # plotly figures are drawn (nbconvert alone would drop their JSON), plotly.js fetched once per page
+    assert page.count("Plotly.newPlot") == 2 and page.count('src="https://cdn.plot.ly/') == 1
     assert 'href="01_fig.html"' in (out / "report.html").read_text()
     # without the flag, no page
     [again] = run_notebooks([nb], RunOptions(scale="tiny", output=tmp_path / "plain"))

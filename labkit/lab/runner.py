@@ -154,6 +154,28 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
     return result
 
 
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """A copy of ``nb`` whose plotly figures also carry HTML (nbconvert draws no plotly JSON): plotly.js
+    comes once per page from plotly's CDN, so a page stays small; offline, the rest of it still reads."""
+    import copy
+
+    import plotly.io as pio
+
+    nb = copy.deepcopy(nb)
+    first = True
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if PLOTLY_MIME in data and "text/html" not in data:
+                fig = pio.from_json(json.dumps(data[PLOTLY_MIME]), skip_invalid=True)
+                data["text/html"] = pio.to_html(fig, full_html=False, include_plotlyjs="cdn" if first else False)
+                first = False
+    return nb
+
+
 def write_preview(nb: nbformat.NotebookNode, target: Path, source_dir: Path = NOTEBOOK_DIR) -> Path:
     """Write an executed notebook as one self-contained HTML page (figures embedded), readable with no kernel.
 
@@ -162,7 +184,7 @@ def write_preview(nb: nbformat.NotebookNode, target: Path, source_dir: Path = NO
     from nbconvert import HTMLExporter  # only a run that asks for previews pays for nbconvert's import
 
     exporter = HTMLExporter(template_name="lab", embed_images=True)
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"path": str(source_dir)}})
+    body, _ = exporter.from_notebook_node(_plotly_as_html(nb), resources={"metadata": {"path": str(source_dir)}})
     target.write_text(body, encoding="utf-8")
     return target
 
