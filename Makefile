@@ -10,7 +10,7 @@ export LABKIT_PROFILE ?= local
 export DASK_LABEXTENSION__FACTORY__MODULE ?= labkit.cluster.sidebar
 export DASK_LABEXTENSION__FACTORY__CLASS ?= LabkitCluster
 
-.PHONY: lab test setup system slurm-up slurm-down bench clean
+.PHONY: lab test setup system slurm-up slurm-down bench previews clean
 
 ## make lab: set up the environment and open JupyterLab on notebooks/ (local Dask cluster)
 lab: setup
@@ -44,6 +44,13 @@ slurm-down:
 BENCH ?=
 bench: setup
 	$(PY) -m bench $(BENCH)
+
+## make previews: run every notebook at binder scale on one CPU and keep an HTML copy of each in
+## docs/preview/ (what an instructor reads without running anything; about 15 minutes)
+previews: setup
+	rm -rf runs/previews
+	$(PY) -m bench.binder --html --output runs/previews
+	mkdir -p docs/preview && rm -f docs/preview/[0-9]*.html && cp runs/previews/[0-9]*.html docs/preview/
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", default="binder", help="scale (default binder; tiny for a smoke run)")
     parser.add_argument("--profile", default="binder", help="profile (default binder)")
     parser.add_argument("--output", type=Path, default=None, help="executed copies and report (default bench/results/binder-<time>)")
+    parser.add_argument("--html", action="store_true", help="also write each executed notebook as NAME.html (previews)")
     args = parser.parse_args(argv)
 
     cpu = pin_to_one_cpu(None if args.cpu < 0 else args.cpu)
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or Path("bench/results") / _dt.datetime.now().strftime("binder-%Y%m%d-%H%M%S")
     opts = RunOptions(
         scale=args.scale, profile=args.profile, output=output,
-        max_seconds=BUDGET_SECONDS, max_memory=BUDGET_MEMORY, timeout=int(BUDGET_SECONDS * 2),
+        max_seconds=BUDGET_SECONDS, max_memory=BUDGET_MEMORY, timeout=int(BUDGET_SECONDS * 2), html=args.html,
     )
     print(f"Binder budget: scale={args.scale} profile={args.profile} cpu={'not pinned' if cpu is None else cpu}; "
           f"budget {BUDGET_SECONDS:.0f} s and {BUDGET_MEMORY / 1e9:.1f} GB per notebook (kernel + children)", flush=True)

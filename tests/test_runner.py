@@ -13,7 +13,7 @@ import pytest
 from labkit.lab.cli import main
 from labkit.lab.memwatch import TreeMemoryWatch, tree_memory
 from labkit.lab.notebooks import NOTEBOOK_DIR
-from labkit.lab.runner import RunOptions, resolve_notebooks, run_notebooks
+from labkit.lab.runner import RunOptions, resolve_notebooks, run_notebooks, source_digest
 
 MiB = 1024 * 1024
 
@@ -180,6 +180,12 @@ def test_html_previews_carry_outputs_and_embedded_figures(tmp_path):
     # plotly figures are drawn (nbconvert alone would drop their JSON), plotly.js fetched once per page
     assert page.count("Plotly.newPlot") == 2 and page.count('src="https://cdn.plot.ly/') == 1
     assert 'href="01_fig.html"' in (out / "report.html").read_text()
+    # the page names the notebook it ran from: the digest of the cells as written, outputs aside
+    digest = source_digest(nbformat.read(nb, as_version=4))
+    assert f'name="labkit-source" content="{digest}"' in page
+    assert source_digest(nbformat.read(out / "01_fig.ipynb", as_version=4)) == digest
+    book.cells[-1].source += "\nprint('changed')"
+    assert source_digest(book) != digest
     # without the flag, no page
     [again] = run_notebooks([nb], RunOptions(scale="tiny", output=tmp_path / "plain"))
     assert again.ok and not (tmp_path / "plain" / "01_fig.html").exists()

@@ -176,6 +176,15 @@ def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+def source_digest(nb: nbformat.NotebookNode) -> str:
+    """A hash of a notebook's cells as written (outputs and injected parameters left out): a preview
+    carries the digest of what it was run from, so a stale preview can be told from a fresh one."""
+    import hashlib
+
+    cells = [(c.cell_type, c.source) for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
+
+
 def write_preview(nb: nbformat.NotebookNode, target: Path, source_dir: Path = NOTEBOOK_DIR) -> Path:
     """Write an executed notebook as one self-contained HTML page (figures embedded), readable with no kernel.
 
@@ -185,6 +194,7 @@ def write_preview(nb: nbformat.NotebookNode, target: Path, source_dir: Path = NO
 
     exporter = HTMLExporter(template_name="lab", embed_images=True)
     body, _ = exporter.from_notebook_node(_plotly_as_html(nb), resources={"metadata": {"path": str(source_dir)}})
+    body = body.replace("<head>", f'<head>\n<meta name="labkit-source" content="{source_digest(nb)}">', 1)
     target.write_text(body, encoding="utf-8")
     return target
 
