@@ -34,6 +34,10 @@ def test_one_parameters_cell(path):
 
 # What a notebook's prose promises the learner will see, checked in its outputs at tiny scale
 PROMISED = {
+    "03_preprocessing": [
+        "same merges as Hugging Face: True",                 # BPE by hand learns what tokenizers learns
+        "is corrupt: its sha256 does not match meta.json",    # a flipped bit in a shard is caught
+    ],
     "06_distributed_training": [
         "on Slurm's warning signal before walltime",              # the warned run stopped cleanly ...
         "losses equal the uninterrupted run's, bit for bit: True",  # ... and resumed exactly
