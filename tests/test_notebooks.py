@@ -42,6 +42,11 @@ PROMISED = {
         "on Slurm's warning signal before walltime",              # the warned run stopped cleanly ...
         "losses equal the uninterrupted run's, bit for bit: True",  # ... and resumed exactly
     ],
+    "07_pruning": ["torch threads"],                                   # the thread count the timings ran with
+    "08_serving": [
+        "gave the same text alone and inside a batch",             # concurrent requests, batched, same text
+        "seed 123 twice:",
+    ],
 }
 
 

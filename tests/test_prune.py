@@ -412,3 +412,16 @@ def test_prune_config_presets_and_overrides(tmp_path, monkeypatch):
     assert cfg.rounds == 5 and cfg.amounts == (0.0, 0.9) and cfg.finetune_steps == 1
     with pytest.raises(ValueError, match="valid"):
         PruneConfig.for_scale("tiny", bogus=1)
+
+
+def test_usable_cores_reads_affinity_and_a_cgroup_quota(tmp_path):
+    import os
+
+    from labkit.prune.speed import usable_cores
+
+    mine = len(os.sched_getaffinity(0))
+    assert usable_cores(str(tmp_path / "missing")) == mine
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(str(tmp_path / "cpu.max")) == mine
+    (tmp_path / "cpu.max").write_text("50000 100000\n")   # half a core: still one thread
+    assert usable_cores(str(tmp_path / "cpu.max")) == 1

@@ -10,6 +10,8 @@ kernel gains at once.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +25,22 @@ from labkit.model import resolve_device
 from .unstructured import prunable_layers
 
 pick_device = resolve_device  # the name this module's callers and tests know
+
+
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPU cores this process may really use: its affinity (what Slurm or taskset allotted), capped by a
+    cgroup v2 CPU quota (containers, Binder), which ``os.cpu_count()`` and torch's default ignore."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, cores)
 
 
 def _sync(device: torch.device) -> None:

@@ -102,3 +102,27 @@ def run_load(url: str, token: str, *, requests: int = 32, concurrency: int = 4, 
     for t in threads:
         t.join()
     return LoadResult(concurrency, latencies, statuses, texts, time.perf_counter() - t0)
+
+
+def post_together(client: httpx.Client, bodies: list[dict], path: str = "/generate") -> list[Any]:
+    """POST all ``bodies`` at the same moment (one thread each, released by a barrier) and return the JSON
+    answers in the order of the bodies: truly concurrent requests, which the server can batch."""
+    answers: list[Any] = [None] * len(bodies)
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(bodies))
+
+    def one(i: int) -> None:
+        try:
+            gate.wait(timeout=60)
+            answers[i] = client.post(path, json=bodies[i]).json()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return answers
