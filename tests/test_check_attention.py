@@ -51,7 +51,7 @@ def _exercise_cells():
     nb = nbformat.read(NOTEBOOK_DIR / "04_attention_math.ipynb", as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            for name in re.findall(r'^check\("(\w+)", (\w+)\)', cell.source, re.M):
+            for name in re.findall(r'\bcheck\("(\w+)", (\w+)\)', cell.source):
                 yield cell.source, name
 
 
