@@ -64,10 +64,11 @@ def _right(topic: str, name: str):
 
 # a wrong answer per exercise, and the options its checker needs; a new exercise must add a row here
 WRONG = {
-    ("attention", "softmax"): lambda x: x,
     ("attention", "attention"): lambda q, k, v, mask=None: q,
-    ("attention", "causal_mask"): lambda t: "mask",
+    ("attention", "causal_mask"): lambda t_q, t_k: "mask",
+    ("attention", "online_softmax"): lambda m, l, acc, s, v: (m, l, acc),
     ("attention", "split_heads"): lambda x, h: x,
+    ("attention", "merge_heads"): lambda y: y,
     ("cluster", "gpu_task"): lambda client, fn: fn(),
     ("data", "normaliser"): lambda text: text,
     ("data", "dedup_key"): lambda text: text,
@@ -131,10 +132,10 @@ def test_a_result_renders_and_escapes():
 def test_a_checker_tripped_by_an_odd_answer_reports_it():
     from labkit.check.attention import check
 
-    r = check("softmax", lambda x: object())
+    r = check("merge_heads", lambda y: object())
     assert type(r) is Result and r.passed is False
     with pytest.raises(TypeError, match="the checker takes"):
-        check("softmax", lambda x: x, sede=1)  # a typo in the notebook's call is the author's, named
+        check("merge_heads", lambda y: y, sede=1)  # a typo in the notebook's call is the author's, named
 
 
 def test_a_checker_of_another_dialect_is_refused():

@@ -17,7 +17,7 @@ on headless. Topic authors build ``check`` with :func:`checker_book`, call the l
 :func:`attempt` and return :func:`correct` or :func:`mistake`.
 
 Solutions convention: each topic module offers ``solution(name)`` (e.g.
-``labkit.check.attention.solution("softmax")``); nothing shows a solution unless that function
+``labkit.check.attention.solution("attention")``); nothing shows a solution unless that function
 is called. Build it with :func:`solution_book`, or wrap a source string with :func:`reveal`: the
 result is the source text (a ``str``, so ``print`` / ``exec`` work) that JupyterLab shows as a
 collapsed block, opened with one click.
