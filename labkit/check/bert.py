@@ -44,14 +44,16 @@ SENTENCES = (
 _MISTAKES: dict[str, str] = {
     "layer_output": "these are the weights layer {layer} would compute from the hidden states that LEAVE it, "
                     "not the ones that enter it; look again at what hidden_states[0] holds",
-    "strided_heads": "head {head} is not every {n_head}-th channel: the query/key Linear lays its output out "
-                     "head by head, each head one contiguous block of d_k = {d_k} channels (as split_heads in 04)",
+    "strided_heads": "head {head} is not one channel in every {n_head} (a strided slice): the query/key Linear lays "
+                     "its output out head by head, each head one contiguous block of d_k = {d_k} channels "
+                     "(as split_heads in 04)",
     "not_transposed": "the projection uses the weight the wrong way round: nn.Linear stores weight as "
-                      "(out_features, in_features) and computes x W^T + b",
+                      "(out_features, in_features); calling the layer itself avoids the question",
     "missing_bias": "the projection leaves out the bias: BERT's query and key Linear layers have one",
-    "missing_scale": "the scores are not scaled, so the softmax is far too peaked; divide by sqrt(d_k)",
-    "wrong_scale": "wrong scale: d_k is the size of ONE head ({d_k}), not the hidden size, and the scores "
-                   "are divided by its square root",
+    "missing_scale": "the scores are not scaled, so the softmax is far too peaked; what does the formula divide "
+                     "Q K^T by?",
+    "wrong_scale": "wrong scale: the scores are scaled, but not by the formula's factor; d_k there is the "
+                   "size of ONE head ({d_k}), and look at the root",
     "mask_ignored": "padded keys get weight: in the shorter sentences, [PAD] tokens are attended to; the mask "
                     "is 1 for a real token, 0 for padding, and no query may attend to a padded key",
     "mask_inverted": "the mask is the wrong way round: it hides the real tokens and leaves the padding "
