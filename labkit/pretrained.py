@@ -16,7 +16,7 @@ import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -181,7 +181,35 @@ def model_attention(model, inputs) -> tuple[list[torch.Tensor], list[torch.Tenso
     finally:
         for h in hooks:
             h.remove()
-    if out.attentions is None or any(a is None for a in out.attentions):
+    if not out.attentions or any(a is None for a in out.attentions):  # sdpa returns () and a warning
         raise RuntimeError("the model returned no attention probabilities; load it with "
                            "attn_implementation='eager' (load_bert does by default)")
     return list(out.attentions), contexts
+
+
+# ------------------------------------------------------------------------------- model shapes
+def param_count(config) -> int:
+    """Parameters of a BertModel built from ``config``, counted on the meta device (no memory, no download)."""
+    from transformers import BertModel
+
+    with torch.device("meta"):
+        model = BertModel(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def shapes(config) -> dict[str, int]:
+    """A BERT config's sizes: layers, hidden, heads, d_k (= hidden / heads), FFN width and parameters."""
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "heads": config.num_attention_heads, "d_k": config.hidden_size // config.num_attention_heads,
+            "ffn": config.intermediate_size, "params": param_count(config)}
+
+
+def shape_table(configs: Mapping[str, Any]) -> str:
+    """A markdown table of :func:`shapes` for ``{name: config}``; parameters in millions."""
+    rows = {name: shapes(cfg) for name, cfg in configs.items()}
+    cols = ["layers", "hidden", "heads", "d_k", "ffn", "params"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[c] / 1e6:.1f} M" if c == "params" else str(r[c]) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -69,6 +69,7 @@ WRONG = {
     ("attention", "online_softmax"): lambda m, l, acc, s, v: (m, l, acc),
     ("attention", "split_heads"): lambda x, h: x,
     ("attention", "merge_heads"): lambda y: y,
+    ("bert", "head_attention"): lambda model, hidden, mask, layer, head: hidden[layer],
     ("cluster", "gpu_task"): lambda client, fn: fn(),
     ("data", "normaliser"): lambda text: text,
     ("data", "dedup_key"): lambda text: text,

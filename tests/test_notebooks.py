@@ -42,6 +42,11 @@ PROMISED = {
         "each row of weights sums to tensor([1., 1., 1.])",  # the worked example's softmax
         "online_softmax: not yet",  # the exercises ship unsolved and their checks run
     ],
+    "05_bert": [
+        "| bert-base-uncased (BertConfig() defaults) | 12 | 768 | 12 | 64 | 3072 | 109.5 M |",  # the shape table
+        "TensorFlow BERT in transformers: False",  # PyTorch only, as the prose says
+        "largest difference over 6 layers x 12 heads:",  # the one measured figure the recap points to
+    ],
     "06_distributed_training": [
         "on Slurm's warning signal before walltime",              # the warned run stopped cleanly ...
         "losses equal the uninterrupted run's, bit for bit: True",  # ... and resumed exactly

@@ -110,3 +110,24 @@ def test_attention_probs_is_recompute_attention_for_one_text(bert):
     assert torch.all(probs.triu(1) == 0)  # causal: no weight on later tokens
     _, default = P.attention_probs(model, tok, text)
     assert not torch.allclose(default, probs)  # scale and causal are passed on
+
+
+def test_shapes_of_minilm_and_bert_base_without_a_download(bert):
+    from transformers import BertConfig
+
+    mini = P.shapes(bert[0].config)
+    assert mini == {"layers": 6, "hidden": 384, "heads": 12, "d_k": 32, "ffn": 1536,
+                    "params": sum(p.numel() for p in bert[0].parameters())}  # counted on meta = the real model
+    base = P.shapes(BertConfig())  # transformers' defaults are bert-base-uncased's shapes
+    assert (base["layers"], base["hidden"], base["heads"], base["d_k"]) == (12, 768, 12, 64)
+    assert 109e6 < base["params"] < 110e6
+    table = P.shape_table({"MiniLM": bert[0].config, "bert-base-uncased": BertConfig()}).splitlines()
+    assert table[0].startswith("| model | layers") and len(table) == 4
+    assert table[2] == "| MiniLM | 6 | 384 | 12 | 32 | 1536 | 22.7 M |"
+    assert "| 12 | 768 | 12 | 64 | 3072 | 109.5 M |" in table[3]
+
+
+def test_model_attention_refuses_a_model_that_returns_no_probabilities():
+    model, tok = P.load_bert(attn_implementation="sdpa")  # transformers then returns attentions=()
+    with pytest.raises(RuntimeError, match="eager"):
+        P.model_attention(model, tok("a short text", return_tensors="pt"))
