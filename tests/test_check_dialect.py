@@ -79,7 +79,10 @@ WRONG = {
     ("hardware", "training_days"): lambda *a: 1.0,
     ("hardware", "allreduce_seconds"): lambda *a: 1.0,
     ("prune", "magnitude_mask"): lambda w, amount: w,
-    ("prune", "layer_sparsity"): lambda m: "half",
+    ("prune", "global_masks"): lambda weights, amount: [w.abs() > 0 for w in weights],
+    ("prune", "head_mask"): lambda scores, k: scores > scores.min(),
+    ("prune", "zero_heads"): lambda model, keep: None,
+    ("serve", "batched"): lambda client, bodies: [client.post("/generate", json=b).json() for b in bodies],
     ("serve", "percentile"): lambda values, q: 0.0,
     ("serve", "reproducible"): [{"text": "once", "seed": 1}, {"text": "twice", "seed": 2}],
     ("train", "lr_schedule"): lambda *a: 1.0,
@@ -106,11 +109,22 @@ def test_every_exercise_has_a_wrong_answer_here():
     assert sorted(CASES) == sorted(WRONG), "add a wrong answer for each new exercise to WRONG"
 
 
+@pytest.fixture(scope="module")
+def serve_client():
+    """A real labkit serve (the demo model) for the serving checker that sends requests."""
+    from labkit.serve import ServeConfig, demo_generator, start
+
+    with start(demo_generator(), config=ServeConfig.for_scale("tiny")) as srv, srv.client() as c:
+        yield c
+
+
 @pytest.mark.parametrize("topic,name", CASES)
-def test_right_wrong_and_unattempted_answers_get_one_result_type(topic, name, monkeypatch):
+def test_right_wrong_and_unattempted_answers_get_one_result_type(topic, name, monkeypatch, request):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what the fake cluster's GPU worker would see
     check = importlib.import_module(f"labkit.check.{topic}").check
     opts = OPTIONS.get(topic, {})
+    if (topic, name) == ("serve", "batched"):
+        opts = {"client": request.getfixturevalue("serve_client"), "tries": 1}
     wrong = WRONG[topic, name]
     unattempted = [None] + ([_todo] if callable(wrong) else [])  # a function still raising, or no answer
     for answer, want in [(_right(topic, name), True), (wrong, False)] + [(u, None) for u in unattempted]:
