@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from labkit.core.ranks import RankError, run_ranks
+from labkit.core.ranks import RankError, run_ranks, select_workers
 from labkit.model import GPT, GPTConfig
 
 WATCHED = "transformer.h.0.attn.c_attn.weight"  # the weight whose pieces the proofs compare
@@ -195,11 +196,25 @@ def _late_rank(ctx: Any, late: float) -> list[float]:
     return t.tolist()
 
 
+def _worker_log_level(level: int) -> int:
+    """Runs on a worker: set the level of Dask's worker log; the level it had."""
+    log = logging.getLogger("distributed.worker")
+    old = log.level
+    log.setLevel(level)
+    return old
+
+
 def collective_timeout(client: Any, timeout: float = 2.0) -> str:
     """Run a collective that rank 1 joins too late (``timeout`` + 0.5 s); the first line of the
-    error the waiting rank 0 raises: the backend's own timeout message, naming the rank."""
+    error the waiting rank 0 raises: the backend's own timeout message, naming the rank. The workers'
+    own "Compute Failed" log of it (with the traceback) is held back meanwhile: the error comes back here."""
+    addrs = select_workers(client, 2)
+    levels = client.run(_worker_log_level, logging.CRITICAL, workers=addrs)
     try:
-        run_ranks(client, _late_rank, timeout + 0.5, workers=2, timeout=timeout, lost_grace=0.5)
+        run_ranks(client, _late_rank, timeout + 0.5, workers=addrs, timeout=timeout, lost_grace=0.5)
     except RankError as exc:
         return str(exc).splitlines()[0]
+    finally:
+        for addr, level in levels.items():
+            client.run(_worker_log_level, level, workers=[addr])
     raise RuntimeError("the all-reduce did not time out although rank 1 came late")

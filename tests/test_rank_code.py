@@ -82,3 +82,13 @@ def test_a_rank_that_never_joins_times_out_the_collective(client2):
     line = collective_timeout(client2, timeout=1.0)
     assert line.startswith("rank 0 on worker") and "Timed out waiting 1000ms" in line, line
     assert time.monotonic() - t0 < 15
+
+
+def test_the_timeout_lesson_leaves_the_workers_log_as_it_was(client2):
+    import logging
+
+    from labkit.rank_code import collective_timeout
+
+    before = client2.run(lambda: logging.getLogger("distributed.worker").level)
+    assert "Timed out" in collective_timeout(client2, timeout=1.0)
+    assert client2.run(lambda: logging.getLogger("distributed.worker").level) == before
