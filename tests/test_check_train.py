@@ -36,6 +36,12 @@ def test_lr_mistakes_are_named():
     fb = check("lr_schedule", to_zero)
     assert not fb.passed and "min_lr" in fb.message
     assert "linear" in check("lr_schedule", linear).message
+
+    def late_ramp(s, lr, lo, w, m):  # reaches the full lr one step after warmup
+        return lr * (s + 1) / (w + 1) if s < w else solved("lr_schedule")(s, lr, lo, w, m)
+
+    r = check("lr_schedule", late_ramp)
+    assert r.problem == "schedule" and "end of warmup" in r.message
     assert "None" in check("lr_schedule", lambda *a: None).message
     assert "raised ZeroDivisionError" in check("lr_schedule", lambda *a: 1 / 0).message
     assert not check("lr_schedule", lambda s, lr, lo, w, m: lr)  # constant

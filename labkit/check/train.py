@@ -38,11 +38,11 @@ def _diagnose_lr(got: Callable[[int], float], c: TrainConfig) -> str | None:
         return None
     w = c.warmup_steps
     if w and have[0] == 0.0:
-        return ("the first step gets lr 0, so it is wasted: during warmup use lr * (step + 1) / warmup_steps, "
-                "reaching the full lr at step warmup_steps - 1")
+        return ("the first step gets lr 0, so it is wasted: step 0 should already be the first step of the "
+                "ramp, which reaches the full lr at step warmup_steps - 1")
     if w and not math.isclose(have[w - 1], c.lr, rel_tol=1e-6):
-        return (f"at the end of warmup (step {w - 1}) the lr should be the full lr={c.lr}, yours is {have[w - 1]:.4g}; "
-                "ramp linearly: lr * (step + 1) / warmup_steps")
+        return (f"at the end of warmup (step {w - 1}) the lr should be the full lr={c.lr}, yours is {have[w - 1]:.4g}: "
+                "your ramp ends one step early or late, or is not a straight line")
     if any(h < c.min_lr - 1e-12 for h in have):
         return f"your lr goes below min_lr={c.min_lr}: the cosine must end at min_lr, not at 0"
     if not math.isclose(have[c.max_steps + 2], c.min_lr, rel_tol=1e-6):
@@ -50,7 +50,8 @@ def _diagnose_lr(got: Callable[[int], float], c: TrainConfig) -> str | None:
     mid = w + (c.max_steps - w) // 4  # a quarter in: cosine and linear differ there (not half-way)
     linear = c.min_lr + (c.lr - c.min_lr) * (1 - (mid - w) / max(1, c.max_steps - w))
     if math.isclose(have[mid], linear, rel_tol=1e-3) and not math.isclose(have[mid], want[mid], rel_tol=1e-3):
-        return "your decay is linear; use a half cosine: min_lr + 0.5 * (1 + cos(pi * progress)) * (lr - min_lr)"
+        return ("your decay is linear; the schedule asks for half a cosine period from lr down to min_lr "
+                "(slow at first, fastest half-way, slow again near the end)")
     bad = next(s for s, (h, x) in enumerate(zip(have, want)) if not math.isclose(h, x, rel_tol=1e-6, abs_tol=1e-12))
     return (f"at step {bad} (warmup_steps={w}, max_steps={c.max_steps}) the lr should be {want[bad]:.6g}, "
             f"yours is {have[bad]:.6g}")
