@@ -18,6 +18,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import logging
+import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from labkit.core.ranks import run_ranks
+from labkit.core.ranks import RankError, run_ranks, select_workers
 from labkit.model import GPT, GPTConfig
 
 WATCHED = "transformer.h.0.attn.c_attn.weight"  # the weight whose pieces the proofs compare
@@ -69,10 +72,11 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _report(model: torch.nn.Module, losses: list[float]) -> dict[str, Any]:
+def _report(model: torch.nn.Module, losses: list[float], run_losses: list[float] | None = None) -> dict[str, Any]:
     watched = dict(model.named_parameters())[WATCHED]
     local = watched.to_local() if hasattr(watched, "to_local") else watched
-    return {"losses": losses, "digest": weights_digest(model), "watched": local.detach().cpu().clone(),
+    return {"losses": losses, "run_losses": losses if run_losses is None else run_losses,
+            "digest": weights_digest(model), "watched": local.detach().cpu().clone(),
             "watched_shape": tuple(watched.shape)}
 
 
@@ -96,7 +100,7 @@ def train_ddp(cfg: LessonConfig) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()  # the process group is up (torchrun, srun, run_ranks)
     model = DistributedDataParallel(cfg.model())  # copies rank 0's weights to all; all-reduces in backward
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    losses = []
+    losses, run_losses = [], []
     for step in range(cfg.steps):
         x, y = cfg.batch(step)
         x, y = x[rank::world], y[rank::world]  # this rank's rows
@@ -105,7 +109,10 @@ def train_ddp(cfg: LessonConfig) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return _report(model.module, losses)
+        run_loss = loss.detach().clone()
+        dist.all_reduce(run_loss)  # the sum over the ranks, the same number on every rank
+        run_losses.append(run_loss.item() / world)
+    return _report(model.module, losses, run_losses)
 
 
 def train_fsdp(cfg: LessonConfig) -> dict[str, Any]:
@@ -116,7 +123,7 @@ def train_fsdp(cfg: LessonConfig) -> dict[str, Any]:
         fully_shard(block)  # a block's weights: gathered for its forward and backward, freed after
     fully_shard(model)      # the rest (embeddings, final norm); grads are reduce-scattered to their owners
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    losses = []
+    losses, run_losses = [], []
     for step in range(cfg.steps):
         x, y = cfg.batch(step)
         x, y = x[rank::world], y[rank::world]  # this rank's rows
@@ -125,7 +132,10 @@ def train_fsdp(cfg: LessonConfig) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return _report(model, losses)
+        run_loss = loss.detach().clone()
+        dist.all_reduce(run_loss)  # the sum over the ranks, the same number on every rank
+        run_losses.append(run_loss.item() / world)
+    return _report(model, losses, run_losses)
 
 
 VARIANTS: dict[str, Callable[[LessonConfig], dict[str, Any]]] = {
@@ -141,8 +151,21 @@ def diff(a: str = "single", b: str = "ddp") -> str:
     return "\n".join(difflib.unified_diff(src[a], src[b], f"train_{a}", f"train_{b}", lineterm="", n=20))
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun exports
+SLURM_VARS = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_ID")     # what srun exports
+
+
+def launch_view(ctx: Any) -> dict[str, Any]:
+    """How this rank was launched: the values torchrun would have exported (labkit passes them to
+    ``init_process_group`` instead), what the worker's environment really holds, and the backend."""
+    host, port = ctx.master.rsplit(":", 1)
+    return {"labkit": dict(zip(LAUNCH_VARS, (ctx.rank, ctx.local_rank, ctx.world_size, host, int(port)))),
+            "env": {k: os.environ.get(k) for k in LAUNCH_VARS + SLURM_VARS}, "backend": ctx.backend}
+
+
 def _lesson_rank(ctx: Any, variant: str, fields: dict[str, Any]) -> dict[str, Any]:
-    return dict(VARIANTS[variant](LessonConfig(**fields)), rank=ctx.rank, world_size=ctx.world_size)
+    return dict(VARIANTS[variant](LessonConfig(**fields)), rank=ctx.rank, world_size=ctx.world_size,
+                launch=launch_view(ctx))
 
 
 def run_lesson(client: Any, variant: str, cfg: LessonConfig = LessonConfig(), workers: int | None = None,
@@ -161,3 +184,37 @@ def gather_watched(reports: list[dict[str, Any]]) -> torch.Tensor:
     (``fully_shard`` splits every weight along its first dimension)."""
     whole = torch.cat([r["watched"] for r in reports], dim=0)
     return whole[: reports[0]["watched_shape"][0]]  # the last piece may carry padding rows
+
+
+def _late_rank(ctx: Any, late: float) -> list[float]:
+    """Rank 0 enters an all-reduce; the other ranks come ``late`` seconds later, or never in time."""
+    t = torch.ones(4)
+    if ctx.rank == 0:
+        dist.all_reduce(t)
+    else:
+        time.sleep(late)
+    return t.tolist()
+
+
+def _worker_log_level(level: int) -> int:
+    """Runs on a worker: set the level of Dask's worker log; the level it had."""
+    log = logging.getLogger("distributed.worker")
+    old = log.level
+    log.setLevel(level)
+    return old
+
+
+def collective_timeout(client: Any, timeout: float = 2.0) -> str:
+    """Run a collective that rank 1 joins too late (``timeout`` + 0.5 s); the first line of the
+    error the waiting rank 0 raises: the backend's own timeout message, naming the rank. The workers'
+    own "Compute Failed" log of it (with the traceback) is held back meanwhile: the error comes back here."""
+    addrs = select_workers(client, 2)
+    levels = client.run(_worker_log_level, logging.CRITICAL, workers=addrs)
+    try:
+        run_ranks(client, _late_rank, timeout + 0.5, workers=addrs, timeout=timeout, lost_grace=0.5)
+    except RankError as exc:
+        return str(exc).splitlines()[0]
+    finally:
+        for addr, level in levels.items():
+            client.run(_worker_log_level, level, workers=[addr])
+    raise RuntimeError("the all-reduce did not time out although rank 1 came late")

@@ -86,7 +86,7 @@ WRONG = {
     ("serve", "percentile"): lambda values, q: 0.0,
     ("serve", "reproducible"): [{"text": "once", "seed": 1}, {"text": "twice", "seed": 2}],
     ("train", "lr_schedule"): lambda *a: 1.0,
-    ("train", "effective_batch"): lambda *a: 1,
+    ("train", "ring_allreduce"): lambda grads, ring: grads,
 }
 OPTIONS = {"cluster": {"cluster": _FakeCluster()}}
 CASES = [(t, n) for t in _topics() for n in importlib.import_module(f"labkit.check.{t}").check.names]
