@@ -71,6 +71,34 @@ def test_notebook_runs_at_tiny_scale(path, tmp_path):
     assert "Traceback" not in outputs
     missing = [line for line in PROMISED.get(path.stem, []) if line not in outputs]
     assert not missing, f"{path.name}: its prose promises output it did not print: {missing}"
+    # the notebook ships unsolved: no exercise's check may pass before the learner has written anything
+    passed = [m.group(1) for m in PASSED_CHECK_RE.finditer(html_outputs(run.notebook))]
+    assert not passed, f"{path.name}: exercises pass unchanged, with the starter code: {passed}"
+
+
+PASSED_CHECK_RE = re.compile(r'<div class="labkit-check" style="color:#1a7f37[^>]*>✅ <code>([^<]*)</code>')
+
+
+def html_outputs(nb: nbformat.NotebookNode) -> str:
+    """The HTML of every output (where a checker's Result shows its verdict)."""
+    return "\n".join("".join(out.get("data", {}).get("text/html", ""))
+                     for c in nb.cells if c.cell_type == "code" for out in c.get("outputs", []))
+
+
+def test_the_unchanged_exercise_scan_sees_a_pass():
+    from labkit.check import Result
+
+    def notebook_showing(result: Result) -> nbformat.NotebookNode:
+        nb = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell("check(...)")
+        cell.outputs = [nbformat.v4.new_output("execute_result", {"text/html": result._repr_html_()}, execution_count=1)]
+        nb.cells = [cell]
+        return nb
+
+    found = PASSED_CHECK_RE.findall(html_outputs(notebook_showing(Result(True, "right", name="softmax"))))
+    assert found == ["softmax"]
+    for other in (Result(False, "wrong", "x", name="softmax"), Result(None, "not yet", name="softmax")):
+        assert not PASSED_CHECK_RE.findall(html_outputs(notebook_showing(other)))
 
 
 def test_harness_catches_a_failing_cell(tmp_path):
