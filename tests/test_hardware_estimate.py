@@ -10,6 +10,7 @@ from labkit.hardware.estimate import (
     GPTConfig,
     activation_bytes,
     allreduce_time,
+    compute_optimal,
     count_params,
     energy,
     estimate_training,
@@ -76,6 +77,19 @@ def test_chinchilla_compute():
     # (70B parameters, 1.4T tokens) has Gopher's budget, 5.76e23 FLOPs. Tolerance 3%.
     assert training_flops(70e9, 1.4e12).flops == pytest.approx(5.76e23, rel=0.03)
 
+
+
+def test_chinchilla_rule_of_20_tokens_per_parameter():
+    # Hoffmann et al. 2022: compute-optimal D is about 20 N; Chinchilla itself is 70B on 1.4T tokens, and
+    # Gopher's budget (5.76e23 FLOPs) gives back about that size through C = 6 N D
+    assert compute_optimal(n_params=70e9).n_tokens == pytest.approx(1.4e12)
+    best = compute_optimal(flops=5.76e23)
+    assert best.n_params == pytest.approx(70e9, rel=0.02) and best.n_tokens == pytest.approx(1.4e12, rel=0.02)
+    assert best.flops == pytest.approx(5.76e23) and best.tokens_per_param == 20
+    assert compute_optimal(flops=5.76e23, tokens_per_param=80).n_params == pytest.approx(best.n_params / 2)
+    for bad in ({}, {"n_params": 1e9, "flops": 1e20}, {"n_params": -1.0}):
+        with pytest.raises(EstimateError):
+            compute_optimal(**bad)
 
 @pytest.mark.parametrize("n_params,gpu_hours", [(7e9, 184_320), (13e9, 368_640), (70e9, 1_720_320)])
 def test_llama2_gpu_hours(n_params, gpu_hours):
