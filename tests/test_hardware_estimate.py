@@ -16,6 +16,7 @@ from labkit.hardware.estimate import (
     estimate_training,
     gradient_sync,
     inference_memory,
+    pipeline_bubble,
     plan_run,
     storage,
     training_flops,
@@ -243,3 +244,20 @@ def test_float32_sizes_split_the_same_16_bytes_and_double_the_activations():
     logits = 4.0 * 32 * 2 * 1000  # float32 in both
     assert fp32.activations_bytes - logits == pytest.approx(2 * (mixed.activations_bytes - logits))
     assert activation_bytes(cfg, micro_batch=2, value_bytes=4) == fp32.activations_bytes
+
+
+def test_pipeline_bubble():
+    # Narayanan et al. 2021 (Megatron-LM, Sec. 2.2): the bubble is (p-1)/m of the ideal time, i.e. (p-1)/(m+p-1) of the total
+    assert pipeline_bubble(1, 1) == 0 and pipeline_bubble(3, 4) == pytest.approx(2 / 6)
+    assert pipeline_bubble(8, 1) == pytest.approx(7 / 8) and pipeline_bubble(8, 64) < 0.1
+    with pytest.raises(EstimateError):
+        pipeline_bubble(0, 4)
+
+
+def test_an_oom_predicted_then_seen():
+    from labkit.hardware.oom import adamw_step_under_cap
+
+    need_mib = 16 * 4e6 / 2**20  # training_memory's 16 bytes/param
+    assert not adamw_step_under_cap(4e6, need_mib / 4).ok
+    step = adamw_step_under_cap(4e6, 2 * need_mib)
+    assert step.ok and "the step ran" in str(step)

@@ -21,6 +21,7 @@ from labkit.hardware.estimate import (
     estimate_training,
     gradient_sync,
     inference_memory,
+    pipeline_bubble,
     plan_run,
     storage,
     training_flops,
@@ -32,6 +33,6 @@ from labkit.hardware.measure import ClusterMeasurement, MeasureConfig, measure_c
 __all__ = [
     "Accelerator", "HardwareLookupError", "Network", "catalog", "gpu", "network", "networks", "normalize_dtype",
     "EstimateError", "GPTConfig", "allreduce_time", "compute_optimal", "count_params", "energy", "estimate_training",
-    "gradient_sync", "inference_memory", "plan_run", "storage", "training_flops", "training_memory",
+    "gradient_sync", "inference_memory", "pipeline_bubble", "plan_run", "storage", "training_flops", "training_memory",
     "GPUInfo", "WorkerHardware", "inspect_cluster", "probe", "ClusterMeasurement", "MeasureConfig", "measure_cluster",
 ]

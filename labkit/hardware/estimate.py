@@ -263,6 +263,12 @@ def compute_optimal(*, n_params: float | None = None, flops: float | None = None
     return ComputeOptimal(float(n_params), tokens_per_param * float(n_params), float(tokens_per_param))
 
 
+def pipeline_bubble(stages: int, micro_batches: int) -> float:
+    """Idle fraction of a GPipe/1F1B pipeline of ``stages`` stages and ``micro_batches`` micro-batches: (p−1)/(m+p−1)."""
+    _count(stages=stages, micro_batches=micro_batches)
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 @dataclass(frozen=True)
