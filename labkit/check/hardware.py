@@ -100,8 +100,9 @@ def _check_param_count(fn: Callable[[int, int, int, int, int], int], trials: int
             L * 12 * d * d: ("approximation", "12·L·d² is the usual approximation; here the count must be exact "
                                               "(embeddings, biases, norms)"),
         }
-        problem, hint = hints.get(got, ("wrong_value", "per layer: attention 4d²+4d, MLP 8d²+5d, two LayerNorms 4d; "
-                                                       "plus V·d + T·d + 2d"))
+        problem, hint = hints.get(got, ("wrong_value", "count part by part: the two embeddings; per layer the attention "
+                                                       "(4 square matrices with biases), the MLP (d to 4d and back, with "
+                                                       "biases) and two LayerNorms; then the final LayerNorm"))
         return mistake(problem, f"for {cfg} you returned {got!r}, expected {want}: {hint} (seed {seed})", seed=seed)
     return _delegated(fn, correct(f"exact on {trials} random configurations (seed {seed})", seed=seed))
 
@@ -130,8 +131,8 @@ def _check_training_memory(fn: Callable[[float, int, int], float], trials: int =
         elif stage and _close(got, 12 * n / dp / 1e9, 1e-3):
             problem, hint = "states_only", "weights and gradients are still on every rank at stage 1 (2+2 bytes/param)"
         else:
-            problem, hint = "wrong_value", ("bytes/param: 2 (bf16 weights) + 2 (grads) + 12 (fp32 master, Adam m, v); "
-                                            "stage s shards the last 1..3 of these over dp")
+            problem, hint = "wrong_value", (f"check the bytes per parameter of each part (bf16 weights, bf16 grads, fp32 "
+                                            f"master copy and two Adam moments) and which parts stage {stage} divides by dp")
         return mistake(problem, f"n_params={n:g}, zero_stage={stage}, dp={dp}: you returned {got!r}, expected "
                                 f"{want:.4g} GB; {hint} (seed {seed})", seed=seed)
     return _delegated(fn, correct("model-state memory right for ZeRO stages 0-3, including the ZeRO paper's 7.5B "
@@ -160,7 +161,8 @@ def _check_training_days(fn: Callable[[float, float, float, int, float], float],
         elif _close(got, want * mfu * mfu, 1e-3):
             problem, hint = "mfu_inverted", "a lower MFU must make the run longer: the GPUs sustain only MFU x peak"
         else:
-            problem, hint = "wrong_value", "days = 6·N·D / (n_gpus · peak · MFU) / 86400"
+            problem, hint = "wrong_value", ("check each factor: the training FLOPs, what all the GPUs together sustain "
+                                            "per second, and seconds to days")
         return mistake(problem, f"N={n:g}, D={d:g}, {g} GPUs of {peak:g} FLOP/s at MFU {mfu}: you returned {got!r}, "
                                 f"expected {want:.4g} days; {hint} (seed {seed})", seed=seed)
     return _delegated(fn, correct(f"days right for {trials} random runs (seed {seed})", seed=seed))
@@ -185,7 +187,8 @@ def _check_allreduce_seconds(fn: Callable[[float, int, float, float], float], se
         elif _close(got, (g - 1) / g * n / bw + (g - 1) * lat, 1e-6):
             problem, hint = "half_ring", "that is one of the two phases: a ring all-reduce is a reduce-scatter and then an all-gather"
         else:
-            problem, hint = "wrong_value", "t = 2(G−1)/G · bytes / bandwidth + 2(G−1) · latency"
+            problem, hint = "wrong_value", ("a ring all-reduce takes 2(G−1) steps; in each, every rank sends 1/G of "
+                                            "the data over its link and pays the latency once")
         return mistake(problem, f"bytes={n:g}, G={g}, bw={bw:g} B/s, latency={lat:g} s: you returned {got!r}, expected "
                                 f"{want:.4g} s; {hint} (seed {seed})", seed=seed)
     return _delegated(fn, correct(f"ring all-reduce time right, in the bandwidth- and the latency-bound regime "
