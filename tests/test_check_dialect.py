@@ -69,6 +69,8 @@ WRONG = {
     ("attention", "causal_mask"): lambda t: "mask",
     ("attention", "split_heads"): lambda x, h: x,
     ("cluster", "gpu_task"): lambda client, fn: fn(),
+    ("cluster", "worker_devices"): lambda job_gpus, workers, gpus: [job_gpus] * workers,
+    ("cluster", "job_layout"): lambda n_workers, gpus_per_node: (1, n_workers),
     ("data", "normaliser"): lambda text: text,
     ("data", "count_duplicates"): lambda docs: 0,
     ("hardware", "param_count"): lambda *a: 1,
@@ -82,7 +84,7 @@ WRONG = {
     ("train", "lr_schedule"): lambda *a: 1.0,
     ("train", "effective_batch"): lambda *a: 1,
 }
-OPTIONS = {"cluster": {"cluster": _FakeCluster()}}
+OPTIONS = {("cluster", "gpu_task"): {"cluster": _FakeCluster()}}  # what a checker needs besides the answer
 CASES = [(t, n) for t in _topics() for n in importlib.import_module(f"labkit.check.{t}").check.names]
 
 
@@ -107,7 +109,7 @@ def test_every_exercise_has_a_wrong_answer_here():
 def test_right_wrong_and_unattempted_answers_get_one_result_type(topic, name, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what the fake cluster's GPU worker would see
     check = importlib.import_module(f"labkit.check.{topic}").check
-    opts = OPTIONS.get(topic, {})
+    opts = OPTIONS.get((topic, name), {})
     wrong = WRONG[topic, name]
     unattempted = [None] + ([_todo] if callable(wrong) else [])  # a function still raising, or no answer
     for answer, want in [(_right(topic, name), True), (wrong, False)] + [(u, None) for u in unattempted]:
