@@ -71,6 +71,8 @@ WRONG = {
     ("attention", "merge_heads"): lambda y: y,
     ("bert", "head_attention"): lambda model, hidden, mask, layer, head: hidden[layer],
     ("cluster", "gpu_task"): lambda client, fn: fn(),
+    ("cluster", "worker_devices"): lambda job_gpus, workers, gpus: [job_gpus] * workers,
+    ("cluster", "job_layout"): lambda n_workers, gpus_per_node: (1, n_workers),
     ("data", "normaliser"): lambda text: text,
     ("data", "dedup_key"): lambda text: text,
     ("data", "bpe_step"): lambda word_counts: (("a", "b"), word_counts),
@@ -88,7 +90,7 @@ WRONG = {
     ("train", "lr_schedule"): lambda *a: 1.0,
     ("train", "ring_allreduce"): lambda grads, ring: grads,
 }
-OPTIONS = {"cluster": {"cluster": _FakeCluster()}}
+OPTIONS = {("cluster", "gpu_task"): {"cluster": _FakeCluster()}}  # what a checker needs besides the answer
 CASES = [(t, n) for t in _topics() for n in importlib.import_module(f"labkit.check.{t}").check.names]
 
 
@@ -122,7 +124,7 @@ def serve_client():
 def test_right_wrong_and_unattempted_answers_get_one_result_type(topic, name, monkeypatch, request):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what the fake cluster's GPU worker would see
     check = importlib.import_module(f"labkit.check.{topic}").check
-    opts = OPTIONS.get(topic, {})
+    opts = OPTIONS.get((topic, name), {})
     if (topic, name) == ("serve", "batched"):
         opts = {"client": request.getfixturevalue("serve_client"), "tries": 1}
     wrong = WRONG[topic, name]

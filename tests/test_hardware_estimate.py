@@ -10,11 +10,13 @@ from labkit.hardware.estimate import (
     GPTConfig,
     activation_bytes,
     allreduce_time,
+    compute_optimal,
     count_params,
     energy,
     estimate_training,
     gradient_sync,
     inference_memory,
+    pipeline_bubble,
     plan_run,
     storage,
     training_flops,
@@ -76,6 +78,19 @@ def test_chinchilla_compute():
     # (70B parameters, 1.4T tokens) has Gopher's budget, 5.76e23 FLOPs. Tolerance 3%.
     assert training_flops(70e9, 1.4e12).flops == pytest.approx(5.76e23, rel=0.03)
 
+
+
+def test_chinchilla_rule_of_20_tokens_per_parameter():
+    # Hoffmann et al. 2022: compute-optimal D is about 20 N; Chinchilla itself is 70B on 1.4T tokens, and
+    # Gopher's budget (5.76e23 FLOPs) gives back about that size through C = 6 N D
+    assert compute_optimal(n_params=70e9).n_tokens == pytest.approx(1.4e12)
+    best = compute_optimal(flops=5.76e23)
+    assert best.n_params == pytest.approx(70e9, rel=0.02) and best.n_tokens == pytest.approx(1.4e12, rel=0.02)
+    assert best.flops == pytest.approx(5.76e23) and best.tokens_per_param == 20
+    assert compute_optimal(flops=5.76e23, tokens_per_param=80).n_params == pytest.approx(best.n_params / 2)
+    for bad in ({}, {"n_params": 1e9, "flops": 1e20}, {"n_params": -1.0}):
+        with pytest.raises(EstimateError):
+            compute_optimal(**bad)
 
 @pytest.mark.parametrize("n_params,gpu_hours", [(7e9, 184_320), (13e9, 368_640), (70e9, 1_720_320)])
 def test_llama2_gpu_hours(n_params, gpu_hours):
@@ -229,3 +244,20 @@ def test_float32_sizes_split_the_same_16_bytes_and_double_the_activations():
     logits = 4.0 * 32 * 2 * 1000  # float32 in both
     assert fp32.activations_bytes - logits == pytest.approx(2 * (mixed.activations_bytes - logits))
     assert activation_bytes(cfg, micro_batch=2, value_bytes=4) == fp32.activations_bytes
+
+
+def test_pipeline_bubble():
+    # Narayanan et al. 2021 (Megatron-LM, Sec. 2.2): the bubble is (p-1)/m of the ideal time, i.e. (p-1)/(m+p-1) of the total
+    assert pipeline_bubble(1, 1) == 0 and pipeline_bubble(3, 4) == pytest.approx(2 / 6)
+    assert pipeline_bubble(8, 1) == pytest.approx(7 / 8) and pipeline_bubble(8, 64) < 0.1
+    with pytest.raises(EstimateError):
+        pipeline_bubble(0, 4)
+
+
+def test_an_oom_predicted_then_seen():
+    from labkit.hardware.oom import adamw_step_under_cap
+
+    need_mib = 16 * 4e6 / 2**20  # training_memory's 16 bytes/param
+    assert not adamw_step_under_cap(4e6, need_mib / 4).ok
+    step = adamw_step_under_cap(4e6, 2 * need_mib)
+    assert step.ok and "the step ran" in str(step)

@@ -34,6 +34,12 @@ def test_one_parameters_cell(path):
 
 # What a notebook's prose promises the learner will see, checked in its outputs at tiny scale
 PROMISED = {
+    "01_cluster": ["the scheduler holds it as 'no-worker'"],     # a request no worker can satisfy just waits
+    "02_hardware": [
+        "compute-optimal ~",                                      # Chinchilla's rule, computed
+        "cap: out of memory: ",                                   # the OOM predicted by training_memory is seen ...
+        "cap: the step ran",                                      # ... and goes away with room for the prediction
+    ],
     "03_preprocessing": [
         "same merges as Hugging Face: True",                 # BPE by hand learns what tokenizers learns
         "is corrupt: its sha256 does not match meta.json",    # a flipped bit in a shard is caught

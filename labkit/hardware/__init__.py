@@ -15,11 +15,13 @@ from labkit.hardware.estimate import (
     EstimateError,
     GPTConfig,
     allreduce_time,
+    compute_optimal,
     count_params,
     energy,
     estimate_training,
     gradient_sync,
     inference_memory,
+    pipeline_bubble,
     plan_run,
     storage,
     training_flops,
@@ -30,7 +32,7 @@ from labkit.hardware.measure import ClusterMeasurement, MeasureConfig, measure_c
 
 __all__ = [
     "Accelerator", "HardwareLookupError", "Network", "catalog", "gpu", "network", "networks", "normalize_dtype",
-    "EstimateError", "GPTConfig", "allreduce_time", "count_params", "energy", "estimate_training",
-    "gradient_sync", "inference_memory", "plan_run", "storage", "training_flops", "training_memory",
+    "EstimateError", "GPTConfig", "allreduce_time", "compute_optimal", "count_params", "energy", "estimate_training",
+    "gradient_sync", "inference_memory", "pipeline_bubble", "plan_run", "storage", "training_flops", "training_memory",
     "GPUInfo", "WorkerHardware", "inspect_cluster", "probe", "ClusterMeasurement", "MeasureConfig", "measure_cluster",
 ]

@@ -7,7 +7,8 @@ Formulas (each function's docstring names its source):
                          + activations s·b·d·(34 + 5·a·s/d) per layer (Korthikanti et al. 2022)
 - time:                  FLOPs / (G · peak · MFU)
 - ring all-reduce:       2(G−1)/G · bytes / bw + 2(G−1) · latency
-- energy:                GPU-hours · TDP · PUE
+- compute-optimal size:  D ≈ 20·N tokens with C ≈ 6·N·D              (Chinchilla, Hoffmann et al. 2022)
+- energy:                GPU-hours · TDP · PUE                           (an estimate, not a bound)
 Results are dataclasses whose field names carry the unit (``_bytes``, ``_s``, ``_kwh``).
 """
 
@@ -232,6 +233,42 @@ def estimate_training(
     return TrainingEstimate(fl.flops, acc.name, dtype, int(n_gpus), float(mfu), acc.peak_flops(dtype))
 
 
+CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: compute-optimal D/N is about 20
+
+
+@dataclass(frozen=True)
+class ComputeOptimal:
+    """A compute-optimal run: ``n_params`` and ``n_tokens`` with D = tokens_per_param · N and C = 6·N·D FLOPs."""
+
+    n_params: float
+    n_tokens: float
+    tokens_per_param: float
+
+    @property
+    def flops(self) -> float:
+        return 6.0 * self.n_params * self.n_tokens
+
+
+def compute_optimal(*, n_params: float | None = None, flops: float | None = None,
+                    tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM) -> ComputeOptimal:
+    """Chinchilla's rule (Hoffmann et al. 2022): from ``n_params`` (D = k·N) or a ``flops`` budget
+    (C = 6·N·D = 6·k·N², so N = sqrt(C / 6k)); give exactly one of the two."""
+    if (n_params is None) == (flops is None):
+        raise EstimateError("give exactly one of n_params= or flops=")
+    _positive(tokens_per_param=tokens_per_param)
+    if flops is not None:
+        _positive(flops=flops)
+        n_params = math.sqrt(flops / (6.0 * tokens_per_param))
+    _positive(n_params=n_params)
+    return ComputeOptimal(float(n_params), tokens_per_param * float(n_params), float(tokens_per_param))
+
+
+def pipeline_bubble(stages: int, micro_batches: int) -> float:
+    """Idle fraction of a GPipe/1F1B pipeline of ``stages`` stages and ``micro_batches`` micro-batches: (p−1)/(m+p−1)."""
+    _count(stages=stages, micro_batches=micro_batches)
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 @dataclass(frozen=True)
@@ -451,7 +488,8 @@ def gradient_sync(
 
 @dataclass(frozen=True)
 class Energy:
-    """Energy of a run: ``kwh`` = GPU-hours × TDP × PUE (an upper bound: GPUs rarely draw full TDP)."""
+    """Energy of a run: ``kwh`` = GPU-hours × TDP × PUE. An estimate, not a bound either way: GPUs usually
+    draw less than TDP, but the nodes' CPUs, memory, network and storage, idle nodes and failed runs are left out."""
 
     gpu_hours: float
     tdp_W: float
