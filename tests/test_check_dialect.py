@@ -71,6 +71,7 @@ WRONG = {
     ("cluster", "gpu_task"): lambda client, fn: fn(),
     ("data", "normaliser"): lambda text: text,
     ("data", "count_duplicates"): lambda docs: 0,
+    ("finetune", "mean_pool"): lambda hidden, mask: hidden.mean(1),
     ("hardware", "param_count"): lambda *a: 1,
     ("hardware", "training_memory"): lambda *a: 1.0,
     ("hardware", "training_days"): lambda *a: 1.0,

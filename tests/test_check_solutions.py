@@ -42,7 +42,7 @@ def test_reveal_plain_text_and_pretty_repr():
     assert pretty(sol) == "# greeting\nprint('hi')\n"
 
 
-TOPICS = ["attention", "cluster", "data", "hardware", "prune", "serve", "train"]
+TOPICS = ["attention", "cluster", "data", "finetune", "hardware", "prune", "serve", "train"]
 
 
 @pytest.mark.parametrize("topic", TOPICS)
