@@ -38,6 +38,10 @@ PROMISED = {
         "on Slurm's warning signal before walltime",              # the warned run stopped cleanly ...
         "losses equal the uninterrupted run's, bit for bit: True",  # ... and resumed exactly
     ],
+    "09_finetune_bert": [
+        "all ranks hold bit-identical weights: True",   # DDP kept the ranks together
+        "fine-tuned beats the majority class: True",    # on held-out modules, at tiny scale
+    ],
 }
 
 
