@@ -6,7 +6,8 @@ Whole modules are held out for the test split (``topic_dataset``), so a good sco
 learned the topic, not the module.
 
 The classifier is the few lines the notebook shows (``TopicClassifier``): the encoder, a mean over
-the token vectors that skips padding, a linear head, cross-entropy. ``finetune(client, config)`` runs
+the token vectors that skips padding, a linear head, cross-entropy. The word-embedding table (half of
+MiniLM's parameters) stays frozen, which saves its gradients and AdamW moments; the rest learns. ``finetune(client, config)`` runs
 it as one rank per Dask worker through ``labkit.core.ranks.run_ranks`` (gloo on CPU, nccl with a GPU
 per rank) and ``labkit.strategy`` (DDP over 2+ ranks): every rank takes its slice of each global batch,
 DDP all-reduces the gradients in backward. Like ``labkit.train``, the rows of step ``s`` are drawn by a
@@ -102,7 +103,8 @@ def _clean(doc: str, max_words: int) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def module_docstrings(module: str, min_words: int = 8, max_words: int = 80, limit: int | None = None) -> tuple[str, ...]:
+def module_docstrings(module: str, min_words: int = 8, max_words: int = 80,
+                      limit: int | None = None) -> tuple[str, ...]:
     """The docstrings (module, classes, functions) of a stdlib module or package, read with ``ast``
     from its source files (nothing is imported), deduplicated, at least ``min_words`` words each;
     ``limit``: stop reading files once that many are found (files in name order)."""
@@ -146,7 +148,8 @@ def topic_dataset(per_module: int = 20, test_fraction: float = 1 / 3, max_words:
     for label, family in enumerate(LABELS):
         test_mods = set(held_out(family, test_fraction))
         for module in FAMILIES[family]:
-            docs = sorted(module_docstrings(module, max_words=max_words, limit=4 * per_module), key=_digest)[:per_module]
+            found = module_docstrings(module, max_words=max_words, limit=4 * per_module)
+            docs = sorted(found, key=_digest)[:per_module]
             (test if module in test_mods else train).extend(Example(d, label, module) for d in docs)
     return TopicData(train, test)
 
@@ -167,20 +170,34 @@ class TopicClassifier(torch.nn.Module):
         return self.head(pooled)                                                                       # (B, K)
 
 
-def build_classifier(n_classes: int = len(LABELS), *, freeze_encoder: bool = False, dropout: float | None = None,
-                     seed: int = 0) -> TopicClassifier:
-    """The packaged MiniLM with a fresh head (seeded, so every rank starts alike); ``freeze_encoder``:
-    only the head learns; ``dropout`` replaces the encoder's (0.1) when given."""
+def load_encoder(dropout: float | None = None) -> torch.nn.Module:
+    """The packaged MiniLM without its pooler; ``dropout`` replaces its own (0.1) when given."""
     encoder, _ = load_bert(attn_implementation="sdpa")
     encoder.pooler = None  # BERT's [CLS] pooler: unused here (DDP would wait for its gradients)
     if dropout is not None:
         for m in encoder.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = dropout
+    return encoder
+
+
+def build_classifier(n_classes: int = len(LABELS), *, freeze_encoder: bool = False, dropout: float | None = None,
+                     seed: int = 0, encoder: torch.nn.Module | None = None) -> TopicClassifier:
+    """The packaged MiniLM (or ``encoder``) with a fresh head (seeded, so every rank starts alike) and its
+    word embeddings frozen (``freeze``); ``freeze_encoder``: only the head learns."""
+    encoder = encoder if encoder is not None else load_encoder(dropout)
     torch.manual_seed(seed)
     model = TopicClassifier(encoder, n_classes)
-    if freeze_encoder:
-        model.encoder.requires_grad_(False)
+    freeze(model, encoder=freeze_encoder)
+    return model
+
+
+def freeze(model: TopicClassifier, encoder: bool = False) -> TopicClassifier:
+    """Keep the word-embedding table fixed (half of MiniLM's parameters, most of its rows tokens these
+    docstrings never use: its gradients and AdamW moments would cost memory for little), or, with
+    ``encoder``, the whole encoder (only the head learns)."""
+    model.requires_grad_(True)  # a shared encoder may come from a frozen run
+    (model.encoder if encoder else model.encoder.embeddings.word_embeddings).requires_grad_(False)
     return model
 
 
@@ -199,7 +216,7 @@ Positive = Annotated[int, Field(ge=1)]
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(per_module=6, max_length=32, batch_size=8, steps=12, head_lr=2e-2, lr=1.5e-4, num_threads=1,
                  compare_batch=2, compare_seq=16, compare_repeats=1),
-    "binder": dict(per_module=16, max_length=48, batch_size=16, steps=40, eval_interval=20, num_threads=1,
+    "binder": dict(per_module=16, max_length=48, batch_size=8, steps=50, num_threads=1,
                    compare_batch=8, compare_seq=48, compare_repeats=2),
     "workshop": dict(per_module=40, max_length=128, batch_size=32, steps=300, eval_interval=50, compare_batch=32,
                      compare_seq=128, compare_direct=True),
@@ -224,8 +241,8 @@ class FinetuneConfig(ScaleSettings):
     warmup_steps: Annotated[int, Field(ge=0)] = 2
     weight_decay: float = 0.01
     dropout: float | None = None        # None keeps MiniLM's own (0.1)
-    eval_interval: Annotated[int, Field(ge=0)] = 0    # test accuracy also every this many steps (always at 0 and the end)
-    eval_batch: Positive = 64
+    eval_interval: Annotated[int, Field(ge=0)] = 0    # test accuracy also every this many steps (always at 0, end)
+    eval_batch: Positive = 16
     seed: int = 0
     num_threads: int | None = None      # torch threads per rank on CPU; None leaves torch's choice
     # bert-base next to MiniLM (compare_bert_base): batch, tokens, timing repeats, and whether the
@@ -290,26 +307,30 @@ def _accuracy(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, lab
     for i in range(0, len(mine), batch):
         rows = mine[i:i + batch]
         pred = model(ids[rows].to(device), mask[rows].to(device)).argmax(-1)
-        right += torch.stack([(pred == labels[rows].to(device)).sum().float(), torch.tensor(float(len(rows)), device=device)])
+        hits = (pred == labels[rows].to(device)).sum().float()
+        right += torch.stack([hits, torch.tensor(float(len(rows)), device=device)])
     strategy.all_mean(right)  # the mean of the counts: the ratio is that of the sums
     model.train()
     return float(right[0] / right[1].clamp(min=1))
 
 
 def train_mode(mode: str, config: FinetuneConfig, data: dict[str, torch.Tensor], *, rank: int = 0, world: int = 1,
-               device: torch.device | str = "cpu", sink: Callable | None = None) -> RunHistory:
-    """Train one classifier (``mode`` "finetuned": everything learns; "frozen": only the head) for
-    ``config.steps`` steps as rank ``rank`` of ``world`` (the process group is up when world > 1)."""
+               device: torch.device | str = "cpu", sink: Callable | None = None,
+               encoder: torch.nn.Module | None = None) -> RunHistory:
+    """Train one classifier (``mode`` "finetuned": all but the word embeddings learn; "frozen": only the
+    head) for ``config.steps`` steps as rank ``rank`` of ``world`` (the process group is up when world > 1).
+    ``encoder``: a pristine MiniLM to use (a "finetuned" run changes it), else one is loaded."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {', '.join(MODES)}")
     device = torch.device(device)
     t0 = time.perf_counter()
     strategy = make_strategy("auto", world)                  # DDP: over 2+ ranks (else one process)
-    model = build_classifier(freeze_encoder=mode == "frozen", dropout=config.dropout, seed=config.seed).to(device)
+    model = build_classifier(freeze_encoder=mode == "frozen", dropout=config.dropout, seed=config.seed,
+                             encoder=encoder).to(device)
     wrapped = strategy.wrap(model, device)                     # DDP: copies rank 0's weights to all ranks
     groups = [{"params": list(model.head.parameters()), "lr": config.head_lr}]
     if mode == "finetuned":
-        groups.append({"params": list(model.encoder.parameters()), "lr": config.lr})
+        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": config.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     base = [g["lr"] for g in optimizer.param_groups]
     ids, mask, labels = data["train_ids"], data["train_mask"], data["train_labels"]
@@ -335,7 +356,8 @@ def train_mode(mode: str, config: FinetuneConfig, data: dict[str, torch.Tensor],
         loss.backward()                                        # DDP: all-reduces the gradients, bucket by bucket
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats = strategy.all_mean(torch.stack([loss.detach(), (logits.argmax(-1) == y).float().mean()]))  # DDP: for the plot
+        hits = (logits.argmax(-1) == y).float().mean()
+        stats = strategy.all_mean(torch.stack([loss.detach(), hits]))  # DDP: the ranks' mean, for the plot
         hist.losses.append(float(stats[0]))
         hist.accuracies.append(float(stats[1]))
         done = step + 1
@@ -402,8 +424,28 @@ def _rank_main(ctx: Any, config: FinetuneConfig, data: dict[str, torch.Tensor], 
     logging.disable_progress_bar()  # no "Loading weights" bars in the worker's log
     if config.num_threads and ctx.device == "cpu":
         torch.set_num_threads(config.num_threads)
-    runs = {m: train_mode(m, config, data, rank=ctx.rank, world=ctx.world_size, device=ctx.device) for m in modes}
+    # one MiniLM for both: a frozen run leaves the encoder as it was, so the fine-tune (last) starts
+    # from the same pretrained weights without a second copy in memory
+    encoder = load_encoder(config.dropout)
+    runs = {}
+    for m in sorted(modes, key=MODES.index):
+        runs[m] = train_mode(m, config, data, rank=ctx.rank, world=ctx.world_size, device=ctx.device,
+                             encoder=encoder)
+        _release_memory()  # freed optimizer states and activations back to the OS
     return {"runs": runs, "digests": {m: r.digest for m, r in runs.items()}}
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and the
+    worker's memory monitor counts them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def finetune(client: Any, config: FinetuneConfig, *, workers: int | Sequence[str] | None = None,
@@ -452,7 +494,7 @@ def _random_classifier(bert_config: Any, layers: int, n_classes: int) -> TopicCl
     cfg = bert_config.__class__(**{**bert_config.to_dict(), "num_hidden_layers": layers})
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return TopicClassifier(BertModel(cfg, add_pooling_layer=False), n_classes)
+    return freeze(TopicClassifier(BertModel(cfg, add_pooling_layer=False), n_classes))  # as the fine-tune trains it
 
 
 def activation_bytes(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -476,7 +518,7 @@ def activation_bytes(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
 def step_seconds(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                  repeats: int = 3) -> float:
     """Seconds of one training step (forward, backward, AdamW), the fastest of ``repeats`` after a warm-up."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, foreach=False)
     best = math.inf
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -499,14 +541,16 @@ class Measured:
     ffn: int
     vocab: int
     params: int
+    trainable: int                # all but the frozen word embeddings
     activation_bytes: float       # from 1- and 2-layer models, extended to all layers
     step_seconds: float           # a 1-layer model's step plus one layer's time per further layer
     direct: dict[str, float] = field(default_factory=dict)   # measured on the whole model, when it was
 
     @property
     def states_bytes(self) -> int:
-        """Weights, gradients and AdamW's two moments, all float32: 16 bytes per parameter."""
-        return 16 * self.params
+        """Float32 weights (4 bytes per parameter), and gradients and AdamW's two moments (4 + 8 bytes per
+        trained parameter)."""
+        return 4 * self.params + 12 * self.trainable
 
     @property
     def training_bytes(self) -> float:
@@ -529,6 +573,7 @@ class Comparison:
         mib = 1024 ** 2
         return [("layers", a.layers, b.layers), ("hidden size", a.hidden, b.hidden), ("heads", a.heads, b.heads),
                 ("FFN size", a.ffn, b.ffn), ("parameters (M)", a.params / 1e6, b.params / 1e6),
+                ("trained (M; word emb. frozen)", a.trainable / 1e6, b.trainable / 1e6),
                 ("weights+grads+AdamW (MiB)", a.states_bytes / mib, b.states_bytes / mib),
                 ("activations (MiB)", a.activation_bytes / mib, b.activation_bytes / mib),
                 ("training memory (MiB)", a.training_bytes / mib, b.training_bytes / mib),
@@ -537,10 +582,10 @@ class Comparison:
     def table(self) -> str:
         """The comparison as text, with the ratio bert-base / MiniLM."""
         lines = [f"batch {self.batch} x {self.seq} tokens, float32 on {torch.get_num_threads()} CPU thread(s)",
-                 f"{'':<27} {'MiniLM-L6':>10} {'bert-base':>10} {'ratio':>7}", "-" * 57]
+                 f"{'':<30} {'MiniLM-L6':>10} {'bert-base':>10} {'ratio':>7}", "-" * 60]
         for name, a, b in self.rows():
             fmt = "{:>10,.0f}" if float(a).is_integer() and float(b).is_integer() else "{:>10,.2f}"
-            lines.append(f"{name:<27} {fmt.format(a)} {fmt.format(b)} {b / a:>6.1f}x")
+            lines.append(f"{name:<30} {fmt.format(a)} {fmt.format(b)} {b / a:>6.1f}x")
         return "\n".join(lines)
 
 
@@ -580,8 +625,8 @@ def measure(name: str, bert_config: Any, batch: int, seq: int, *, repeats: int =
     """Shapes, parameters, activations and step time of ``bert_config``'s classifier, randomly
     initialised (the numbers depend on shapes only). Every layer is the same, so the model is measured
     with one layer and each further layer adds the same: activations (exactly, from a 2-layer model)
-    and time (one layer timed alone); ``direct`` also measures the whole model (its states need about
-    16 bytes a parameter)."""
+    and time (one layer timed alone); ``direct`` also measures the whole model (which needs its model
+    states in memory: ``Measured.states_bytes``)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, bert_config.vocab_size, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -594,7 +639,8 @@ def measure(name: str, bert_config: Any, batch: int, seq: int, *, repeats: int =
     act2 = activation_bytes(_random_classifier(bert_config, 2, n_classes), ids, mask)
     n = bert_config.num_hidden_layers
     out = Measured(name, n, bert_config.hidden_size, bert_config.num_attention_heads, bert_config.intermediate_size,
-                   bert_config.vocab_size, count_params(bert_config, n_classes),
+                   bert_config.vocab_size, (total := count_params(bert_config, n_classes)),
+                   total - bert_config.vocab_size * bert_config.hidden_size,
                    act1 + (n - 1) * (act2 - act1), sec1 + (n - 1) * per_layer_sec)
     if direct:
         model = _random_classifier(bert_config, n, n_classes)

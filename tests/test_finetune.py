@@ -86,5 +86,24 @@ def test_bert_base_shapes_and_parameters_without_a_download():
 def test_activations_extended_from_one_and_two_layers_equal_the_whole_model():
     m = measure("MiniLM-L6", minilm_config(), batch=2, seq=8, repeats=1, direct=True)
     assert m.activation_bytes == m.direct["activation_bytes"] > 0
-    assert m.states_bytes == 16 * m.params and m.training_bytes > m.states_bytes
+    assert m.trainable == m.params - 30_522 * 384  # the word embeddings stay frozen
+    assert m.states_bytes == 4 * m.params + 12 * m.trainable and m.training_bytes > m.states_bytes
     assert m.step_seconds > 0
+
+
+def test_a_frozen_run_leaves_the_shared_encoder_as_it_was_and_a_finetune_changes_it():
+    """_rank_main reuses one MiniLM for both modes: that is right only if the frozen run changes no encoder
+    weight and the fine-tune then trains all of it but the word embeddings."""
+    from labkit.finetune import load_encoder, tensors, train_mode
+
+    config = FinetuneConfig.for_scale("tiny", steps=1, max_length=8, batch_size=4)
+    data = tensors(topic_dataset(per_module=1), config.max_length)
+    encoder = load_encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    train_mode("frozen", config, data, encoder=encoder)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    train_mode("finetuned", config, data, encoder=encoder)
+    after = encoder.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(before[k], v)}
+    assert "embeddings.word_embeddings.weight" not in changed
+    assert "encoder.layer.0.attention.self.query.weight" in changed and "encoder.layer.5.output.dense.weight" in changed
