@@ -23,8 +23,11 @@ nothing downloaded) next to MiniLM's: parameters, training memory and time per s
 from __future__ import annotations
 
 import ast
+import ctypes
 import functools
+import gc
 import hashlib
+import inspect
 import math
 import re
 import time
@@ -374,8 +377,6 @@ def train_mode(mode: str, config: FinetuneConfig, data: dict[str, torch.Tensor],
 
 def ddp_lines() -> str:
     """The lines of ``train_mode`` that make it a DDP rank (marked ``# DDP:`` in its source)."""
-    import inspect
-
     return "\n".join(line for line in inspect.getsource(train_mode).splitlines() if "# DDP:" in line)
 
 
@@ -438,9 +439,6 @@ def _rank_main(ctx: Any, config: FinetuneConfig, data: dict[str, torch.Tensor], 
 def _release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and the
     worker's memory monitor counts them)."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
