@@ -76,6 +76,7 @@ WRONG = {
     ("data", "normaliser"): lambda text: text,
     ("data", "dedup_key"): lambda text: text,
     ("data", "bpe_step"): lambda word_counts: (("a", "b"), word_counts),
+    ("finetune", "mean_pool"): lambda hidden, mask: hidden.mean(1),
     ("hardware", "param_count"): lambda *a: 1,
     ("hardware", "training_memory"): lambda *a: 1.0,
     ("hardware", "training_days"): lambda *a: 1.0,

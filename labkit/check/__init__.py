@@ -1,7 +1,7 @@
 """Exercise checkers: run the learner's code on fresh inputs and say what is wrong, not just that it is.
 
-One dialect for every topic (``attention``, ``bert``, ``cluster``, ``data``, ``hardware``, ``prune``,
-``serve``, ``train``, and any module added beside them):
+One dialect for every topic (``attention``, ``bert``, ``cluster``, ``data``, ``finetune``, ``hardware``,
+``prune``, ``serve``, ``train``, and any module added beside them):
 
     from labkit.check.<topic> import check, solution
     check("<exercise>", answer, **options)      # -> Result, never raises for a wrong answer
