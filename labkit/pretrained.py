@@ -190,7 +190,7 @@ def model_attention(model, inputs) -> tuple[list[torch.Tensor], list[torch.Tenso
 # ------------------------------------------------------------------------------- model shapes
 def param_count(config) -> int:
     """Parameters of a BertModel built from ``config``, counted on the meta device (no memory, no download)."""
-    from transformers import BertModel
+    from transformers import BertModel  # lazy: transformers (~1 s import) only when a BERT is counted
 
     with torch.device("meta"):
         model = BertModel(config)

@@ -117,6 +117,7 @@ def format_step(step: BPEStep, top: int = 6) -> str:
 def hf_merges(corpus: str, n_merges: int) -> list[Pair]:
     """The first ``n_merges`` merges Hugging Face's ``tokenizers`` BPE trainer learns on ``corpus``,
     split into words at whitespace as here (no byte-level mapping, every pair counts from 1)."""
+    # lazy: tokenizers only for the comparison with the library; the by-hand BPE needs nothing
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     alphabet = {c for c in corpus if not c.isspace()}

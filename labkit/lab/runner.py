@@ -9,7 +9,9 @@ notebook fails, or goes over a time or memory budget given on the command line.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
+import hashlib
 import html
 import json
 import os
@@ -160,9 +162,7 @@ PLOTLY_MIME = "application/vnd.plotly.v1+json"
 def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A copy of ``nb`` whose plotly figures also carry HTML (nbconvert draws no plotly JSON): plotly.js
     comes once per page from plotly's CDN, so a page stays small; offline, the rest of it still reads."""
-    import copy
-
-    import plotly.io as pio
+    import plotly.io as pio  # lazy: plotly only for a run that writes previews
 
     nb = copy.deepcopy(nb)
     first = True
@@ -179,8 +179,6 @@ def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def source_digest(nb: nbformat.NotebookNode) -> str:
     """A hash of a notebook's cells as written (outputs and injected parameters left out): a preview
     carries the digest of what it was run from, so a stale preview can be told from a fresh one."""
-    import hashlib
-
     cells = [(c.cell_type, c.source) for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     return hashlib.sha256(json.dumps(cells).encode()).hexdigest()[:16]
 
@@ -190,7 +188,7 @@ def write_preview(nb: nbformat.NotebookNode, target: Path, source_dir: Path = NO
 
     Markdown images (``figures/*.svg``) are embedded as data, so the page works offline and moved
     anywhere; widgets that need a live kernel show their text fallback."""
-    from nbconvert import HTMLExporter  # only a run that asks for previews pays for nbconvert's import
+    from nbconvert import HTMLExporter  # lazy: nbconvert only for a run that asks for previews
 
     exporter = HTMLExporter(template_name="lab", embed_images=True)
     body, _ = exporter.from_notebook_node(_plotly_as_html(nb), resources={"metadata": {"path": str(source_dir)}})
