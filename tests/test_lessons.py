@@ -135,3 +135,28 @@ def test_the_checks_catch_what_they_claim(tmp_path):
     broken = tmp_path / "broken.svg"
     broken.write_text("<svg><text>unclosed</svg>")
     assert "not well-formed" in svg_problems(broken)[0]
+
+
+PREVIEWS = NOTEBOOK_DIR.parent / "docs" / "preview"
+DIGEST_RE = re.compile(r'<meta name="labkit-source" content="([0-9a-f]+)">')
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_preview_is_of_the_notebook_as_it_is(path):
+    """docs/preview/ holds an executed HTML copy of every notebook, made from the notebook as it is now
+    (an instructor must not read a lesson that has since changed)."""
+    from labkit.lab.runner import source_digest
+
+    page = PREVIEWS / f"{path.stem}.html"
+    assert page.exists(), f"no preview {page.relative_to(NOTEBOOK_DIR.parent)}: run `make previews`"
+    m = DIGEST_RE.search(page.read_text(encoding="utf-8", errors="replace")[:4000])
+    assert m, f"{page.name} carries no labkit-source digest: make it with `make previews`"
+    assert m.group(1) == source_digest(nbformat.read(path, as_version=4)), (
+        f"{page.name} was made from an older {path.name}: run `make previews` and commit docs/preview/")
+    assert "Traceback" not in page.read_text(encoding="utf-8", errors="replace"), f"{page.name} shows an error"
+
+
+def test_no_preview_without_its_notebook():
+    stems = {p.stem for p in NOTEBOOKS}
+    extra = sorted(p.name for p in PREVIEWS.glob("*.html") if p.stem not in stems)
+    assert not extra, f"previews of notebooks that are gone: {extra}"

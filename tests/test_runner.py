@@ -189,3 +189,20 @@ def test_html_previews_carry_outputs_and_embedded_figures(tmp_path):
     # without the flag, no page
     [again] = run_notebooks([nb], RunOptions(scale="tiny", output=tmp_path / "plain"))
     assert again.ok and not (tmp_path / "plain" / "01_fig.html").exists()
+
+
+def test_preview_leaves_out_saved_widget_state(tmp_path):
+    """Saved widget state carries each widget's JavaScript (megabytes for a plotly FigureWidget) that a
+    page without a kernel cannot run: the preview leaves it out and keeps the outputs."""
+    from labkit.lab.runner import write_preview
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("w")
+    cell.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "shown-in-text"}, execution_count=1)]
+    nb.cells = [cell]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
+        "version_major": 2, "version_minor": 0, "state": {"m": {"model_name": "x", "model_module": "y",
+                                                                 "model_module_version": "1", "state": {"_esm": "ESM-CODE-BLOB"}}}}}
+    page = write_preview(nb, tmp_path / "p.html").read_text()
+    assert "shown-in-text" in page and "ESM-CODE-BLOB" not in page
+    assert "widgets" in nb.metadata  # the executed copy itself is left as it was

@@ -165,6 +165,9 @@ def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     import plotly.io as pio  # lazy: plotly only for a run that writes previews
 
     nb = copy.deepcopy(nb)
+    # live widgets' saved state carries each widget's JavaScript (plotly's FigureWidget: all of plotly.js,
+    # megabytes a widget); a page without a kernel cannot run them anyway, so they show their text form
+    nb.metadata.pop("widgets", None)
     first = True
     for cell in nb.cells:
         for out in cell.get("outputs", []):
