@@ -217,8 +217,10 @@ def _gradient_sync_off(wrapped: torch.nn.Module):
         wrapped.set_requires_gradient_sync(True)
 
 
-def make_strategy(name: str, world_size: int) -> SingleProcess:
-    """The strategy ``TrainConfig.strategy`` names: ``"auto"`` is DDP over 2+ ranks, else one process."""
+def make_strategy(name: str, world_size: int, precision: str = "auto") -> SingleProcess:
+    """The strategy ``TrainConfig.strategy`` names: ``"auto"`` is DDP over 2+ ranks, else one process.
+    ``precision`` (the model's: auto, float32, bfloat16) becomes FSDP's mixed precision, so a run asked
+    for in float32 computes in float32 under FSDP too, also on a CPU with fast bf16."""
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r}; valid: {', '.join(STRATEGIES)}")
     if name == "auto":
@@ -229,7 +231,7 @@ def make_strategy(name: str, world_size: int) -> SingleProcess:
         return SingleProcess()
     if world_size == 1 and name == "ddp":
         return SingleProcess()  # DDP over one rank is one process with extra work
-    return DDP() if name == "ddp" else FSDP()
+    return DDP() if name == "ddp" else FSDP(mixed_precision=precision)
 
 
 def default_strategy(world_size: int) -> SingleProcess:

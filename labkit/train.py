@@ -401,7 +401,7 @@ def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, wo
     device = resolve_device(config.device if device is None else device)
     if config.num_threads and device.type == "cpu":
         torch.set_num_threads(config.num_threads)
-    strategy = make_strategy(config.strategy, world_size) if strategy is None else strategy
+    strategy = make_strategy(config.strategy, world_size, config.model.precision) if strategy is None else strategy
     if checkpointer is None and config.checkpoint_dir:
         checkpointer = default_checkpointer(config.checkpoint_dir, config.keep_last, config.checkpoint_format,
                                             sharded=strategy.sharded)

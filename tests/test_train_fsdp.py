@@ -181,3 +181,19 @@ def test_fsdp_run_exports_safetensors_that_labkit_serve_answers_from(client4, sh
     with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt"):
         load(out)
     assert json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]["format"] == "labkit.gpt"
+
+
+def test_fsdp_computes_in_the_precision_the_run_asks_for():
+    """A float32 run stays float32 under FSDP also where bf16 is fast (an AMX CPU, a GPU): FSDP's mixed
+    precision comes from the model's precision, and only "auto" follows the device."""
+    import torch
+
+    from labkit.model import bf16_is_fast
+    from labkit.strategy import make_strategy
+
+    cpu = torch.device("cpu")
+    assert make_strategy("fsdp", 2, "float32").param_dtype(cpu) is None
+    assert make_strategy("fsdp", 2, "bfloat16").param_dtype(cpu) is torch.bfloat16
+    auto = make_strategy("fsdp", 2).param_dtype(cpu)
+    assert auto is (torch.bfloat16 if bf16_is_fast(cpu) else None)
+    assert make_strategy("fsdp", 2, "float32").mixed_precision == "float32"

@@ -33,10 +33,12 @@ class CappedStep:
 
 
 def _warm_up(device: str) -> None:
-    """One step of a tiny model: torch imports the optimizer's helpers on the first step."""
-    tiny = torch.nn.Linear(4, 4).to(device)
-    opt = torch.optim.AdamW(tiny.parameters(), lr=1e-3)
-    tiny(torch.randn(2, 4, device=device)).sum().backward()
+    """One step of a small model outside the cap: torch imports the optimizer's helpers on the first
+    step, and a matmul this size starts the intra-op thread pool (a thread's stack is a mapping too,
+    and a thread that cannot start under the cap aborts the process instead of raising)."""
+    small = torch.nn.Linear(WIDTH, WIDTH).to(device)
+    opt = torch.optim.AdamW(small.parameters(), lr=1e-3)
+    small(torch.randn(64, WIDTH, device=device)).sum().backward()
     opt.step()
 
 
