@@ -36,7 +36,7 @@ def test_schemathesis_finds_no_server_error(tmp_path):
             capture_output=True, text=True, timeout=400, cwd=tmp_path,
         )
         with srv.client() as c:
-            statuses = c.get("/metrics").json()["responses_by_status"]
+            statuses = c.get("/metrics.json").json()["responses_by_status"]
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert not any(s.startswith("5") for s in statuses), statuses

@@ -108,9 +108,9 @@ def _check_batched(fn: Callable[[Any, list[dict]], list[Any]], client: Any, seed
         bodies = [_body(rng, 16) for _ in range(companions)]
         pos = rng.randrange(companions + 1)
         bodies.insert(pos, dict(target))
-        before = client.get("/metrics").json()
+        before = client.get("/metrics.json").json()
         answers = attempt(fn, client, [dict(b) for b in bodies], on=f"{len(bodies)} request bodies, seed {seed}")
-        after = client.get("/metrics").json()
+        after = client.get("/metrics.json").json()
         if not isinstance(answers, (list, tuple)) or len(answers) != len(bodies):
             return mistake("count", f"return one answer per body ({len(bodies)}, in the order of the bodies), got "
                                     f"{len(answers) if isinstance(answers, (list, tuple)) else type(answers).__name__} {on}")

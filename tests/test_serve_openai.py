@@ -1,0 +1,308 @@
+"""The OpenAI-compatible routes of labkit.serve, called with the real ``openai`` client; streaming
+(also through jupyter-server-proxy) and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from labkit.serve import ServeConfig, demo_generator, demo_model, start
+from labkit.serve.embedder import MiniLMEmbedder
+from labkit.serve.engine import ByteTokenizer, ModelGenerator
+from labkit.serve.openai_api import CHAT_STOP, chat_prompt
+
+TOKEN = "openai-test-key"
+CONFIG = ServeConfig.for_scale("tiny").replace(max_prompt_chars=300, max_new_tokens=48, max_body_bytes=8192)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The demo GPT (its model id is "demo") and MiniLM, served for this module."""
+    torch.set_num_threads(1)
+    with start(demo_generator(), token=TOKEN, config=CONFIG, embedder=MiniLMEmbedder()) as srv:
+        yield srv
+
+
+@pytest.fixture
+def oai(server):
+    with server.openai(max_retries=0, timeout=60) as client:
+        yield client
+
+
+def _stream_text(stream) -> tuple[str, list, object]:
+    """The text assembled from a completions or chat stream, the chunks, and the usage chunk's usage."""
+    pieces, chunks, usage = [], [], None
+    for chunk in stream:
+        chunks.append(chunk)
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            piece = c.text if hasattr(c, "text") else c.delta.content
+            pieces.append(piece or "")
+    return "".join(pieces), chunks, usage
+
+
+def test_models_lists_the_gpt_and_the_embedder(oai, server):
+    ids = [m.id for m in oai.models.list()]
+    assert ids == ["demo", "all-MiniLM-L6-v2"] and server.model_id == "demo"
+    assert oai.models.retrieve("demo").owned_by == "labkit"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("gpt-4o")
+
+
+def test_completion_is_shaped_as_openai_and_reproducible(oai, server):
+    a = oai.completions.create(model="demo", prompt="def ", max_tokens=6, seed=3, temperature=1.0)
+    b = oai.completions.create(model="demo", prompt="def ", max_tokens=6, seed=3, temperature=1.0)
+    assert a.object == "text_completion" and a.model == "demo" and a.id.startswith("cmpl-")
+    assert len(a.choices) == 1 and a.choices[0].index == 0 and a.choices[0].finish_reason == "length"
+    assert a.choices[0].text == b.choices[0].text
+    assert (a.usage.prompt_tokens, a.usage.completion_tokens, a.usage.total_tokens) == (4, 6, 10)
+    with server.client() as c:  # the same request as labkit's own route: the same text
+        own = c.post("/generate", json={"prompt": "def ", "max_new_tokens": 6, "seed": 3}).json()
+    assert own["text"] == a.choices[0].text
+
+
+def test_n_choices_use_consecutive_seeds(oai):
+    many = oai.completions.create(model="demo", prompt="import ", max_tokens=5, seed=10, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    for j, choice in enumerate(many.choices):
+        one = oai.completions.create(model="demo", prompt="import ", max_tokens=5, seed=10 + j)
+        assert choice.text == one.choices[0].text
+    assert many.usage.completion_tokens == 15 and many.usage.prompt_tokens == 7  # the prompt counts once
+    both = oai.completions.create(model="demo", prompt=["a", "bc"], max_tokens=3, seed=1)
+    assert [c.index for c in both.choices] == [0, 1] and both.usage.prompt_tokens == 3
+
+
+def test_chat_uses_the_documented_template(oai):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a sort."}]
+    chat = oai.chat.completions.create(model="demo", messages=messages, max_tokens=8, seed=5)
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    msg = chat.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    prompt = chat_prompt([("system", "You are terse."), ("user", "Name a sort.")])
+    assert prompt == "<|system|>\nYou are terse.\n<|user|>\nName a sort.\n<|assistant|>\n"
+    plain = oai.completions.create(model="demo", prompt=prompt, max_tokens=8, seed=5, stop=list(CHAT_STOP))
+    assert plain.choices[0].text == msg.content and plain.usage.prompt_tokens == chat.usage.prompt_tokens
+    parts = oai.chat.completions.create(model="demo", max_tokens=8, seed=5, messages=[
+        messages[0], {"role": "user", "content": [{"type": "text", "text": "Name "}, {"type": "text", "text": "a sort."}]}])
+    assert parts.choices[0].message.content == msg.content
+
+
+def test_stop_strings_end_the_text_before_them(oai):
+    free = oai.completions.create(model="demo", prompt="for i in ", max_tokens=40, seed=2, temperature=0.8)
+    text = free.choices[0].text
+    i, stop = next((i, ch) for i, ch in enumerate(text) if i > 0 and ch.isascii() and ch.isprintable())
+    cut = oai.completions.create(model="demo", prompt="for i in ", max_tokens=40, seed=2, temperature=0.8, stop=stop)
+    assert cut.choices[0].text == text[:i] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens <= free.usage.completion_tokens
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_streamed_text_equals_the_answer_for_the_same_seed(oai, kind):
+    if kind == "completions":
+        make = lambda **kw: oai.completions.create(model="demo", prompt="class ", max_tokens=12, seed=8, **kw)
+        whole = make().choices[0].text
+    else:
+        msgs = [{"role": "user", "content": "hello"}]
+        make = lambda **kw: oai.chat.completions.create(model="demo", messages=msgs, max_tokens=12, seed=8, **kw)
+        whole = make().choices[0].message.content
+    text, chunks, usage = _stream_text(make(stream=True, stream_options={"include_usage": True}))
+    assert text == whole
+    assert len([c for c in chunks if c.choices]) >= 3  # pieces, then the chunk with the finish_reason
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and usage.completion_tokens == 12
+    assert chunks[0].object == ("text_completion" if kind == "completions" else "chat.completion.chunk")
+
+
+def test_stream_wire_format(server):
+    with server.client() as c, c.stream("POST", "/v1/completions", json={
+            "prompt": "def ", "max_tokens": 6, "seed": 1, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["finish_reason"] == "length" and "usage" not in last  # usage only when asked
+
+
+def test_embeddings_equal_labkits_embed(oai):
+    from labkit.pretrained import embed
+
+    texts = ["a cat sits on the mat", "Slurm GPU partition"]
+    out = oai.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+    assert out.model == "all-MiniLM-L6-v2" and [d.index for d in out.data] == [0, 1] and out.usage.prompt_tokens > 4
+    got = torch.tensor([d.embedding for d in out.data])
+    assert got.shape == (2, 384) and torch.allclose(got, embed(texts), atol=1e-5)
+    packed = oai.embeddings.create(model="all-MiniLM-L6-v2", input="a cat sits on the mat", encoding_format="base64")
+    vec = packed.data[0].embedding
+    if isinstance(vec, str):  # clients that ask for base64 decode it themselves
+        vec = list(struct.unpack("<384f", base64.b64decode(vec)))
+    assert torch.allclose(torch.tensor(vec), got[0], atol=1e-6)
+
+
+def test_wrong_key_unknown_model_and_bad_fields(server, oai):
+    with server.openai(api_key="wrong", max_retries=0) as bad, pytest.raises(openai.AuthenticationError) as e:
+        bad.completions.create(model="demo", prompt="hi")
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="gpt-4o", prompt="hi")
+    assert e.value.code == "model_not_found" and "demo" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="demo", prompt="hi", temperature=7)
+    assert e.value.param == "temperature" and e.value.status_code == 400
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="demo", prompt="hi", max_tokens=CONFIG.max_new_tokens + 1)
+    assert e.value.param == "max_tokens" and str(CONFIG.max_new_tokens) in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="demo", prompt="x" * (CONFIG.max_prompt_chars + 1))
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="embeddings"):
+        oai.completions.create(model="all-MiniLM-L6-v2", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        oai.completions.create(model="demo", prompt=[1, 2, 3])
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.embeddings.create(model="all-MiniLM-L6-v2", input="x", dimensions=64)
+    assert e.value.param == "dimensions"
+    # fields this server does not know are ignored, as OpenAI's server does
+    ok = oai.completions.create(model="demo", prompt="hi", max_tokens=2, user="ada", extra_body={"frobnicate": 1})
+    assert ok.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[]", b'{"prompt": 5}', b'{"prompt": "\\ud800"}',
+                                 b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', b'{"prompt": "hi", "n": 0}'])
+def test_malformed_bodies_get_openai_shaped_400(server, raw):
+    with server.client() as c:
+        r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+
+
+def test_embeddings_without_embedder_is_503():
+    with start(demo_generator(), token=TOKEN, config=CONFIG) as srv, srv.openai(max_retries=0) as oai:
+        assert [m.id for m in oai.models.list()] == ["demo"]
+        with pytest.raises(openai.InternalServerError) as e:
+            oai.embeddings.create(model="all-MiniLM-L6-v2", input="x")
+    assert e.value.status_code == 503 and "embedding" in e.value.message
+
+
+class _SlowModel(torch.nn.Module):
+    """The demo GPT, slowed down per forward pass, so a stream visibly arrives piece by piece."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.inner = demo_model()
+        self.config, self.delay = self.inner.config, delay
+
+    def forward(self, idx, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner(idx, *args, **kwargs)
+
+
+def _slow_server(delay: float = 0.03):
+    gen = ModelGenerator(_SlowModel(delay), ByteTokenizer(), name="slow")
+    return start(gen, token=TOKEN, config=CONFIG)
+
+
+def _timed_events(url: str, headers: dict, body: dict) -> list[tuple[float, str]]:
+    """(seconds since the request, data line) for every server-sent event, as they arrive."""
+    out = []
+    t0 = time.perf_counter()
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append((time.perf_counter() - t0, line[6:]))
+    return out
+
+
+def _arrived_in_pieces(events: list[tuple[float, str]], tokens: int, delay: float) -> None:
+    assert events[-1][1] == "[DONE]"
+    pieces = [t for t, data in events[:-1] if json.loads(data)["choices"][0]["text"]]
+    assert len(pieces) >= 2
+    # the first piece arrived while most of the generation was still to come
+    assert events[-1][0] - pieces[0] > 0.5 * tokens * delay, events
+
+
+def test_stream_arrives_as_it_is_generated():
+    with _slow_server() as srv:
+        events = _timed_events(srv.url + "/v1/completions", srv.headers,
+                               {"model": "slow", "prompt": "def ", "max_tokens": 20, "stream": True, "seed": 1})
+    _arrived_in_pieces(events, 20, 0.03)
+
+
+def test_client_disconnect_mid_stream_leaves_the_engine_serving():
+    with _slow_server(0.02) as srv, srv.openai(max_retries=0) as oai:
+        stream = oai.completions.create(model="slow", prompt="def ", max_tokens=40, seed=1, stream=True)
+        next(iter(stream))
+        stream.close()  # the client goes away after the first chunk
+        after = oai.completions.create(model="slow", prompt="def ", max_tokens=3, seed=1)
+        assert after.choices[0].finish_reason == "length" and srv.batcher.alive
+        with srv.client() as c:
+            assert c.get("/metrics.json").json()["pending"] == 0
+
+
+def _samples(server) -> dict[str, float]:
+    with server.client() as c:
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name + json.dumps(s.labels, sort_keys=True) if s.labels else s.name): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_prometheus_metrics(server, oai):
+    before = _samples(server)
+    oai.completions.create(model="demo", prompt="def ", max_tokens=5, seed=1)
+    _stream_text(oai.completions.create(model="demo", prompt="def ", max_tokens=5, seed=1, stream=True))
+    after = _samples(server)
+    p = "labkit_serve_"
+    key = p + 'http_requests_total{"route": "/v1/completions", "status": "200"}'
+    assert after[key] - before.get(key, 0) == 2
+    assert after[p + "generation_tokens_total"] - before[p + "generation_tokens_total"] == 10
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert after[p + hist + "_count"] - before[p + hist + "_count"] == 2
+    assert after[p + "inter_token_latency_seconds_count"] > before[p + "inter_token_latency_seconds_count"]
+    assert after[p + "batch_size_count"] > before[p + "batch_size_count"]
+    assert after[p + "requests_running"] == 0 and after[p + "requests_waiting"] == 0
+    assert p + "kv_cache_bytes" in after
+    assert after[p + "prompt_tokens_total"] - before[p + "prompt_tokens_total"] == 8
+
+
+def test_each_server_has_its_own_registry(server):
+    with start(demo_generator(), token=TOKEN, config=CONFIG) as other, other.openai(max_retries=0) as oai:
+        oai.completions.create(model="demo", prompt="x", max_tokens=2)
+        mine = _samples(other)
+    assert mine['labkit_serve_http_requests_total{"route": "/v1/completions", "status": "200"}'] == 1
+
+
+@pytest.mark.browser
+def test_stream_through_jupyter_server_proxy(tmp_path):
+    """As a browser or a client elsewhere reaches a server in a JupyterLab session: through
+    jupyter-server-proxy at <lab>/proxy/<port>/; with Accept: text/event-stream the proxy passes each
+    chunk on as it comes."""
+    from test_browser import TOKEN as LAB_TOKEN, Lab
+
+    lab = Lab(tmp_path / "lab")
+    with _slow_server() as srv:
+        try:
+            lab.start()
+            port = int(srv.url.rsplit(":", 1)[1])
+            url = f"{lab.base}/proxy/{port}/v1/completions?token={LAB_TOKEN}"
+            headers = {**srv.headers, "Accept": "text/event-stream"}
+            events = _timed_events(url, headers, {"model": "slow", "prompt": "def ", "max_tokens": 20,
+                                                  "stream": True, "seed": 1})
+            direct = _timed_events(srv.url + "/v1/completions", headers,
+                                   {"model": "slow", "prompt": "def ", "max_tokens": 20, "stream": True, "seed": 1})
+        finally:
+            lab.stop()
+    _arrived_in_pieces(events, 20, 0.03)
+    text = lambda evs: "".join(json.loads(d)["choices"][0]["text"] for _, d in evs[:-1])
+    assert text(events) == text(direct)
