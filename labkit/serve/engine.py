@@ -26,7 +26,9 @@ class GenRequest:
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int | None = None
-    seed: int = 0
+    seed: int = 0                     # (fifth, as before top_p and stop came: positional callers keep working)
+    top_p: float | None = None        # nucleus sampling; None or 1.0 = off
+    stop: tuple[str, ...] = ()        # end before the first stop string; it is not in the text
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class GenResult:
     text: str
     prompt_tokens: int
     new_tokens: int
+    finish_reason: str = "length"     # "length" (max_new_tokens reached) | "stop" (a stop string)
 
 
 class Generator(Protocol):
@@ -63,9 +66,12 @@ class ByteTokenizer:
 
 
 def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int | None],
-                generators: Sequence[torch.Generator]) -> list[int]:
-    """One next token per row of ``logits`` (B, V): greedy where the temperature is 0, else top-k
-    sampling by inverse CDF with one uniform draw from that row's own generator.
+                generators: Sequence[torch.Generator],
+                top_ps: Sequence[float | None] | None = None) -> list[int]:
+    """One next token per row of ``logits`` (B, V): greedy where the temperature is 0, else sampling
+    by inverse CDF with one uniform draw from that row's own generator, after top-k (keep the k most
+    likely tokens) and top-p (keep the most likely tokens until their probability reaches p; the most
+    likely one always stays; None or 1.0 = off).
 
     Each row's token depends only on its own logits and generator, never on the other rows, so a
     request samples the same token alone or in a batch. Works in float64 after subtracting the
@@ -82,12 +88,85 @@ def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Seq
         if k is not None and k < x.shape[1]:
             kth = torch.topk(x[j], k).values[-1]
             x[j] = x[j].masked_fill(x[j] < kth, float("-inf"))
+        p = top_ps[i] if top_ps is not None else None
+        if p is not None and p < 1.0:
+            probs, order = torch.sort(torch.softmax(x[j], dim=-1), descending=True, stable=True)
+            before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
+            x[j, order[before >= p]] = float("-inf")      # the first token has 0 before it: it stays
     cdf = torch.cumsum(torch.softmax(x, dim=-1), dim=-1)
     u = torch.stack([torch.rand((), dtype=torch.float64, generator=generators[i]) for i in rows])
     picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
     for j, i in enumerate(rows):
         out[i] = int(picked[j].clamp(max=x.shape[1] - 1))
     return out
+
+
+class TextStream:
+    """The text of one request as its tokens arrive: stop strings, and the pieces for ``on_token``.
+
+    ``push(token)`` decodes all new tokens so far, cuts the text at the first stop string (the
+    request then ends with ``finish_reason="stop"``), and passes on what is safe to show: text that
+    could still become the start of a stop string is held back, and so is a trailing U+FFFD (a
+    multi-byte UTF-8 character whose remaining bytes may come with the next token). When the request
+    ends, the rest is passed on, so the pieces always join to the final text."""
+
+    def __init__(self, request: GenRequest, prompt_ids: Sequence[int], tokenizer: Any,
+                 on_token: Callable[[str], None] | None = None):
+        self.request = request
+        self.prompt = list(prompt_ids)
+        self.seq = list(prompt_ids)     # prompt + new tokens (the context to continue)
+        self.new: list[int] = []
+        self.generator = torch.Generator().manual_seed(request.seed)
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.stops = tuple(s for s in request.stop if s)
+        self.sent = ""                  # text passed to on_token so far
+        self.text = ""
+        self.finish_reason = "length"
+        self.done = request.max_new_tokens <= 0
+
+    def push(self, token: int) -> bool:
+        """Add one generated token; returns whether the request has ended."""
+        self.seq.append(token)
+        self.new.append(token)
+        text = self.tokenizer.decode(self.new)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish_reason, self.done = text[:cut], "stop", True
+        elif len(self.new) >= self.request.max_new_tokens:
+            self.done = True
+        if self.done:
+            # a tokenizer whose decoding of a prefix is not a prefix of the whole keeps the pieces sent
+            self.text = text if text.startswith(self.sent) else self.sent + text[len(self.sent):]
+            self._send(self.text)
+        else:
+            self._send(self._safe(text))
+        return self.done
+
+    def _safe(self, text: str) -> str:
+        """``text`` without what may still change: a trailing U+FFFD, a possible stop-string start."""
+        text = text.rstrip("\ufffd")
+        for n in range(min(len(text), max((len(s) for s in self.stops), default=0)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stops):
+                return text[:-n]
+        return text
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent):], text
+            if self.on_token is not None:
+                self.on_token(piece)
+
+    def result(self) -> GenResult:
+        """The finished request's result."""
+        return GenResult(self.text, len(self.prompt), len(self.new), self.finish_reason)
+
+
+def _sample(logits: torch.Tensor, streams: Sequence[TextStream]) -> list[int]:
+    """``sample_rows`` with each stream's own settings and generator."""
+    reqs = [st.request for st in streams]
+    return sample_rows(logits, [r.temperature for r in reqs], [r.top_k for r in reqs],
+                       [st.generator for st in streams], [r.top_p for r in reqs])
 
 
 def _last_logits(out: Any) -> torch.Tensor:
@@ -125,40 +204,51 @@ class ModelGenerator:
             "device": str(self.device),
         }
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+    streams = True  # generate() takes on_token callbacks (the Batcher then streams pieces)
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the KV cache now (0: this path recomputes the context at every token)."""
+        return 0
+
+    def open_stream(self, request: GenRequest, on_token: Callable[[str], None] | None = None) -> TextStream:
+        """A ``TextStream`` for ``request``; a prompt that encodes to no tokens is a ``ValueError``."""
+        ids = self.tokenizer.encode(request.prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens; send some text")
+        return TextStream(request, ids, self.tokenizer, on_token)
+
+    def generate(self, requests: Sequence[GenRequest],
+                 on_token: Sequence[Callable[[str], None] | None] | None = None) -> list[GenResult]:
         """Generate for all requests together; rows whose contexts have the same length share a
-        forward pass (see ``_steps``)."""
-        encoded = [self.tokenizer.encode(r.prompt) for r in requests]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"request {i}: the prompt encodes to no tokens; send some text")
-        gens = [torch.Generator().manual_seed(r.seed) for r in requests]
-        seqs = [list(p) for p in encoded]
-        new: list[list[int]] = [[] for _ in requests]
-        active = [i for i, r in enumerate(requests) if r.max_new_tokens > 0]
+        forward pass (see ``_steps``). ``on_token[i]``, when given, gets request i's text pieces."""
+        streams = []
+        for i, r in enumerate(requests):
+            try:
+                streams.append(self.open_stream(r, on_token[i] if on_token is not None else None))
+            except ValueError as exc:
+                raise ValueError(f"request {i}: {exc}") from None
+        active = [i for i, st in enumerate(streams) if not st.done]
         with self._lock, torch.inference_mode():
             while active:
-                for rows in self._steps(active, seqs, new, requests):
-                    ctx = torch.tensor([seqs[i][-self.block_size:] for i in rows], dtype=torch.long,
+                for rows in self._steps(active, streams):
+                    ctx = torch.tensor([streams[i].seq[-self.block_size:] for i in rows], dtype=torch.long,
                                        device=self.device)
                     logits = _last_logits(self.model(ctx))
-                    toks = sample_rows(logits, [requests[i].temperature for i in rows],
-                                       [requests[i].top_k for i in rows], [gens[i] for i in rows])
+                    toks = _sample(logits, [streams[i] for i in rows])
                     for i, tok in zip(rows, toks):
-                        seqs[i].append(tok)
-                        new[i].append(tok)
-                active = [i for i in active if len(new[i]) < requests[i].max_new_tokens]
-        return [GenResult(self.tokenizer.decode(n), len(p), len(n)) for p, n in zip(encoded, new)]
+                        streams[i].push(tok)
+                active = [i for i in active if not streams[i].done]
+        return [st.result() for st in streams]
 
-    def _steps(self, active: list[int], seqs: list[list[int]], new: list[list[int]],
-               requests: Sequence[GenRequest]) -> list[list[int]]:
+    def _steps(self, active: list[int], streams: Sequence[TextStream]) -> list[list[int]]:
         """The row groups to advance by one token now. Without padding only rows of equal context
         length can share a pass; so a group waits while some shorter group can still catch up with
         it before finishing, and every other group (the shortest always) advances."""
         by_len: dict[int, list[int]] = {}
         for i in active:
-            by_len.setdefault(min(len(seqs[i]), self.block_size), []).append(i)
-        left = {n: max(requests[i].max_new_tokens - len(new[i]) for i in rows) for n, rows in by_len.items()}
+            by_len.setdefault(min(len(streams[i].seq), self.block_size), []).append(i)
+        left = {n: max(streams[i].request.max_new_tokens - len(streams[i].new) for i in rows)
+                for n, rows in by_len.items()}
         lengths = sorted(by_len)
         return [by_len[n] for n in lengths if not any(left[m] > n - m for m in lengths if m < n)]
 
@@ -190,6 +280,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="labkit-serve-batcher", daemon=True)
         self._closed = False
         self._last_size = 0
+        self._running = 0
         self._thread.start()
 
     @property
@@ -197,14 +288,23 @@ class Batcher:
         """Requests waiting to run."""
         return self._q.qsize()
 
-    def submit(self, request: GenRequest) -> Future:
-        """Queue one request; the future resolves to its ``GenResult``."""
+    @property
+    def running(self) -> int:
+        """Requests in the running batch now."""
+        return self._running
+
+    def submit(self, request: GenRequest, on_token: Callable[[str], None] | None = None) -> Future:
+        """Queue one request; the future resolves to its ``GenResult``.
+
+        ``on_token(piece)`` is called on the engine thread, in order, as text is generated; the
+        pieces join to ``result.text`` exactly (see ``TextStream``). An ``on_token`` that raises ends
+        its request: the future gets that exception (e.g. a streaming client went away)."""
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         if self._q.qsize() >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are already waiting (max_queue); retry later")
         fut: Future = Future()
-        self._q.put((request, fut))
+        self._q.put((request, fut, on_token))
         return fut
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -249,7 +349,7 @@ class Batcher:
             if first is _STOP:
                 return
             batch, stop = self._collect(first)
-            batch = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+            batch = [item for item in batch if item[1].set_running_or_notify_cancel()]
             self._last_size = len(batch)
             if batch:
                 self._run(batch)
@@ -258,18 +358,48 @@ class Batcher:
 
     def _run(self, batch: list[tuple]) -> None:
         t0 = time.perf_counter()
+        self._running = len(batch)
+        errors: list[list[BaseException]] = [[] for _ in batch]
         try:
-            results = self.generator.generate([r for r, _ in batch])
+            if getattr(self.generator, "streams", False):
+                callbacks = [_guarded(cb, err) for (_, _, cb), err in zip(batch, errors)]
+                results = self.generator.generate([r for r, _, _ in batch], on_token=callbacks)
+            else:
+                results = self.generator.generate([r for r, _, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
+                self._running = 0
                 batch[0][1].set_exception(exc)
                 return
             for item in batch:  # one bad request must not fail its companions: run them one by one
                 self._run([item])
             return
+        finally:
+            self._running = 0
         seconds = time.perf_counter() - t0
         # counted before any caller is answered: a /metrics read right after a response includes it
         if self.on_batch is not None:
             self.on_batch(len(batch), sum(r.new_tokens for r in results), seconds)
-        for (_, fut), res in zip(batch, results):
-            fut.set_result(res)
+        streamed = getattr(self.generator, "streams", False)
+        for (_, fut, cb), res, err in zip(batch, results, errors):
+            if cb is not None and not streamed and res.text:
+                _guarded(cb, err)(res.text)  # a generator that cannot stream: one piece at the end
+            if err:
+                fut.set_exception(err[0])
+            else:
+                fut.set_result(res)
+
+
+def _guarded(on_token: Callable[[str], None] | None, errors: list) -> Callable[[str], None] | None:
+    """``on_token`` that records its first exception in ``errors`` and is not called after it."""
+    if on_token is None:
+        return None
+
+    def call(piece: str) -> None:
+        if errors:
+            return
+        try:
+            on_token(piece)
+        except Exception as exc:
+            errors.append(exc)
+    return call

@@ -1,0 +1,120 @@
+"""labkit.serve.engine without HTTP: streaming pieces, stop strings, top-p, seeds alone or batched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labkit.serve import demo_generator
+from labkit.serve.engine import Batcher, ByteTokenizer, GenRequest, TextStream, sample_rows
+
+
+@pytest.fixture(scope="module")
+def gen():
+    torch.set_num_threads(1)
+    return demo_generator()
+
+
+def _stream(gen, batcher_kwargs, requests):
+    """Submit all requests to one Batcher with on_token; returns (results, pieces per request)."""
+    b = Batcher(gen, **batcher_kwargs)
+    pieces = [[] for _ in requests]
+    try:
+        futures = [b.submit(r, on_token=pieces[i].append) for i, r in enumerate(requests)]
+        results = [f.result(60) for f in futures]
+    finally:
+        b.stop()
+    return results, pieces
+
+
+REQS = [GenRequest("Once upon", 20, 1.0, None, seed=s) for s in range(3)] + [
+    GenRequest("Hi", 12, 0.7, 5, top_p=0.9, seed=7), GenRequest("GPU nodes", 9, 0.0, seed=3)]
+
+
+def test_streamed_pieces_join_to_the_text(gen):
+    results, pieces = _stream(gen, dict(max_batch_size=8, max_wait_ms=100), REQS)
+    for res, ps in zip(results, pieces):
+        assert "".join(ps) == res.text and all(ps)
+        assert res.finish_reason == "length"
+    assert any(len(ps) > 2 for ps in pieces), "pieces came only at the end"
+
+
+def test_stop_strings_cut_the_text(gen):
+    full = gen.generate([GenRequest("Once upon", 30, 1.0, seed=4)])[0].text
+    stop = full[10:12]
+    cut = full.find(stop)
+    results, pieces = _stream(gen, dict(max_batch_size=1), [GenRequest("Once upon", 30, 1.0, seed=4, stop=(stop, "\x00\x01"))])
+    res = results[0]
+    assert res.text == full[:cut] and res.finish_reason == "stop" and "".join(pieces[0]) == res.text
+    assert stop not in "".join(pieces[0])
+    never = gen.generate([GenRequest("Once upon", 30, 1.0, seed=4, stop=("\x00\x01\x02",))])[0]
+    assert never.text == full and never.finish_reason == "length"
+
+
+class _Scripted:
+    """A tokenizer stand-in: ByteTokenizer's decode, for driving a TextStream by hand."""
+
+    decode = staticmethod(ByteTokenizer().decode)
+
+
+def test_held_back_stop_prefix_and_incomplete_utf8():
+    got = []
+    st = TextStream(GenRequest("x", 20, stop=("END",)), [1], _Scripted(), got.append)
+    for b in "ab".encode() + "€".encode()[:2]:
+        st.push(b)
+    assert "".join(got) == "ab"                 # the half-made € is held back
+    st.push("€".encode()[2])
+    st.push(ord("E"))
+    st.push(ord("N"))
+    assert "".join(got) == "ab€"               # "EN" may start "END": held back
+    st.push(ord("X"))
+    assert "".join(got) == "ab€ENX"            # it did not
+    for b in b"END tail":
+        if st.push(b):
+            break
+    assert st.done and st.finish_reason == "stop" and st.text == "ab€ENX" == "".join(got)
+
+
+def test_top_p_one_is_off_and_small_top_p_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    def draw(top_p):
+        g = [torch.Generator().manual_seed(s) for s in range(4)]
+        return [sample_rows(logits, [1.0] * 4, [None] * 4, g, [top_p] * 4) for _ in range(20)]
+    assert draw(1.0) == draw(None)
+    peaked = logits.clone()
+    peaked[:, 7] = logits.max() + 3.0  # the top token, with most of the mass (but not all)
+    g = [torch.Generator().manual_seed(s) for s in range(4)]
+    for _ in range(20):
+        assert sample_rows(peaked, [1.0] * 4, [None] * 4, g, [0.5] * 4) == [7] * 4
+
+
+def test_seed_gives_the_same_text_alone_or_batched(gen):
+    reqs = REQS + [GenRequest("Once upon", 25, 1.0, seed=1, stop=("e",)), GenRequest("Hi", 15, 1.2, top_p=0.8, seed=9)]
+    alone, _ = _stream(gen, dict(max_batch_size=1), reqs)
+    together, _ = _stream(gen, dict(max_batch_size=8, max_wait_ms=100), reqs)
+    assert alone == together
+    assert alone[-2].finish_reason in ("stop", "length")
+
+
+def test_running_and_cache_bytes(gen):
+    b = Batcher(gen, max_batch_size=4, max_wait_ms=50)
+    seen = []
+    fut = b.submit(GenRequest("Hello", 6), on_token=lambda p: seen.append(b.running))
+    fut.result(30)
+    b.stop()
+    assert seen and all(n == 1 for n in seen) and b.running == 0
+    assert isinstance(gen.cache_bytes(), int)
+
+
+def test_on_token_that_raises_fails_only_its_request(gen):
+    b = Batcher(gen, max_batch_size=4, max_wait_ms=100)
+
+    def boom(piece):
+        raise ConnectionError("client went away")
+    bad = b.submit(GenRequest("Hello", 6, seed=1), on_token=boom)
+    good = b.submit(GenRequest("Hello", 6, seed=2))
+    with pytest.raises(ConnectionError):
+        bad.result(30)
+    assert good.result(30).new_tokens == 6
+    b.stop()
