@@ -206,6 +206,12 @@ class _SlowModel(torch.nn.Module):
         time.sleep(self.delay)
         return self.inner(idx, *args, **kwargs)
 
+    def __getattr__(self, name):  # anything else the engine asks of a GPT (e.g. a KV-cache helper)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
 
 def _slow_server(delay: float = 0.03):
     gen = ModelGenerator(_SlowModel(delay), ByteTokenizer(), name="slow")
