@@ -312,3 +312,39 @@ def test_stream_through_jupyter_server_proxy(tmp_path):
     _arrived_in_pieces(events, 20, 0.03)
     text = lambda evs: "".join(json.loads(d)["choices"][0]["text"] for _, d in evs[:-1])
     assert text(events) == text(direct)
+
+
+def test_stream_load_times_each_piece(server, oai):
+    from labkit.serve import run_stream_load
+    from labkit.widgets.serving import stream_latency_figure
+
+    r = run_stream_load(oai, model="demo", requests=6, concurrency=3, max_tokens=5, first_seed=4)
+    assert len(r.timings) == 6 and all(0 < t.ttft <= t.seconds for t in r.timings)
+    alone = oai.completions.create(model="demo", prompt="def ", max_tokens=5, seed=5).choices[0].text
+    assert r.timings[1].text == alone  # request i used seed first_seed + i
+    summary = r.summary()
+    assert summary["requests"] == 6 and 0 < summary["ttft_p50_ms"] <= summary["ttft_p95_ms"]
+    fig = stream_latency_figure([r])
+    assert len(fig.data) == 2 and len(fig.data[0].y) == 6 and len(fig.data[1].y) == len(r.gaps)
+
+
+def test_served_model_name_and_tls(tmp_path):
+    import argparse
+
+    from labkit.serve.cli import add_arguments, job_serve_args
+    from labkit.serve.server import default_model_id
+    from labkit.serve.tls import self_signed
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--demo", "--served-model-name", "lab-gpt"])
+    assert job_serve_args(args, None)[-2:] == ["--served-model-name", "lab-gpt"]  # a Slurm job keeps the name
+    assert default_model_id({"model": "step_00000500.pt"}) == "step_00000500"
+    assert default_model_id({"model": "demo (tiny GPT, random weights, byte tokens)"}) == "demo"
+    cert, key = self_signed(tmp_path)
+    with start(demo_generator(), token=TOKEN, config=CONFIG, model_id="lab-gpt", certfile=cert, keyfile=key) as srv:
+        with srv.openai(max_retries=0) as oai:  # trusts exactly this server's certificate
+            assert [m.id for m in oai.models.list()] == ["lab-gpt"]
+            assert oai.completions.create(model="lab-gpt", prompt="x", max_tokens=2).model == "lab-gpt"
+        with srv.client() as c:
+            assert c.get("/health").json()["model_id"] == "lab-gpt"

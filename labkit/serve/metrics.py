@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -38,9 +38,8 @@ class TokenClock:
     """Times one generation request: pass it as ``on_token`` (it is called on the engine thread with
     each piece of text), then call ``done()`` once the request finished."""
 
-    def __init__(self, metrics: "Metrics", forward: Callable[[str], None] | None = None):
+    def __init__(self, metrics: "Metrics"):
         self.metrics = metrics
-        self.forward = forward
         self.t0 = time.perf_counter()
         self.last: float | None = None
 
@@ -49,8 +48,6 @@ class TokenClock:
             now = time.perf_counter()
             self.metrics.observe_piece(now - (self.t0 if self.last is None else self.last), first=self.last is None)
             self.last = now
-        if self.forward is not None:
-            self.forward(piece)
 
     def done(self, prompt_tokens: int = 0) -> None:
         """Count the request's end-to-end latency (and its prompt tokens)."""
@@ -138,9 +135,9 @@ class Metrics:
         self.p_batch.observe(size)
         self.p_tokens.inc(tokens)
 
-    def clock(self, forward: Callable[[str], None] | None = None) -> TokenClock:
-        """A ``TokenClock`` for one request; ``forward`` also gets every piece (for streaming)."""
-        return TokenClock(self, forward)
+    def clock(self) -> TokenClock:
+        """A ``TokenClock`` for one request."""
+        return TokenClock(self)
 
     def observe_piece(self, seconds: float, first: bool) -> None:
         """Time to the first piece of a request, or the gap since its previous piece."""

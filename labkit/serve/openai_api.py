@@ -17,6 +17,7 @@ text prompt with :func:`chat_prompt` and the model continues it.
 
 import asyncio
 import base64
+import functools
 import json
 import secrets
 import struct
@@ -216,6 +217,10 @@ def _texts(value: Any, field: str, cfg: ServeConfig, most: int, what: str) -> li
     return texts
 
 
+class ClientGone(RuntimeError):
+    """Raised in ``on_token`` of a request whose answer nobody reads any more."""
+
+
 class Run:
     """Generation requests submitted together; their pieces and results arrive on an asyncio queue."""
 
@@ -224,11 +229,12 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.futures: list = []
         self.clocks = []
+        self.stream = stream
+        self.gone = False  # set when nobody reads any more (a client went away, a timeout)
         try:
             for i, req in enumerate(requests):
-                forward = (lambda piece, i=i: self._put((i, piece))) if stream else None
-                clock = metrics.clock(forward)
-                fut = batcher.submit(req, on_token=clock)
+                clock = metrics.clock()
+                fut = batcher.submit(req, on_token=functools.partial(self._on_token, i, clock))
                 fut.add_done_callback(lambda f, i=i: self._put((i, f)))
                 self.futures.append(fut)
                 self.clocks.append(clock)
@@ -239,6 +245,14 @@ class Run:
             self.cancel()
             raise APIError(503, str(exc), code="shutting_down") from None
 
+    def _on_token(self, i: int, clock: Any, piece: str) -> None:
+        # on the engine thread; raising ends this request there (the engine's contract), nothing else
+        if self.gone:
+            raise ClientGone("nobody reads this request any more")
+        clock(piece)
+        if self.stream:
+            self._put((i, piece))
+
     def _put(self, item: tuple) -> None:
         # runs on the engine thread: it must never raise there, even when the loop has closed
         try:
@@ -247,7 +261,8 @@ class Run:
             pass
 
     def cancel(self) -> None:
-        """Drop requests that have not started (the running ones finish; nobody reads them)."""
+        """Drop requests that have not started, and end the running ones at their next piece."""
+        self.gone = True
         for fut in self.futures:
             fut.cancel()
 
