@@ -348,3 +348,26 @@ def test_served_model_name_and_tls(tmp_path):
             assert oai.completions.create(model="lab-gpt", prompt="x", max_tokens=2).model == "lab-gpt"
         with srv.client() as c:
             assert c.get("/health").json()["model_id"] == "lab-gpt"
+
+
+class _Broken:
+    """A generator whose model fails at every step (a lost GPU, say)."""
+
+    def generate(self, requests, on_token=None):
+        raise RuntimeError("the GPU fell off the bus")
+
+    def count_tokens(self, text):
+        return len(text)
+
+    def info(self):
+        return {"model": "broken"}
+
+
+def test_an_engine_failure_is_an_openai_shaped_error():
+    with start(_Broken(), token=TOKEN, config=CONFIG) as srv, srv.openai(max_retries=0) as oai:
+        with pytest.raises(openai.InternalServerError) as e:
+            oai.completions.create(model="broken", prompt="hi", max_tokens=2)
+        assert e.value.status_code == 500 and "GPU fell off" in e.value.message
+        with pytest.raises(openai.APIError, match="GPU fell off"):  # the stream had started: an error event
+            _stream_text(oai.completions.create(model="broken", prompt="hi", max_tokens=2, stream=True))
+        assert srv.batcher.alive

@@ -57,7 +57,7 @@ def utf8(value: str) -> str:
 
 DEFAULT_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
                 405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-                503: "server_error", 504: "timeout_error"}
+                500: "server_error", 503: "server_error", 504: "timeout_error"}
 DEFAULT_CODE = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -358,6 +358,10 @@ def add_openai_routes(app: FastAPI, batcher: Batcher, *, config: ServeConfig, me
             raise APIError(504, f"generation took longer than {cfg.request_timeout_s} s") from None
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
+        except APIError:
+            raise
+        except Exception as exc:  # the engine failed: say so in OpenAI's shape, not as a bare 500
+            raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error") from None
         choices = []
         for i, res in enumerate(results):
             text = clean(res.text if echo is None else echo[i // body.n] + res.text)
@@ -403,9 +407,12 @@ def add_openai_routes(app: FastAPI, batcher: Batcher, *, config: ServeConfig, me
             run.cancel()
             yield _sse(error_body(504, f"generation took longer than {cfg.request_timeout_s} s"))
             return
-        except (APIError, ValueError) as exc:
+        except (APIError, ValueError) as exc:  # the status is already sent: the error goes in an event
             status = getattr(exc, "status_code", 400)
             yield _sse(error_body(status, getattr(exc, "detail", str(exc)), code=getattr(exc, "code", None)))
+            return
+        except Exception as exc:  # the engine failed mid-stream
+            yield _sse(error_body(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error"))
             return
         finally:
             run.cancel()  # a client that went away leaves no waiting requests behind
