@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -371,3 +376,31 @@ def test_an_engine_failure_is_an_openai_shaped_error():
         with pytest.raises(openai.APIError, match="GPU fell off"):  # the stream had started: an error event
             _stream_text(oai.completions.create(model="broken", prompt="hi", max_tokens=2, stream=True))
         assert srv.batcher.alive
+
+
+def test_openai_client_against_the_cli_server(tmp_path):
+    """`labkit serve` in its own process, as a user starts it, called with the openai client."""
+    repo = Path(__file__).resolve().parent.parent
+    url_file = tmp_path / "url"
+    env = {**os.environ, "PYTHONPATH": str(repo), "LABKIT_SERVE_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "labkit", "serve", "--demo", "--port", "0", "--no-embed",
+                             "--url-file", str(url_file), "--served-model-name", "cli-gpt"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not url_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        url = url_file.read_text().strip()
+        with openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0) as oai:
+            assert [m.id for m in oai.models.list()] == ["cli-gpt"]
+            whole = oai.completions.create(model="cli-gpt", prompt="def ", max_tokens=8, seed=2).choices[0].text
+            text, _, _ = _stream_text(oai.completions.create(model="cli-gpt", prompt="def ", max_tokens=8, seed=2,
+                                                             stream=True))
+            assert text == whole
+        scraped = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+        assert 'labkit_serve_http_requests_total{route="/v1/completions",status="200"} 2.0' in scraped
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and f"{url}/v1" in out and "'cli-gpt'" in out, out
