@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from labkit.serve import demo_generator
-from labkit.serve.engine import Batcher, ByteTokenizer, GenRequest, TextStream, sample_rows
+from labkit.serve import demo_generator, demo_model
+from labkit.serve.engine import Batcher, ByteTokenizer, GenRequest, ModelGenerator, TextStream, sample_rows
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,73 @@ def test_on_token_that_raises_fails_only_its_request(gen):
         bad.result(30)
     assert good.result(30).new_tokens == 6
     b.stop()
+
+
+# ------------------------------------------------------------------------- continuous batching
+
+
+class _Recording(torch.nn.Module):
+    """A GPT that records (input shape, with cache?) per forward pass; ``kv=False`` hides new_cache."""
+
+    def __init__(self, inner, kv=True):
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, []
+        if kv:
+            self.new_cache = inner.new_cache
+
+    def forward(self, idx, targets=None, cache=None):
+        self.calls.append((tuple(idx.shape), cache is not None))
+        return self.inner(idx, cache=cache)
+
+
+def test_step_joins_at_the_next_step_and_finished_rows_leave():
+    rec = _Recording(demo_model())
+    g = ModelGenerator(rec, ByteTokenizer())
+    a, b = g.open_stream(GenRequest("abc", 3, seed=1)), g.open_stream(GenRequest("hello!", 5, seed=2))
+    g.step([a])                      # a: prefill of its 3 tokens, first token
+    assert g.running == 1 and g.cache_bytes() > 0
+    g.step([b])                      # a: one token over the cache; b: prefill, first token
+    g.step()                         # both in one pass, rows of lengths 5 and 7
+    assert a.done and len(a.new) == 3 and g.running == 1   # a left at once
+    for _ in range(3):
+        g.step()
+    assert b.done and g.running == 0 and g.cache_bytes() == 0
+    assert rec.calls == [((1, 3), True), ((1, 1), True), ((1, 6), True), ((2, 1), True)] + [((1, 1), True)] * 3
+    assert [a.result(), b.result()] == g.generate([a.request, b.request])  # = the recompute engine
+
+
+REQS2 = [GenRequest(p, n, t, k, s, top_p=tp, stop=st) for p, n, t, k, s, tp, st in [
+    ("Once upon a time", 30, 1.0, None, 1, None, ()), ("Hi", 25, 0.8, 5, 2, None, ()),
+    ("GPU", 20, 1.3, None, 3, 0.9, ()), ("x" * 40, 35, 1.0, None, 4, None, ("e",)),  # crosses block_size 64
+    ("y" * 80, 10, 0.9, 20, 5, None, ()),                                              # prompt > block_size
+    ("The cluster", 12, 0.0, None, 6, None, ()), ("Hello there", 28, 1.0, 40, 7, 0.95, ("th",))]]
+
+
+def test_continuous_seed_gives_the_same_text_alone_batched_and_as_the_static_engine(gen):
+    alone, _ = _stream(gen, dict(max_batch_size=1), REQS2)
+    together, pieces = _stream(gen, dict(max_batch_size=8), REQS2)
+    static, _ = _stream(gen, dict(max_batch_size=8, max_wait_ms=100, mode="static"), REQS2)
+    assert alone == together == static
+    assert all("".join(p) == r.text for p, r in zip(pieces, together))
+    assert len({r.new_tokens for r in together}) > 2  # rows of different lengths ran together
+
+
+def test_continuous_without_a_kv_cache_model_recomputes():
+    plain = ModelGenerator(_Recording(demo_model(), kv=False), ByteTokenizer())
+    results, _ = _stream(plain, dict(max_batch_size=4), REQS2[:4])
+    assert results == ModelGenerator(demo_model(), ByteTokenizer()).generate(REQS2[:4])
+    assert not any(with_cache for _, with_cache in plain.model.calls)
+
+
+def test_a_request_joins_the_running_batch_without_waiting_for_it(gen):
+    events, sizes = [], []
+    b = Batcher(gen, max_batch_size=4, on_batch=lambda size, tokens, s: sizes.append((size, tokens)))
+    long = b.submit(GenRequest("long one", 60, seed=1), on_token=lambda p: events.append("long"))
+    while not events:
+        time.sleep(0.001)
+    short = b.submit(GenRequest("short", 3, seed=2), on_token=lambda p: events.append("short"))
+    assert short.result(30).new_tokens == 3 and not long.done()  # answered while the long one runs
+    long.result(30)
+    b.stop()
+    assert b.mode == "continuous" and events[-1] == "long" and "short" in events
+    assert (2, 2) in sizes and sum(t for _, t in sizes) == 63

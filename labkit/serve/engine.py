@@ -124,6 +124,7 @@ class TextStream:
         self.text = ""
         self.finish_reason = "length"
         self.done = request.max_new_tokens <= 0
+        self.error: BaseException | None = None  # what on_token or this request's prefill raised
 
     def push(self, token: int) -> bool:
         """Add one generated token; returns whether the request has ended."""
@@ -155,7 +156,10 @@ class TextStream:
         if len(text) > len(self.sent) and text.startswith(self.sent):
             piece, self.sent = text[len(self.sent):], text
             if self.on_token is not None:
-                self.on_token(piece)
+                try:
+                    self.on_token(piece)
+                except Exception as exc:  # e.g. the streaming client went away: end this request
+                    self.error, self.done, self.on_token = exc, True, None
 
     def result(self) -> GenResult:
         """The finished request's result."""
@@ -178,7 +182,30 @@ def _last_logits(out: Any) -> torch.Tensor:
 class ModelGenerator:
     """Serves a causal language model (``model(idx) -> logits`` or ``(logits, loss)``) with a tokenizer.
 
-    Prompts longer than the model's context keep their last ``block_size`` tokens."""
+    Prompts longer than the model's context keep their last ``block_size`` tokens.
+
+    Two ways to run requests:
+
+    - ``generate(requests)``: the static batch of earlier labkit, no KV cache: every step
+      recomputes the whole context, and only rows of equal length share a pass (``_steps``).
+    - ``step(joining)``: continuous batching over a KV cache (``labkit.model.KVCache``), which the
+      ``Batcher`` calls once per engine step. Each joining request is prefilled alone in one pass
+      (its prompt, at positions 0..n-1, into a cache of its own) and samples its first token; from
+      the next step on it is a row of the running batch, whose rows of different lengths share one
+      pass per step: each feeds its last token at its own position, over its own cached keys (the
+      cache is padded on the right to the longest row and the attention mask hides the padding).
+      A finished row leaves the cache at once. A row longer than ``block_size`` leaves the cache
+      too and from then on runs its last ``block_size`` tokens in a pass of its own per token, as
+      the no-cache path does (see ``GPT.next_logits``). A model without ``new_cache`` runs every
+      row that way.
+
+    Determinism: every request has its own ``torch.Generator`` (its seed) and samples from its own
+    row's logits, and a prompt's prefill is the same pass alone or batched. What can differ in
+    theory is float rounding in the batched decode passes: a (B, C) matmul may sum in another order
+    than a (1, C) one, and the masked attention over padded keys in another order than over exactly
+    the row's keys; logits then differ by ~1e-7, which changes a sampled token only when the row's
+    uniform draw falls within ~1e-7 of a boundary of its CDF (or greedy logits tie that closely).
+    ``tests/test_serve_engine.py`` checks alone == batched texts, greedy and sampled."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, block_size: int | None = None,
                  device: str | torch.device = "cpu", name: str = "model"):
@@ -189,6 +216,14 @@ class ModelGenerator:
         self.device = torch.device(device)
         self.name = name
         self._lock = threading.Lock()  # one forward pass at a time on this model
+        self._kv = callable(getattr(self.model, "new_cache", None))
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the running batch (continuous batching state)."""
+        self._rows: list[TextStream] = []      # rows in the KV cache, in its row order
+        self._cache: Any = None
+        self._window: list[TextStream] = []    # rows run without the cache (past block_size)
 
     def count_tokens(self, text: str) -> int:
         """How many tokens the prompt becomes."""
@@ -207,8 +242,70 @@ class ModelGenerator:
     streams = True  # generate() takes on_token callbacks (the Batcher then streams pieces)
 
     def cache_bytes(self) -> int:
-        """Bytes held by the KV cache now (0: this path recomputes the context at every token)."""
-        return 0
+        """Bytes held by the KV cache of the running batch now (0 when none runs)."""
+        cache = self._cache
+        return cache.nbytes() if cache is not None else 0
+
+    @property
+    def running(self) -> int:
+        """Rows of the running batch (continuous batching)."""
+        return len(self._rows) + len(self._window)
+
+    def step(self, joining: Sequence[TextStream] = ()) -> None:
+        """One engine step of continuous batching: one token for every running row (one pass over
+        the KV cache for all of them), then a prefill and first token for each ``joining`` stream,
+        which then runs with the others from the next step on. Rows that are done (``st.done``)
+        leave. A joining stream whose prefill fails gets ``st.error`` and leaves; any other error
+        leaves the state empty and propagates (the caller fails the rows it gave)."""
+        try:
+            with self._lock, torch.inference_mode():
+                self._step(list(joining))
+        except Exception:
+            self._reset()
+            raise
+
+    def _step(self, joining: list[TextStream]) -> None:
+        bs = self.block_size
+        if self._rows:
+            idx = torch.tensor([[st.seq[-1]] for st in self._rows], dtype=torch.long, device=self.device)
+            logits = self.model(idx, cache=self._cache)[0][:, -1, :]
+            for st, tok in zip(self._rows, _sample(logits, self._rows)):
+                st.push(tok)
+        for st in self._window:
+            self._push_recomputed(st)
+        caches = []
+        for st in joining:
+            try:
+                if self._kv:
+                    ctx = st.seq[-bs:]
+                    cache = self.model.new_cache(1, min(bs, len(ctx) + st.request.max_new_tokens))
+                    idx = torch.tensor([ctx], dtype=torch.long, device=self.device)
+                    st.push(_sample(self.model(idx, cache=cache)[0][:, -1, :], [st])[0])
+                    caches.append(cache)
+                else:
+                    self._push_recomputed(st)
+                    caches.append(None)
+            except Exception as exc:
+                st.error, st.done = exc, True
+                caches.append(None)
+        # bookkeeping: who stays in the cache, who leaves, who runs without it from now on
+        def fits(st: TextStream) -> bool:  # its next token still gets a position below block_size
+            return len(st.seq) <= bs
+
+        keep = [i for i, st in enumerate(self._rows) if not st.done and fits(st)]
+        joined = [(st, c) for st, c in zip(joining, caches) if c is not None and not st.done and fits(st)]
+        self._window = [st for st in self._window if not st.done] \
+            + [st for st in self._rows if not st.done and not fits(st)] \
+            + [st for st, c in zip(joining, caches) if not st.done and (c is None or not fits(st))]
+        if len(keep) < len(self._rows) or joined:
+            parts = ([self._cache.select(keep)] if keep else []) + [c for _, c in joined]
+            self._cache = type(parts[0]).cat(parts) if parts else None
+            self._rows = [self._rows[i] for i in keep] + [st for st, _ in joined]
+
+    def _push_recomputed(self, st: TextStream) -> None:
+        """One token for ``st`` from a pass over its last ``block_size`` tokens, without a cache."""
+        idx = torch.tensor([st.seq[-self.block_size:]], dtype=torch.long, device=self.device)
+        st.push(_sample(_last_logits(self.model(idx)), [st])[0])
 
     def open_stream(self, request: GenRequest, on_token: Callable[[str], None] | None = None) -> TextStream:
         """A ``TextStream`` for ``request``; a prompt that encodes to no tokens is a ``ValueError``."""
@@ -264,20 +361,36 @@ class ShuttingDown(RuntimeError):
 _STOP = object()
 
 
+BATCHING = ("continuous", "static")
+
+
 class Batcher:
-    """Collects concurrent requests into batches (up to ``max_batch_size``, waiting at most
-    ``max_wait_ms`` for companions while traffic overlaps) and runs them on one thread;
-    ``max_batch_size=1`` = unbatched."""
+    """Runs concurrent requests together on one thread, up to ``max_batch_size`` at a time;
+    ``max_batch_size=1`` = unbatched (one request after the other).
+
+    ``mode="continuous"`` (the default; for a generator with ``step``, e.g. ``ModelGenerator``): a
+    request joins the running batch at the next engine step and leaves it as soon as it is done;
+    every step makes one token for every running request (``ModelGenerator.step``), and ``on_batch``
+    is called per step. ``mode="static"`` (earlier labkit's engine, and the only one for a generator
+    with just ``generate``): requests are collected into a batch, waiting at most ``max_wait_ms``
+    for companions while traffic overlaps, and the batch runs to its end before the next one starts;
+    ``on_batch`` is called per batch."""
 
     def __init__(self, generator: Generator, *, max_batch_size: int = 16, max_wait_ms: float = 5.0,
-                 max_queue: int = 256, on_batch: Callable[[int, int, float], None] | None = None):
+                 max_queue: int = 256, on_batch: Callable[[int, int, float], None] | None = None,
+                 mode: str | None = None):
+        if mode not in (None, *BATCHING):
+            raise ValueError(f"Batcher(mode={mode!r}); valid: {', '.join(BATCHING)}")
+        # continuous where the generator can step; one with only generate() runs static batches
+        self.mode = "continuous" if mode != "static" and callable(getattr(generator, "step", None)) else "static"
         self.generator = generator
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch  # called with (batch size, new tokens, seconds)
         self._q: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="labkit-serve-batcher", daemon=True)
+        loop = self._loop_continuous if self.mode == "continuous" else self._loop
+        self._thread = threading.Thread(target=loop, name="labkit-serve-batcher", daemon=True)
         self._closed = False
         self._last_size = 0
         self._running = 0
@@ -355,6 +468,56 @@ class Batcher:
                 self._run(batch)
             if stop:
                 return
+
+    def _admit(self, running: list, stopping: bool) -> tuple[list, bool]:
+        """The requests that join the running batch at this step (waiting for one when none runs)."""
+        joining: list[tuple] = []
+        while not stopping and len(running) + len(joining) < self.max_batch_size:
+            try:
+                item = self._q.get() if not running and not joining else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stopping = True
+                break
+            req, fut, cb = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                joining.append((self.generator.open_stream(req, cb), fut))
+            except Exception as exc:  # e.g. an empty prompt: only this request fails
+                fut.set_exception(exc)
+        return joining, stopping
+
+    def _loop_continuous(self) -> None:
+        running: list[tuple] = []  # (TextStream, Future) of the requests in the running batch
+        stopping = False
+        while running or not stopping:
+            joining, stopping = self._admit(running, stopping)
+            if not running and not joining:
+                continue
+            rows = running + joining
+            self._running = len(rows)
+            before = sum(len(st.new) for st, _ in rows)
+            t0 = time.perf_counter()
+            try:
+                self.generator.step([st for st, _ in joining])
+            except Exception as exc:  # the model failed: every row of this step fails with it
+                for _, fut in rows:
+                    fut.set_exception(exc)
+                running, self._running = [], 0
+                continue
+            seconds = time.perf_counter() - t0
+            running = [(st, fut) for st, fut in rows if not st.done]
+            self._running = len(running)
+            if self.on_batch is not None:  # counted before any caller is answered
+                self.on_batch(len(rows), sum(len(st.new) for st, _ in rows) - before, seconds)
+            for st, fut in rows:
+                if st.done:
+                    if st.error is not None:
+                        fut.set_exception(st.error)
+                    else:
+                        fut.set_result(st.result())
 
     def _run(self, batch: list[tuple]) -> None:
         t0 = time.perf_counter()

@@ -169,7 +169,8 @@ class Metrics:
                 "generated_tokens": self.tokens,
                 "tokens_per_second": round(self.tokens / self.gen_seconds, 2) if self.gen_seconds else 0.0,
                 "tokens_per_second_uptime": round(self.tokens / uptime, 2) if uptime else 0.0,
-                "batches": self.batches,
+                "batches": self.batches,            # engine passes: whole batches, or steps when continuous
+                "batched_requests": self.batched_requests,  # rows summed over those passes
                 "mean_batch_size": round(self.batched_requests / self.batches, 3) if self.batches else 0.0,
                 "max_batch_size_seen": self.max_batch,
                 "pending": pending,

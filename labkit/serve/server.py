@@ -142,7 +142,7 @@ def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token
         torch.set_num_threads(config.torch_threads)
     metrics = Metrics()
     batcher = Batcher(generator, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-                      max_queue=config.max_queue, on_batch=metrics.record_batch)
+                      max_queue=config.max_queue, on_batch=metrics.record_batch, mode=config.batching)
     metrics.bind(batcher)
     info = dict(generator.info())
     info["model_id"] = model_id = model_id or default_model_id(info)
