@@ -10,7 +10,9 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -21,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from labkit.serve import ServeConfig, demo_generator, demo_model, start
 from labkit.serve.embedder import MiniLMEmbedder
-from labkit.serve.engine import ByteTokenizer, ModelGenerator
+from labkit.serve.engine import ByteTokenizer, GenResult, ModelGenerator
 from labkit.serve.openai_api import CHAT_STOP, chat_prompt
 
 TOKEN = "openai-test-key"
@@ -96,8 +98,9 @@ def test_chat_uses_the_documented_template(oai):
     assert prompt == "<|system|>\nYou are terse.\n<|user|>\nName a sort.\n<|assistant|>\n"
     plain = oai.completions.create(model="demo", prompt=prompt, max_tokens=8, seed=5, stop=list(CHAT_STOP))
     assert plain.choices[0].text == msg.content and plain.usage.prompt_tokens == chat.usage.prompt_tokens
-    parts = oai.chat.completions.create(model="demo", max_tokens=8, seed=5, messages=[
-        messages[0], {"role": "user", "content": [{"type": "text", "text": "Name "}, {"type": "text", "text": "a sort."}]}])
+    split = [{"type": "text", "text": "Name "}, {"type": "text", "text": "a sort."}]  # content as text parts
+    parts = oai.chat.completions.create(model="demo", max_tokens=8, seed=5,
+                                        messages=[messages[0], {"role": "user", "content": split}])
     assert parts.choices[0].message.content == msg.content
 
 
@@ -404,3 +407,34 @@ def test_openai_client_against_the_cli_server(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and f"{url}/v1" in out and "'cli-gpt'" in out, out
+
+
+class _Held(_Broken):
+    """A generator that holds the engine until released, then answers each prompt with itself."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def generate(self, requests, on_token=None):
+        self.release.wait(30)
+        return [GenResult(r.prompt, 1, 1) for r in requests]
+
+
+def test_a_full_queue_is_429_rate_limit():
+    gen = _Held()
+    config = CONFIG.replace(max_queue=1, max_batch_size=1, max_wait_ms=1)
+    with start(gen, token=TOKEN, config=config) as srv, srv.openai(max_retries=0) as oai:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(oai.completions.create, model="broken", prompt="a", max_tokens=1)
+            deadline = time.monotonic() + 10
+            while srv.batcher.running == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the first request holds the engine
+            second = pool.submit(oai.completions.create, model="broken", prompt="b", max_tokens=1)
+            while srv.batcher.pending == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)  # the second one waits in the queue, which is now full
+            with pytest.raises(openai.RateLimitError) as e:
+                oai.completions.create(model="broken", prompt="c", max_tokens=1)
+            gen.release.set()
+            assert [f.result(30).choices[0].text for f in (first, second)] == ["a", "b"]
+    assert e.value.status_code == 429 and e.value.code == "queue_full"
+    assert e.value.response.headers["retry-after"] == "1"
