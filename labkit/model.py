@@ -19,6 +19,10 @@ Module names (other labkit modules, e.g. pruning, rely on them)::
 A structurally pruned model stays a ``GPT``: ``GPTConfig.layer_heads`` and ``layer_ffn`` give the
 number of heads and the FFN width of each layer, so it saves, loads and generates like any other.
 
+Generation keeps a ``KVCache`` (keys and values of past positions, per layer; rows may hold
+different lengths): ``GPT.generate`` and ``GPT.next_logits`` prefill the prompt in one pass, then run
+one token per pass over the cache; ``labkit.serve`` batches requests over one cache.
+
 Saving and loading (one checksummed file that carries the tokenizer) live in ``labkit.checkpoint``.
 """
 

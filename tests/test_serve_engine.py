@@ -102,11 +102,28 @@ def test_seed_gives_the_same_text_alone_or_batched(gen):
 def test_running_and_cache_bytes(gen):
     b = Batcher(gen, max_batch_size=4, max_wait_ms=50)
     seen = []
-    fut = b.submit(GenRequest("Hello", 6), on_token=lambda p: seen.append(b.running))
+    fut = b.submit(GenRequest("Hello", 6), on_token=lambda p: seen.append((b.running, gen.cache_bytes())))
     fut.result(30)
     b.stop()
-    assert seen and all(n == 1 for n in seen) and b.running == 0
-    assert isinstance(gen.cache_bytes(), int)
+    assert seen and all(n == 1 for n, _ in seen) and b.running == 0
+    # 2 layers x (keys + values) x 2 heads x 11 positions (5 prompt + 6 new) x 16 dims x 4 bytes
+    assert seen[0][1] == 2 * 2 * 2 * 11 * 16 * 4 and gen.cache_bytes() == 0
+
+
+def test_stop_finishes_the_running_requests_and_fails_the_waiting_ones(gen):
+    from labkit.serve.engine import ShuttingDown
+
+    b = Batcher(gen, max_batch_size=1)
+    started = []
+    first = b.submit(GenRequest("Hello", 30), on_token=started.append)
+    waiting = [b.submit(GenRequest("Hello", 30, seed=s)) for s in range(3)]
+    while not started:
+        time.sleep(0.001)
+    b.stop()
+    assert first.result(5).new_tokens == 30
+    for fut in waiting:
+        with pytest.raises(ShuttingDown):
+            fut.result(5)
 
 
 def test_on_token_that_raises_fails_only_its_request(gen):

@@ -1,9 +1,13 @@
-"""Text generation behind a small interface, and dynamic batching of concurrent requests.
+"""Text generation behind a small interface, and batching of concurrent requests.
 
-Determinism: every request carries its own seed and gets its own ``torch.Generator``; a forward
-pass only stacks contexts of the same length (no padding, so no mask is needed; shorter prompts
-catch up first), and each row samples from its own logits with its own generator. A request
-therefore gives the same text alone or batched with others.
+- ``TextStream``: one request's text as tokens arrive: stop strings, streamed pieces.
+- ``ModelGenerator``: a model + tokenizer; ``step`` = continuous batching over a KV cache,
+  ``generate`` = the static batches of earlier labkit (recompute, rows of equal length only).
+- ``Batcher``: the engine thread; ``submit(request, on_token=...)`` returns a future.
+
+Determinism: every request carries its own seed and gets its own ``torch.Generator``, and each
+row samples from its own logits with its own generator; so a request gives the same text alone or
+batched with others (up to float rounding in batched passes: see ``ModelGenerator``).
 """
 
 from __future__ import annotations
@@ -203,8 +207,10 @@ class ModelGenerator:
     row's logits, and a prompt's prefill is the same pass alone or batched. What can differ in
     theory is float rounding in the batched decode passes: a (B, C) matmul may sum in another order
     than a (1, C) one, and the masked attention over padded keys in another order than over exactly
-    the row's keys; logits then differ by ~1e-7, which changes a sampled token only when the row's
-    uniform draw falls within ~1e-7 of a boundary of its CDF (or greedy logits tie that closely).
+    the row's keys; float32 logits then differ by ~1e-7, which changes a sampled token only when the
+    row's uniform draw falls within ~1e-7 of a boundary of its CDF (or greedy logits tie that
+    closely). Under bfloat16 autocast (``precision="auto"`` on a CPU or GPU with fast bf16) the
+    cache holds bf16 keys and values, and the differences grow to ~1e-3, still rarely a token.
     ``tests/test_serve_engine.py`` checks alone == batched texts, greedy and sampled."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, block_size: int | None = None,
@@ -472,6 +478,7 @@ class Batcher:
     def _admit(self, running: list, stopping: bool) -> tuple[list, bool]:
         """The requests that join the running batch at this step (waiting for one when none runs)."""
         joining: list[tuple] = []
+        stopping = stopping or self._closed  # stop() fails the waiting ones; only the running finish
         while not stopping and len(running) + len(joining) < self.max_batch_size:
             try:
                 item = self._q.get() if not running and not joining else self._q.get_nowait()
