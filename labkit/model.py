@@ -19,6 +19,10 @@ Module names (other labkit modules, e.g. pruning, rely on them)::
 A structurally pruned model stays a ``GPT``: ``GPTConfig.layer_heads`` and ``layer_ffn`` give the
 number of heads and the FFN width of each layer, so it saves, loads and generates like any other.
 
+Generation keeps a ``KVCache`` (keys and values of past positions, per layer; rows may hold
+different lengths): ``GPT.generate`` and ``GPT.next_logits`` prefill the prompt in one pass, then run
+one token per pass over the cache; ``labkit.serve`` batches requests over one cache.
+
 Saving and loading (one checksummed file that carries the tokenizer) live in ``labkit.checkpoint``.
 """
 
@@ -219,15 +223,100 @@ def _labkit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: st
     return A.scaled_dot_product_attention(q, k, v, causal=True)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """Causal SDPA. On CPU it runs in float32 even under bf16 autocast: torch's CPU flash-attention
-    kernel is ~2.6x slower in bf16 than in fp32 (forward + backward, measured by ``bench.train``),
-    while the matmuls around it gain from bf16. On GPUs the bf16 kernels are the fast ones."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA, or SDPA under a boolean ``mask`` (True = may attend) when one is given. On CPU it
+    runs in float32 even under bf16 autocast: torch's CPU flash-attention kernel is ~2.6x slower in
+    bf16 than in fp32 (forward + backward, measured by ``bench.train``), while the matmuls around it
+    gain from bf16. On GPUs the bf16 kernels are the fast ones."""
     if q.device.type == "cpu" and q.dtype != torch.float32:
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               dropout_p=dropout_p, is_causal=mask is None)
         return y.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, for ``batch`` rows that may hold different
+    numbers of positions (continuous batching): ``k[layer]``, ``v[layer]`` are (B, heads, capacity,
+    head_dim), row b filled up to ``lengths[b]``; the rest is padding that the attention mask hides.
+
+    ``GPT.forward(idx, cache=cache)`` takes the T new tokens of every row at positions
+    ``lengths[b] .. lengths[b] + T - 1``, writes their keys and values into the cache, lets them
+    attend to the row's cached positions and to themselves causally, and advances ``lengths``."""
+
+    def __init__(self, config: GPTConfig, batch: int, capacity: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        dtype = dtype or autocast_dtype(config.precision, device) or torch.float32
+        shape = [(batch, config.heads(i), capacity, config.dim_per_head) for i in range(config.n_layer)]
+        self.k = [torch.zeros(s, device=device, dtype=dtype) for s in shape]
+        self.v = [torch.zeros(s, device=device, dtype=dtype) for s in shape]
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self._pos: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        """Rows in the cache."""
+        return int(self.lengths.numel())
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row can hold."""
+        return int(self.k[0].shape[2]) if self.k else 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def begin(self, T: int) -> torch.Tensor:
+        """Start a forward pass of T new tokens per row: their positions (B, T), and the mask (B, 1,
+        T, L) over the L = max(lengths) + T key slots that the layers' ``update`` returns."""
+        if self.batch and int(self.lengths.max()) + T > self.capacity:
+            raise ValueError(f"KVCache holds {self.capacity} positions per row; {int(self.lengths.max())} "
+                             f"are filled and {T} more do not fit")
+        dev = self.lengths.device
+        self._pos = self.lengths[:, None] + torch.arange(T, device=dev)
+        L = int(self.lengths.max()) + T if self.batch else T
+        self._mask = (torch.arange(L, device=dev)[None, None, :] <= self._pos[:, :, None])[:, None]
+        return self._pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the new keys and values (B, heads, T, head_dim) of ``layer``; returns that layer's
+        keys and values over L slots and the attention mask of ``begin``."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[layer][rows, :, self._pos] = k.transpose(1, 2).to(self.k[layer].dtype)
+        self.v[layer][rows, :, self._pos] = v.transpose(1, 2).to(self.v[layer].dtype)
+        L = self._mask.shape[-1]
+        return self.k[layer][:, :, :L], self.v[layer][:, :, :L], self._mask
+
+    def end(self, T: int) -> None:
+        """Finish the forward pass: every row now holds T more positions."""
+        self.lengths += T
+        self._pos = self._mask = None
+
+    def select(self, rows: list[int]) -> "KVCache":
+        """A cache of only ``rows`` (in that order), e.g. without the finished ones."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        out = object.__new__(KVCache)
+        out.k = [t.index_select(0, idx) for t in self.k]
+        out.v = [t.index_select(0, idx) for t in self.v]
+        out.lengths = self.lengths.index_select(0, idx)
+        out._pos = out._mask = None
+        return out
+
+    @staticmethod
+    def cat(caches: list["KVCache"]) -> "KVCache":
+        """The rows of all ``caches`` in one cache, padded to the largest capacity."""
+        cap = max(c.capacity for c in caches)
+        pad = lambda t: F.pad(t, (0, 0, 0, cap - t.shape[2]))  # noqa: E731
+        out = object.__new__(KVCache)
+        out.k = [torch.cat([pad(c.k[i]) for c in caches]) for i in range(len(caches[0].k))]
+        out.v = [torch.cat([pad(c.v[i]) for c in caches]) for i in range(len(caches[0].v))]
+        out.lengths = torch.cat([c.lengths for c in caches])
+        out._pos = out._mask = None
+        return out
 
 
 def _linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
@@ -251,7 +340,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attention = config.attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         inner = self.n_head * self.head_dim
         if inner == 0:  # every head pruned away: the block adds only the projection bias
@@ -259,7 +348,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(inner, dim=2)
         # (B, T, H*D) -> (B, H, T, D)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if self.attention != "sdpa":
+        if cache is not None:  # generation: attend over the cached positions too (SDPA for every kind)
+            k, v, mask = cache.update(layer, k, v)
+            y = _sdpa(q, k.to(q.dtype), v.to(q.dtype), 0.0, mask)
+        elif self.attention != "sdpa":
             y = _labkit_attention(q, k, v, self.attention)
         else:
             y = _sdpa(q, k, v, self.dropout if self.training else 0.0)
@@ -295,8 +387,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, config.ffn(layer))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -342,21 +434,34 @@ class GPT(nn.Module):
         attn = sum(12 * blk.attn.n_head * blk.attn.head_dim * T for blk in self.transformer.h)
         return 6.0 * self.num_params() + attn
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
+        """An empty ``KVCache`` for ``batch`` rows of up to ``capacity`` positions (default and at
+        most ``block_size``), on the model's device."""
+        cap = min(capacity or self.config.block_size, self.config.block_size)
+        return KVCache(self.config, batch, cap, self.lm_head.weight.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) in float32, and the mean cross-entropy when ``targets`` is given.
+
+        With a ``cache`` (see ``KVCache``), ``idx`` holds only the new tokens of each row, which sit
+        after the row's cached positions; the cache then holds them too.
 
         Under ``precision="auto"`` the forward pass runs in bfloat16 autocast where the device has
         fast bf16, so callers get the fast path without doing anything."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; crop the input")
+        end = T + (int(cache.lengths.max()) if cache is not None and cache.batch else 0)
+        if end > self.config.block_size:
+            raise ValueError(f"sequence length {end} exceeds block_size {self.config.block_size}; crop the input")
         dtype = autocast_dtype(self.config.precision, idx.device)
         with torch.autocast(device_type=idx.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            pos = torch.arange(T, device=idx.device)
+            pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(T)
             x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-            for block in self.transformer.h:
-                x = block(x)
+            for i, block in enumerate(self.transformer.h):
+                x = block(x, cache, i)
             logits = self.lm_head(self.transformer.ln_f(x))
+        if cache is not None:
+            cache.end(T)
         logits = logits.float()
         loss = None
         if targets is not None:
@@ -371,15 +476,18 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy."""
+        """Sample ``max_new_tokens`` tokens after ``idx`` (B, T); temperature 0 means greedy.
+
+        ``use_cache`` keeps the keys and values of past positions (see ``next_logits``) instead of
+        recomputing the whole context for every token; the logits agree to float rounding."""
         was_training = self.training
         self.eval()
+        cache = self.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens) if use_cache else None
         try:
             for _ in range(max_new_tokens):
-                context = idx[:, -self.config.block_size:]
-                logits, _ = self(context)
-                logits = logits[:, -1, :]
+                logits = self.next_logits(idx, cache)
                 if temperature <= 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)
                 else:
@@ -393,3 +501,21 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
         return idx
+
+    @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, vocab) of the token after ``idx`` (B, T), the same as
+        ``self(idx[:, -block_size:])[0][:, -1]`` up to float rounding.
+
+        With a ``cache`` (its rows all at the same length, e.g. from ``new_cache``, empty or filled by
+        the previous call on a prefix of ``idx``) only the tokens it does not hold yet are run: the
+        whole prompt in one pass first (prefill), then one token per call. Once ``idx`` is longer
+        than ``block_size`` the cache cannot help: the positions are learned and absolute, so
+        cropping to the last ``block_size`` tokens moves every kept token to a new position and the
+        cached keys and values no longer apply. Every further call then runs the whole window
+        without the cache, exactly as the no-cache path does (the tokens/s of recompute)."""
+        T = idx.shape[1]
+        if cache is None or T > self.config.block_size:
+            return self(idx[:, -self.config.block_size:])[0][:, -1, :]
+        start = int(cache.lengths[0]) if cache.batch else 0
+        return self(idx[:, start:], cache=cache)[0][:, -1, :]

@@ -1,16 +1,19 @@
-"""bench.serve at toy size: both servers run as processes, answer, and agree text for text."""
+"""bench.serve at toy size: every engine and level is measured, the ratios are printed, texts agree."""
 
-import pytest
-
-from bench.serve import report, run
+from bench.serve import ENGINES, report, run
 
 
-@pytest.mark.slow
 def test_bench_serve_smoke():
-    result = run(levels=(1, 3), requests=3, max_new_tokens=2, max_batch_size=4, max_wait_ms=20)
-    assert sorted((r["mode"], r["concurrency"]) for r in result["rows"]) == [
-        ("batched", 1), ("batched", 3), ("unbatched", 1), ("unbatched", 3)]
-    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in result["rows"])
-    assert result["same_texts"] and result["engine"]["same_texts"] and result["engine"]["requests"] == 3
-    text = report(result, (1, 3))
-    assert "batched / unbatched" in text and "throughput x" in text
+    result = run(levels=(1, 3), requests=4, new_tokens=3, long_tokens=12, model="tiny", max_batch_size=4)
+    assert sorted((r["engine"], r["clients"]) for r in result["rows"]) == sorted(
+        (e, c) for e in ENGINES for c in (1, 3))
+    assert all(r["tokens_per_s"] > 0 and r["ttft_p95_ms"] >= r["ttft_p50_ms"] > 0 for r in result["rows"])
+    assert all(r["requests"] == 4 for r in result["rows"])
+    assert set(result["ratios"]) == {(c, b) for c in (1, 3) for b in ("static", "unbatched")}
+    assert result["kv"]["new_tokens"] == 12 and result["kv"]["recompute_tok_s"] > 0
+    assert result["same_texts"]
+    text = report(result)
+    assert "KV cache / recompute x" in text and "flags:" in text
+    assert text.count("vs    static: tokens/s x") == 2 and text.count("vs unbatched: tokens/s x") == 2
+    for engine in ENGINES:
+        assert f"3 {engine:>10}" in text

@@ -9,7 +9,7 @@ import torch
 
 from labkit import checkpoint as C
 from labkit import model as M
-from labkit.model import GPT, GPTConfig
+from labkit.model import GPT, GPTConfig, KVCache
 
 torch.set_num_threads(1)
 
@@ -296,3 +296,59 @@ def test_exact_gelu_by_default_tanh_on_request_and_for_configs_saved_before(tmp_
     path = C.save(tanh, tmp_path / "ck.pt")
     loaded, _ = C.load(path)
     assert loaded.config.activation == "gelu_tanh" and torch.equal(loaded(x)[0], b)
+
+
+# ----------------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("prompt_len,steps", [(1, 20), (5, 40), (13, 30)])
+def test_kv_cache_logits_equal_recompute_at_every_step(prompt_len, steps):
+    """float32 in both paths; only the order of float additions differs (a (1, C) matmul for the new
+    token instead of a (T, C) one, SDPA over a masked key range instead of the causal kernel), which
+    moves logits of size ~1 by a few 1e-7: atol 1e-5 leaves room and still catches any real error
+    (a wrong position or a missing key moves them by > 1e-2). block_size 24 puts most runs past it."""
+    torch.manual_seed(prompt_len)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=64, precision="float32")).eval()
+    seq = torch.randint(0, 64, (2, prompt_len))
+    cache = m.new_cache(2, prompt_len + steps)
+    worst = 0.0
+    for _ in range(steps):
+        cached = m.next_logits(seq, cache)
+        with torch.no_grad():
+            plain = m(seq[:, -24:])[0][:, -1, :]
+        worst = max(worst, (cached - plain).abs().max().item())
+        seq = torch.cat([seq, cached.argmax(-1, keepdim=True)], dim=1)
+    print(f"prompt {prompt_len}, {steps} steps (to length {seq.shape[1]}): max |cached - recompute| = {worst:.2e}")
+    assert worst < 1e-5
+
+
+def test_generate_with_and_without_cache_agree_across_block_size():
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, precision="float32"))
+    start = torch.randint(0, 64, (3, 4))
+    cached = m.generate(start, 30, temperature=0)
+    plain = m.generate(start, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(m.generate(start, 30, generator=g()), m.generate(start, 30, generator=g(), use_cache=False))
+
+
+def test_kv_cache_rows_of_different_lengths_share_a_pass():
+    """Per-row positions and a mask: a batch whose rows hold 3 and 7 positions gives each row the
+    logits it gets alone."""
+    torch.manual_seed(2)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=64, precision="float32")).eval()
+    a, b = torch.randint(0, 64, (1, 3)), torch.randint(0, 64, (1, 7))
+    caches = []
+    for x in (a, b):
+        c = m.new_cache(1, 12)
+        m(x, cache=c)
+        caches.append(c)
+    both = KVCache.cat(caches)
+    nxt = torch.tensor([[5], [9]])
+    with torch.no_grad():
+        batched = m(nxt, cache=both)[0][:, -1]
+        alone = [m(torch.cat([x, nxt[i:i + 1]], 1))[0][:, -1] for i, x in enumerate((a, b))]
+    assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
+    assert both.lengths.tolist() == [4, 8] and both.select([1]).lengths.tolist() == [8]
+    assert both.nbytes() == 2 * 2 * (2 * 2 * 12 * 16) * 4

@@ -52,7 +52,7 @@ def test_health_needs_no_token(server):
 
 
 @pytest.mark.parametrize("method,path", [("post", "/generate"), ("post", "/embed"), ("get", "/metrics"),
-                                         ("get", "/openapi.json")])
+                                         ("get", "/metrics.json"), ("get", "/openapi.json")])
 def test_auth_refused_without_or_with_wrong_token(server, method, path):
     body = {"prompt": "hi"} if path == "/generate" else {"texts": ["hi"]} if path == "/embed" else None
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
@@ -67,7 +67,8 @@ def test_auth_accepted(client):
     assert client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
     assert client.get("/metrics").status_code == 200
     schema = client.get("/openapi.json").json()
-    assert {"/generate", "/embed", "/health", "/metrics"} <= set(schema["paths"])
+    assert {"/generate", "/embed", "/health", "/metrics", "/metrics.json", "/v1/completions", "/v1/chat/completions",
+            "/v1/models", "/v1/embeddings"} <= set(schema["paths"])
     assert "HTTPBearer" in json.dumps(schema["components"]["securitySchemes"])
 
 
@@ -166,7 +167,7 @@ def test_concurrent_batched_equals_sequential_unbatched():
 
             concurrent = list(pool.map(call, reqs))
         with srv.client() as c:
-            m = c.get("/metrics").json()
+            m = c.get("/metrics.json").json()
     assert concurrent == sequential
     assert m["max_batch_size_seen"] > 1, "the concurrent requests were never batched"
     assert m["max_batch_size_seen"] <= 8
@@ -174,11 +175,11 @@ def test_concurrent_batched_equals_sequential_unbatched():
 
 
 def test_metrics_count_requests_latency_and_tokens(client):
-    before = client.get("/metrics").json()
+    before = client.get("/metrics.json").json()
     for s in range(3):
         client.post("/generate", json={"prompt": "abc", "max_new_tokens": 5, "seed": s})
     client.post("/generate", json={"prompt": ""})
-    m = client.get("/metrics").json()
+    m = client.get("/metrics.json").json()
     assert m["requests_by_route"]["/generate"] - before["requests_by_route"].get("/generate", 0) == 4
     assert m["generated_tokens"] - before["generated_tokens"] == 15
     assert m["responses_by_status"]["422"] >= 1

@@ -1,4 +1,5 @@
-"""schemathesis (v4) fuzzes the served OpenAPI schema on loopback: no input may cause a 5xx."""
+"""schemathesis (v4) fuzzes the served OpenAPI schema on loopback (labkit's routes and the OpenAI-compatible
+/v1 ones): no input may cause a 5xx."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ def test_schemathesis_finds_no_server_error(tmp_path):
             capture_output=True, text=True, timeout=400, cwd=tmp_path,
         )
         with srv.client() as c:
-            statuses = c.get("/metrics").json()["responses_by_status"]
+            seen = c.get("/metrics.json").json()
+    statuses, routes = seen["responses_by_status"], seen["requests_by_route"]
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert not any(s.startswith("5") for s in statuses), statuses
     assert sum(int(n) for s, n in statuses.items() if s.startswith("4")) > 10, statuses  # bad input was sent
+    openai_routes = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"}
+    assert all(routes.get(r, 0) > 10 for r in openai_routes), routes  # the OpenAI-compatible routes were fuzzed too

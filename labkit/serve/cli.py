@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, help="requests per batch (1 = no batching)")
     p.add_argument("--max-wait-ms", type=float, help="how long a request waits for companions")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--no-embed", action="store_true", help="do not offer /embed (MiniLM)")
+    p.add_argument("--no-embed", action="store_true", help="do not offer /embed and /v1/embeddings (MiniLM)")
+    p.add_argument("--served-model-name", help="the model id OpenAI clients send as 'model' (default: the "
+                   "checkpoint's file name without .pt, or 'demo')")
     p.add_argument("--url-file", help="write the URL here once the server answers (used by --slurm)")
     p.add_argument("--slurm", action="store_true", help="submit the server as a Slurm job via the slurm profile")
     p.add_argument("--profile", default=None, help="cluster profile for --slurm (default: slurm)")
@@ -83,6 +85,8 @@ def job_serve_args(args: argparse.Namespace, target: Path | None) -> list[str]:
         serve_args += ["--device", args.device]
     if args.no_embed:
         serve_args.append("--no-embed")
+    if args.served_model_name:
+        serve_args += ["--served-model-name", args.served_model_name]
     return serve_args
 
 
@@ -169,7 +173,7 @@ def cli(args: argparse.Namespace) -> int:
     try:
         server = start(generator, host=host, port=DEFAULT_PORT if args.port is None else args.port,
                        certfile=certfile, keyfile=keyfile,
-                       config=_serve_config(args), embedder=embedder)
+                       config=_serve_config(args), embedder=embedder, model_id=args.served_model_name)
     except (RuntimeError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -177,7 +181,8 @@ def cli(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, lambda *_: server.request_stop())  # scancel sends SIGTERM
     if args.url_file:
         _write_url(args.url_file, server.url)
-    print(f"labkit serve: {generator.info()['model']} on {device} at {server.url}", flush=True)
+    print(f"labkit serve: {generator.info()['model']} on {device} at {server.url} "
+          f"(OpenAI-compatible at {server.url}/v1, model {server.model_id!r})", flush=True)
     if not certfile and host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: listening beyond this machine without TLS: the token and texts travel in clear; "
               "add --self-signed DIR or --cert/--key", flush=True)

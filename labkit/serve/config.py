@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -31,7 +31,9 @@ class ServeConfig(ScaleSettings):
     max_body_bytes: Positive = 64 * 1024     # whole request body; larger gets 413
     max_embed_texts: Positive = 32           # texts per /embed call
     max_batch_size: Positive = 16            # requests run together in one forward pass
-    max_wait_ms: PositiveFloat = 5.0         # how long the first request waits for companions
+    max_wait_ms: PositiveFloat = 5.0         # how long the first request waits for companions (static)
+    batching: Literal["continuous", "static"] = "continuous"  # join the running batch at the next step,
+    #                                          or earlier labkit's whole batches of equal-length rows
     max_queue: Positive = 256                # pending requests beyond this get 503
     max_connections: Positive = 1024         # concurrent connections beyond this get 503 (uvicorn)
     request_timeout_s: PositiveFloat = 120.0  # a request waiting longer gets 504

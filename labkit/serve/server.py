@@ -25,7 +25,7 @@ TOKEN_ENV = "LABKIT_SERVE_TOKEN"
 
 @dataclass
 class Server:
-    """A running server: ``url``, ``token``, ``client()``, ``stop()``; also a context manager."""
+    """A running server: ``url``, ``token``, ``client()``, ``openai()``, ``stop()``; also a context manager."""
 
     url: str
     token: str
@@ -35,6 +35,7 @@ class Server:
     metrics: Metrics
     _uvicorn: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
+    model_id: str = "labkit-gpt"
 
     def __repr__(self) -> str:  # never shows the token
         state = "running" if self.running else "stopped"
@@ -56,6 +57,16 @@ class Server:
         if self.certfile:
             kwargs.setdefault("verify", ssl.create_default_context(cafile=self.certfile))
         return httpx.Client(base_url=self.url, headers=self.headers, **kwargs)
+
+    def openai(self, **kwargs: Any) -> Any:
+        """An ``openai.OpenAI`` client for this server's ``/v1`` routes (the token as the API key;
+        under TLS, trusting this server's certificate). Needs ``pip install openai``."""
+        import openai  # lazy: only where an OpenAI client is wanted
+
+        if self.certfile:
+            kwargs.setdefault("http_client", httpx.Client(verify=ssl.create_default_context(cafile=self.certfile)))
+        kwargs.setdefault("api_key", self.token)
+        return openai.OpenAI(base_url=self.url + "/v1", **kwargs)
 
     def request_stop(self) -> None:
         """Ask the server to stop soon (safe from a signal handler); ``wait()`` returns after."""
@@ -104,10 +115,20 @@ def _public_host(host: str) -> str:
     return fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
 
 
+def default_model_id(info: dict) -> str:
+    """The id OpenAI clients pass as ``model``: the generator's name up to any parenthesis, without
+    a ``.pt`` suffix, spaces as dashes (``demo``, ``step_00000500``, ``pruned``)."""
+    name = str(info.get("model") or "labkit-gpt").split(" (")[0].strip()
+    name = name[:-3] if name.endswith(".pt") else name
+    return "-".join(name.split()) or "labkit-gpt"
+
+
 def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
           certfile: str | os.PathLike | None = None, keyfile: str | os.PathLike | None = None,
-          config: ServeConfig | None = None, embedder: Any = None, timeout: float = 30.0) -> Server:
-    """Serve ``generator`` in a background thread and return once it answers; ``port=0`` picks a free port."""
+          config: ServeConfig | None = None, embedder: Any = None, timeout: float = 30.0,
+          model_id: str | None = None) -> Server:
+    """Serve ``generator`` in a background thread and return once it answers; ``port=0`` picks a free port.
+    ``model_id`` names the GPT on the OpenAI-compatible routes (default: ``default_model_id``)."""
     config = config or ServeConfig()
     if (certfile is None) != (keyfile is None):
         raise ValueError("TLS needs both certfile and keyfile (or neither for plain HTTP)")
@@ -121,11 +142,14 @@ def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token
         torch.set_num_threads(config.torch_threads)
     metrics = Metrics()
     batcher = Batcher(generator, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-                      max_queue=config.max_queue, on_batch=metrics.record_batch)
+                      max_queue=config.max_queue, on_batch=metrics.record_batch, mode=config.batching)
+    metrics.bind(batcher)
     info = dict(generator.info())
+    info["model_id"] = model_id = model_id or default_model_id(info)
     info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     info["max_batch_size"] = config.max_batch_size
-    app = build_app(batcher, token=token, config=config, metrics=metrics, embedder=embedder, info=info)
+    app = build_app(batcher, token=token, config=config, metrics=metrics, embedder=embedder, info=info,
+                    model_id=model_id)
     uv_config = uvicorn.Config(
         wrap(app, config=config, metrics=metrics), host=host, port=port, log_level="warning",
         ssl_certfile=str(certfile) if certfile else None, ssl_keyfile=str(keyfile) if keyfile else None,
@@ -157,4 +181,5 @@ def start(generator: Generator, *, host: str = "127.0.0.1", port: int = 0, token
     bound = uv.servers[0].sockets[0].getsockname()[1]
     scheme = "https" if certfile else "http"
     url = f"{scheme}://{_public_host(host)}:{bound}"
-    return Server(url, token, generated, str(certfile) if certfile else None, batcher, metrics, uv, thread)
+    return Server(url, token, generated, str(certfile) if certfile else None, batcher, metrics, uv, thread,
+                  model_id=model_id)
