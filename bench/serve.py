@@ -69,22 +69,26 @@ def make_generator(model: str, block_size: int) -> ModelGenerator:
     return ModelGenerator(gpt, Latin1Tokenizer(), name=f"GPT {cfg.n_layer} layers x {cfg.n_embd}")
 
 
-def kv_vs_recompute(gen: ModelGenerator, new_tokens: int, prompt_chars: int = 64) -> dict:
-    """(a): one request of ``new_tokens`` tokens, recomputed vs over the KV cache."""
+def kv_vs_recompute(gen: ModelGenerator, new_tokens: int, prompt_chars: int = 64, repeats: int = 2) -> dict:
+    """(a): one request of ``new_tokens`` tokens, recomputed vs over the KV cache; the two alternate
+    ``repeats`` times and each keeps its best time (the machine's other load only slows runs down)."""
     req = GenRequest(PROMPT[:prompt_chars], new_tokens, 1.0, None, 1)
     gen.generate([GenRequest(req.prompt, 4)])  # warm up
-    t0 = time.perf_counter()
-    plain = gen.generate([req])[0]
-    t1 = time.perf_counter()
-    st = gen.open_stream(req)
-    with torch.inference_mode():
-        gen.step([st])
-        while not st.done:
-            gen.step()
-    t2 = time.perf_counter()
+    best = {"recompute": float("inf"), "cache": float("inf")}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain = gen.generate([req])[0]
+        t1 = time.perf_counter()
+        st = gen.open_stream(req)
+        with torch.inference_mode():
+            gen.step([st])
+            while not st.done:
+                gen.step()
+        t2 = time.perf_counter()
+        best = {"recompute": min(best["recompute"], t1 - t0), "cache": min(best["cache"], t2 - t1)}
     cached = st.result()
-    return {"new_tokens": new_tokens, "prompt_tokens": plain.prompt_tokens,
-            "recompute_tok_s": plain.new_tokens / (t1 - t0), "cache_tok_s": cached.new_tokens / (t2 - t1),
+    return {"new_tokens": new_tokens, "prompt_tokens": plain.prompt_tokens, "repeats": repeats,
+            "recompute_tok_s": plain.new_tokens / best["recompute"], "cache_tok_s": cached.new_tokens / best["cache"],
             "same_text": plain == cached}
 
 
@@ -178,7 +182,8 @@ def report(result: dict) -> str:
     lines = [f"CPU: {result['cpu']}; torch threads: {result['threads']}",
              f"model: {m['model']} ({m['parameters']:,} parameters, block_size {m['block_size']}, byte tokens, "
              f"{m['device']})", "",
-             f"(a) one request, {kv['prompt_tokens']} prompt + {kv['new_tokens']} new tokens: recompute "
+             f"(a) one request, {kv['prompt_tokens']} prompt + {kv['new_tokens']} new tokens, best of "
+             f"{kv['repeats']}: recompute "
              f"{kv['recompute_tok_s']:.0f} tok/s, KV cache {kv['cache_tok_s']:.0f} tok/s: "
              f"KV cache / recompute x{kv['cache_tok_s'] / kv['recompute_tok_s']:.2f} (goal >= 5); "
              f"same text: {kv['same_text']}", "",

@@ -352,3 +352,13 @@ def test_kv_cache_rows_of_different_lengths_share_a_pass():
     assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
     assert both.lengths.tolist() == [4, 8] and both.select([1]).lengths.tolist() == [8]
     assert both.nbytes() == 2 * 2 * (2 * 2 * 12 * 16) * 4
+
+
+@pytest.mark.parametrize("shape", [dict(layer_heads=(0, 1), layer_ffn=(16, 0)), dict(attention="labkit"),
+                                   dict(attention="online")])
+def test_kv_cache_for_pruned_shapes_and_every_attention(shape):
+    """A layer with no heads keeps nothing in the cache; labkit's attentions use SDPA over the cache."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, precision="float32", **shape))
+    start = torch.randint(0, 64, (2, 3))
+    assert torch.equal(m.generate(start, 25, temperature=0), m.generate(start, 25, temperature=0, use_cache=False))
