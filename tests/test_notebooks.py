@@ -61,6 +61,7 @@ PROMISED = {
     "08_serving": [
         "gave the same text alone and inside a batch",             # concurrent requests, batched, same text
         "seed 123 twice:",
+        "joined == the answer above: True",                         # the stream is the answer, piece by piece
     ],
     "09_finetune_bert": [
         "all ranks hold bit-identical weights: True",   # DDP kept the ranks together
