@@ -30,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from labkit.core.ranks import run_ranks
+from labkit.core.workers import workers_now
 from labkit.data.shards import ShardReader
 from labkit.hardware.estimate import training_memory
 from labkit.model import autocast_dtype
@@ -191,6 +192,15 @@ def memory_config(config: TrainConfig | None = None, **shape: int) -> TrainConfi
     return base.replace(**{**MEMORY_SHAPE, **shape}, batch_size=2, precision="float32")
 
 
+def fresh_workers(client: Any, timeout: float = 300.0) -> None:
+    """Restart every worker and wait until as many are back. Dask's own ``restart`` gives up after
+    120 s; on a small machine under load (a CI run, a busy login node) new workers importing torch can
+    take longer than that, so the wait for them has its own, longer timeout."""
+    want = len(workers_now(client))
+    client.restart(timeout=timeout, wait_for_workers=False)
+    client.wait_for_workers(want, timeout=timeout)
+
+
 def memory_table(client: Any, config: TrainConfig, data_dir: str | os.PathLike,
                  world_sizes: Iterable[int] = (2, 4), vocab_size: int | None = None,
                  restart: bool = True) -> list[dict[str, Any]]:
@@ -204,7 +214,7 @@ def memory_table(client: Any, config: TrainConfig, data_dir: str | os.PathLike,
         by_strategy = {}
         for strategy, stage in (("ddp", 0), ("fsdp", 3)):
             if restart:
-                client.restart()
+                fresh_workers(client)
             ranks = measure_memory(client, config.replace(strategy=strategy), data_dir, workers=n)
             worst = max(ranks, key=lambda r: r.step_peak_bytes)
             states = max(r.model_states_bytes for r in ranks)

@@ -113,3 +113,15 @@ def test_memory_config_is_the_measured_gpt_in_float32_on_the_given_settings():
     assert c.model.precision == "float32" and c.batch_size == 2  # the estimate's byte sizes, activations kept small
     assert (c.max_steps, c.seed) == (7, 3)  # the rest is the caller's
     assert memory_config(base, n_embd=64).model.n_embd == 64
+
+
+def test_fresh_workers_are_new_processes_and_as_many(client2):
+    import os
+
+    from labkit.train_memory import fresh_workers
+
+    before = client2.run(os.getpid)
+    fresh_workers(client2, timeout=120)
+    after = client2.run(os.getpid)
+    assert len(after) == len(before) == 2
+    assert not set(before.values()) & set(after.values()), "the workers were not restarted"

@@ -171,9 +171,12 @@ def _check_training_days(fn: Callable[[float, float, float, int, float], float],
 def _check_allreduce_seconds(fn: Callable[[float, int, float, float], float], seed: int | None = None) -> Result:
     """``fn(n_bytes, n_ranks, bandwidth, latency)``: ring all-reduce time, 2(G−1)/G·bytes/bw + 2(G−1)·latency."""
     rng, seed = _rng(seed)
-    cases = [(round(_log_uniform(rng, low, high)), rng.choice([2, 4, 8, 16, 64, 256]),
+    # latency bound, bandwidth bound, between; the bandwidth-bound case has G >= 4, where the ring's
+    # 2(G-1)/G differs from 1 (at G = 2 it is 1, and an answer without it could not be told apart)
+    cases = [(round(_log_uniform(rng, low, high)), rng.choice(ranks),
               rng.choice([12.5e9, 25e9, 50e9, 300e9]), rng.choice([1e-6, 2e-6, 5e-6, 2e-5]))
-             for low, high in [(1e3, 1e5), (1e8, 1e10), (1e5, 1e8)]]  # latency bound, bandwidth bound, between
+             for (low, high), ranks in [((1e3, 1e5), [2, 4, 8, 16, 64, 256]), ((1e8, 1e10), [4, 8, 16, 64, 256]),
+                                        ((1e5, 1e8), [2, 4, 8, 16, 64, 256])]]
     for args in cases:
         got = attempt(fn, *args)
         want = allreduce_time(*args).seconds
