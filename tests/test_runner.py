@@ -199,10 +199,15 @@ def test_preview_leaves_out_saved_widget_state(tmp_path):
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("w")
     cell.outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "shown-in-text"}, execution_count=1)]
-    nb.cells = [cell]
+    widget = nbformat.v4.new_code_cell("plot")
+    widget.outputs = [nbformat.v4.new_output("display_data", {
+        "text/plain": "FigureWidget({'data': [], 'layout': WIDGET-REPR-DUMP})",
+        "application/vnd.jupyter.widget-view+json": {"model_id": "m", "version_major": 2, "version_minor": 0}})]
+    nb.cells = [cell, widget]
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
         "version_major": 2, "version_minor": 0, "state": {"m": {"model_name": "x", "model_module": "y",
                                                                  "model_module_version": "1", "state": {"_esm": "ESM-CODE-BLOB"}}}}}
     page = write_preview(nb, tmp_path / "p.html").read_text()
     assert "shown-in-text" in page and "ESM-CODE-BLOB" not in page
+    assert "WIDGET-REPR-DUMP" not in page and "needs a running kernel" in page  # a note, not the repr
     assert "widgets" in nb.metadata  # the executed copy itself is left as it was

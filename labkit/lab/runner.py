@@ -157,11 +157,15 @@ def run_one(path: Path, opts: RunOptions, out_dir: Path) -> RunResult:
 
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = ('<p class="labkit-widget-note"><em>Here the notebook shows a live widget (a plot that follows the '
+               "work, or controls): it needs a running kernel. Run the notebook to see it.</em></p>")
 
 
 def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A copy of ``nb`` whose plotly figures also carry HTML (nbconvert draws no plotly JSON): plotly.js
-    comes once per page from plotly's CDN, so a page stays small; offline, the rest of it still reads."""
+    comes once per page from plotly's CDN, so a page stays small; offline, the rest of it still reads.
+    A live widget's output becomes a short note: without a kernel it cannot draw."""
     import plotly.io as pio  # lazy: plotly only for a run that writes previews
 
     nb = copy.deepcopy(nb)
@@ -172,6 +176,9 @@ def _plotly_as_html(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             data = out.get("data", {})
+            if WIDGET_MIME in data:  # its text form is the widget's repr (a FigureWidget's: pages of dict)
+                out["data"] = {"text/html": WIDGET_NOTE, "text/plain": "(a live widget: run the notebook to see it)"}
+                continue
             if PLOTLY_MIME in data and "text/html" not in data:
                 fig = pio.from_json(json.dumps(data[PLOTLY_MIME]), skip_invalid=True)
                 data["text/html"] = pio.to_html(fig, full_html=False, include_plotlyjs="cdn" if first else False)
