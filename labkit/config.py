@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, get_args
 
 import yaml
-from pydantic import Field, PlainValidator, field_validator
+from pydantic import Field, PlainValidator, field_validator, model_validator
 
 from labkit.settings import ConfigError, Duration, GpuCount, Memory, Settings, SlurmSignal, Walltime, merge
 
 PACKAGED = Path(__file__).with_name("profiles") / "defaults.yaml"
 SITE_DEFAULT = Path("/etc/labkit/labkit.yaml")
 USER_DEFAULT = Path("~/.config/labkit/labkit.yaml")
-Kind = Literal["local", "slurm"]
+Kind = Literal["local", "slurm", "kubernetes"]
 KINDS: tuple[str, ...] = get_args(Kind)
 SCALES = ("tiny", "binder", "workshop", "full")
 
@@ -38,6 +38,48 @@ NonNegative = Annotated[int, Field(ge=0)]
 def _memory_or_auto(value: Any) -> Memory | str | None:
     """``memory_limit``: an amount of memory, ``auto`` (Dask's share of the machine) or null."""
     return value if value in (None, "auto") else Memory(value, "memory_limit")
+
+
+IMAGE_PYTHON = "/opt/labkit/venv/bin/python"  # where container/install.sh puts labkit's Python in the image
+
+
+class Container(Settings):
+    """A Slurm profile's ``container:``: each worker runs inside this Apptainer/Singularity image
+    (``apptainer exec [--nv] --bind ... IMAGE python -m distributed.cli.dask_worker ...``), so the
+    compute nodes need the runtime and the image, not labkit's Python environment."""
+
+    noun: ClassVar[str] = "container"
+
+    image: str                                  # a .sif file or sandbox folder on storage the nodes share
+    runtime: Literal["apptainer", "singularity"] = "apptainer"
+    python: str = IMAGE_PYTHON                  # the image's Python, which has labkit installed
+    binds: tuple[str, ...] = ()                 # shared storage the workers read and write, e.g. /scratch
+    options: tuple[str, ...] = ()               # more flags for `exec`, e.g. ["--cleanenv"] is refused
+
+    @field_validator("binds", "options", mode="before")
+    @classmethod
+    def _lines(cls, value: Any) -> Any:
+        """One item, a list of them, or nothing."""
+        return () if value is None else (value,) if isinstance(value, str) else value
+
+    @field_validator("options")
+    @classmethod
+    def _keeps_the_environment(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """``--cleanenv`` and ``--containall`` would drop the job script's exports inside the container."""
+        for bad in ("--cleanenv", "-e", "--containall", "-C"):
+            if bad in value:
+                raise ValueError(f"{bad} drops the environment the job script exports for the worker "
+                                 "(DASK_DISTRIBUTED__WORKER__DAEMON, CUDA_VISIBLE_DEVICES, the GPU slice); "
+                                 "remove it, and pass what the image must not see with --env NAME= instead")
+        return value
+
+
+# keys that mean something for one kind only: set on another kind they are a mistake, not a no-op
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "slurm": ("container",),
+    "kubernetes": ("image", "namespace", "service_account", "image_pull_policy", "node_selector", "tolerations",
+                   "shared_claim"),
+}
 
 
 class Profile(Settings):
@@ -73,6 +115,15 @@ class Profile(Settings):
     log_directory: str | None = None
     start_timeout: NonNegative = 300
     fake_gpus: bool = False
+    container: Container | None = None  # Slurm: run the workers inside an Apptainer/Singularity image
+    # Kubernetes only (kind: kubernetes, through dask-kubernetes' operator)
+    image: str | None = None               # the OCI image of the scheduler and worker pods (container/Dockerfile)
+    namespace: str | None = None           # None: the kube config's current namespace
+    service_account: str | None = None     # None: no Kubernetes API token mounted into the pods
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None  # None: IfNotPresent
+    node_selector: dict[str, str] = Field(default_factory=dict)      # worker pods only, e.g. GPU nodes
+    tolerations: tuple[dict[str, Any], ...] = ()                     # worker pods only
+    shared_claim: str | None = None        # a ReadWriteMany PersistentVolumeClaim mounted as the runs folder
 
     @field_validator("partition", "account", "interface", "scheduler_interface", "log_directory", "dashboard_address", mode="before")
     @classmethod
@@ -85,6 +136,17 @@ class Profile(Settings):
     def _lines(cls, value: Any) -> Any:
         """One line, a list of lines, or nothing."""
         return () if value is None else (value,) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _keys_of_its_kind(self) -> "Profile":
+        """A key of another kind (``container`` on a local profile, ``image`` on a Slurm one) is refused."""
+        for kind, keys in KIND_KEYS.items():
+            given = [k for k in keys if getattr(self, k)]  # every default is None or empty
+            if self.kind != kind and given:
+                hint = " (a Slurm profile runs workers in an image with 'container: {image: ...}')" if "image" in given else ""
+                raise ValueError(f"{', '.join(given)} only applies to kind: {kind}, and this profile is "
+                                 f"kind: {self.kind}; remove it{hint}")
+        return self
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -102,7 +164,8 @@ class Profile(Settings):
     def replace(self, **changes: Any) -> "Profile":
         """A copy with some keys changed, validated like a file would be."""
         data = {k: v for k, v in self.fields().items() if k not in ("name", "source")}
-        return Profile.load(self.name, {**data, **changes}, source=f"{self.source} + overrides")
+        merged = {k: merge(data.get(k), v) for k, v in changes.items()}  # container={"image": ...} keeps its other keys
+        return Profile.load(self.name, {**data, **merged}, source=f"{self.source} + overrides")
 
 
 class Scale(Settings):
@@ -255,8 +318,10 @@ def load_config(env: Mapping[str, str] | None = None, extra_files: list[Path] | 
                     if name not in target:
                         kind = body.get("kind")
                         if kind is None:
-                            raise ConfigError(f"{path}: new profile {name!r} needs 'kind: local' or 'kind: slurm'")
-                        base = raw_profiles.get(kind if kind in raw_profiles else "local", {})
+                            raise ConfigError(f"{path}: new profile {name!r} needs a kind: "
+                                              + ", ".join(f"'kind: {k}'" for k in KINDS))
+                        same = [n for n, b in raw_profiles.items() if b.get("kind") == kind]  # e.g. k8s for kubernetes
+                        base = raw_profiles.get(kind if kind in raw_profiles else same[0] if same else "local", {})
                         target[name] = copy.deepcopy(base)
                     if path != PACKAGED:
                         configured.add(name)

@@ -225,15 +225,19 @@ GpuCount = Annotated[int, Field(ge=0, strict=True)]
 
 
 def config_error(exc: ValidationError, *, where: str = "", kind: str = "", prefix: str = "",
-                 valid: list[str] | None = None) -> ConfigError:
+                 valid: list[str] | None = None, model: type[BaseModel] | None = None) -> ConfigError:
     """The ConfigError for a pydantic ValidationError: ``where`` (a file, a scale), then per problem
-    the key (``prefix`` + its path), what is wrong, and for an unknown ``kind`` key the valid ones."""
+    the key (``prefix`` + its path), what is wrong, and for an unknown ``kind`` key the valid ones
+    (of the nested record it is in, when ``model`` is given)."""
     lines = []
     for err in exc.errors(include_url=False):
-        key = prefix + ".".join(str(p) for p in err["loc"])
+        key = (prefix + ".".join(str(p) for p in err["loc"])).rstrip(".")
         if err["type"] == "extra_forbidden":
-            choices = f"; valid keys: {', '.join(valid)}" if valid else ""
+            keys = _nested_keys(model, err["loc"][:-1]) if len(err["loc"]) > 1 else None
+            choices = f"; valid keys: {', '.join(keys or valid or [])}" if keys or valid else ""
             lines.append(f"unknown {kind + ' ' if kind else ''}key {key}{choices}")
+        elif err["type"] == "missing":
+            lines.append(f"{key} is required")
         elif err["type"] in ("value_error", "assertion_error"):
             error = err.get("ctx", {}).get("error", err["msg"])
             msg = error.naming(str(err["loc"][-1])) if isinstance(error, Unreadable) and err["loc"] else str(error)
@@ -242,6 +246,18 @@ def config_error(exc: ValidationError, *, where: str = "", kind: str = "", prefi
             lines.append(f"{key} {_must(err)}, not {err['input']!r}")
     head = f"{where}: " if where else ""
     return ConfigError(head + "; ".join(lines))
+
+
+def _nested_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys of the record at ``loc`` inside ``model`` (``("container",)`` -> Container's), or None."""
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        if field is None:
+            return None
+        inner = [a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = inner[0] if inner else None
+    return sorted(model.model_fields) if model is not None else None
 
 
 def _must(err: Any) -> str:
@@ -279,7 +295,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
-            raise config_error(exc, where=where, kind=cls.noun, prefix=prefix, valid=cls.valid_keys()) from None
+            raise config_error(exc, where=where, kind=cls.noun, prefix=prefix, valid=cls.valid_keys(), model=cls) from None
 
     def __init__(self, **data: Any) -> None:
         """Validate keyword arguments; a problem is a ConfigError naming the class and the key."""

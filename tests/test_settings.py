@@ -95,7 +95,7 @@ def test_profile_types_are_read_once_at_load(tmp_path, monkeypatch):
     ("gpus_per_worker", "2", "gpus_per_worker must be a valid integer, not '2'"),
     ("walltime", "1:99:00", "profiles.slurm.walltime: cannot read walltime='1:99:00'"),
     ("memory", "lots", "profiles.slurm.memory: cannot read memory='lots'"),
-    ("kind", "pbs", "kind must be 'local' or 'slurm', not 'pbs'"),
+    ("kind", "pbs", "kind must be 'local', 'slurm' or 'kubernetes', not 'pbs'"),
     ("walltimes", "01:00:00", "unknown profile key profiles.slurm.walltimes; valid keys: .*walltime"),
 ])
 def test_bad_profile_file_names_file_key_and_valid_values(tmp_path, monkeypatch, key, value, needle):

@@ -1,7 +1,8 @@
-"""The cluster layer: ``start_cluster`` gives a local or Slurm Dask cluster behind one handle.
+"""The cluster layer: ``start_cluster`` gives a local, Slurm or Kubernetes Dask cluster behind one handle.
 
 Modules: ``start`` (profile choice, start-up), ``handle`` (ClusterHandle), ``local`` (LocalCluster),
-``slurm`` (dask-jobqueue SLURMCluster), ``upstream`` (every override of dask-jobqueue's and distributed's
+``slurm`` (dask-jobqueue SLURMCluster), ``container`` (Slurm workers in an Apptainer image),
+``kubernetes`` (dask-kubernetes' DaskCluster spec, pre-flight), ``upstream`` (every override of dask-jobqueue's and distributed's
 private API, with the upstream issue it works around), ``jobscript`` (#SBATCH directives from a profile),
 ``preflight`` (fail-fast checks), ``status`` (snapshots for panels), ``tls`` (per-session
 credentials), ``session`` (private directory, job-name tag), ``slurmcli`` (sbatch/squeue/scancel, job states),

@@ -255,6 +255,11 @@ class ClusterHandle:
         return upstream.worker_names(self.cluster, job_name)
 
     def _fail(self, what: str, jobs: list[slurmcli.JobInfo], timed_out: bool = False) -> None:
+        if self.kind == "kubernetes":
+            self.close()
+            raise ClusterTimeout(f"{what}: see why the worker pods wait with `kubectl get pods -l "
+                                 f"dask.org/cluster-name={self.session.job_name}` and `kubectl describe pod ...` "
+                                 "(no GPU node free, an image that cannot be pulled); the cluster was deleted", jobs)
         if self.kind != "slurm":
             self.close()
             raise ClusterTimeout(f"{what}: the local worker processes are alive but have not joined the scheduler. "

@@ -10,6 +10,7 @@ import psutil
 
 from ..config import Profile
 from . import slurmcli
+from .container import check_container
 from .errors import ClusterConfigError
 
 
@@ -78,6 +79,7 @@ def check_slurm_profile(profile: Profile, gpus_per_worker: int) -> Partition:
         )
     _check_lifetime(profile, where)
     check_scheduler_interface(profile, where)
+    check_container(profile, where)
     if profile.require_account and not profile.account:
         raise ClusterConfigError(
             f"{where}: this site requires a Slurm account; pass start_cluster(account='<project>') or set "

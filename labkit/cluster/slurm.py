@@ -7,15 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import Profile
+from ..config import Profile, runs_dir
 from ..settings import Memory
 from . import gpu_slice
+from .container import exec_command
 from .jobscript import gpu_directives, signal_directives, uses_mem_per_gpu
 from .session import Session
 from .tls import SessionCredentials
 from .upstream import LabkitSLURMCluster, LabkitSLURMJob
 
-__all__ = ["LabkitSLURMCluster", "LabkitSLURMJob", "build_slurm_cluster", "lifetime_args"]
+__all__ = ["LabkitSLURMCluster", "LabkitSLURMJob", "build_slurm_cluster", "lifetime_args", "worker_python"]
 
 # Worker processes must be allowed children (torch DataLoader workers inside a task).
 NON_DAEMONIC = "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
@@ -52,6 +53,16 @@ def lifetime_args(profile: Profile) -> list[str]:
     return args
 
 
+def worker_python(profile: Profile, session: Session, job_gpus: int) -> str:
+    """What runs ``-m distributed.cli.dask_worker`` in the job: this Python, or the image's through
+    ``apptainer exec`` with the session folder (TLS keys) and the runs folder bound."""
+    if profile.container is None:
+        return sys.executable
+    runs = runs_dir()
+    runs.mkdir(parents=True, exist_ok=True)  # a bind's source must exist
+    return exec_command(profile.container, job_gpus, [session.path, runs])
+
+
 def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCredentials | None,
                         gpus_per_worker: int, **extra: Any) -> LabkitSLURMCluster:
     """A not-yet-scaled SLURMCluster for this profile (scheduler running here, no jobs queued).
@@ -74,8 +85,9 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
     if profile.signal:
         worker_args += ["--preload-nanny", PREEMPT, "--preload", PREEMPT]
     prologue = list(profile.prologue) + [NON_DAEMONIC]
-    if per_job > 1 and gpus_per_worker > 0:
-        worker_args += ["--preload-nanny", shlex.quote(str(Path(gpu_slice.__file__).resolve()))]
+    if per_job > 1 and gpus_per_worker > 0:  # by file on the node; by module in an image (labkit is installed there)
+        slicer = gpu_slice.__name__ if profile.container else shlex.quote(str(Path(gpu_slice.__file__).resolve()))
+        worker_args += ["--preload-nanny", slicer]
         prologue.append(f"export {gpu_slice.WORKERS_PER_JOB}={per_job} {gpu_slice.GPUS_PER_WORKER}={gpus_per_worker}")
     if profile.interface:
         # torch.distributed's own sockets: without these gloo and nccl pick an interface from the
@@ -97,7 +109,7 @@ def build_slurm_cluster(profile: Profile, session: Session, creds: SessionCreden
         job_directives_skip=skip,
         job_script_prologue=prologue,
         worker_extra_args=worker_args,
-        python=sys.executable,
+        python=worker_python(profile, session, job_gpus),
         death_timeout=DEATH_TIMEOUT_S,
         log_directory=str(session.log_dir if profile.log_directory is None else profile.log_directory),
         interface=profile.interface,

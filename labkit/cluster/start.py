@@ -1,4 +1,4 @@
-"""start_cluster: pick a profile (local or Slurm), check it, start workers, wait with feedback."""
+"""start_cluster: pick a profile (local, Slurm or Kubernetes), check it, start workers, wait with feedback."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from . import slurmcli
 from .cleanup import cleanup
 from .errors import ClusterConfigError
 from .handle import ClusterHandle
+from .kubernetes import build_kubernetes_cluster, check_kubernetes_profile
 from .local import MAIN_GUARD_FIX, build_local_cluster, importing_main_in_a_child
 from .preflight import check_slurm_profile
 from .session import Session, end_session, stale_sessions
@@ -63,6 +64,7 @@ def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = F
     if prof.kind == "slurm":
         check_slurm_profile(prof, gpus)
         cleanup()  # jobs a killed kernel left queued (running ones end by themselves): cancel them now
+    kube_cluster = check_kubernetes_profile(prof) if prof.kind == "kubernetes" else None
     for stale in stale_sessions():  # keys left by a killed kernel on this host
         stale.remove()
     session = Session.create()
@@ -74,6 +76,9 @@ def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = F
             if prof.workers_per_job > 1:
                 per_job = f"{prof.workers_per_job} workers per job"
                 note = f"{per_job} (--gres=gpu:{gpus * prof.workers_per_job}), {gpus} GPU(s) each" if gpus else f"{per_job}, no GPUs"
+        elif prof.kind == "kubernetes":
+            cluster = build_kubernetes_cluster(prof, session.job_name, creds, gpus, kube_cluster, asynchronous=asynchronous)
+            note = f"{gpus} GPU(s) per worker pod via resources.limits nvidia.com/gpu" if gpus else "no GPUs"
         else:
             cluster, note = build_local_cluster(prof, workers, gpus, security=creds.security() if creds else None,
                                                 name=session.job_name, asynchronous=asynchronous)
@@ -86,7 +91,7 @@ def build_cluster(prof: Profile, workers: int, gpus: int, asynchronous: bool = F
 def start_cluster(profile: str | None = None, workers: int | None = None, gpus_per_worker: int | None = None,
                   wait: bool = True, timeout: float | None = None, *, say: Callable[[str], None] = print,
                   **overrides: Any) -> ClusterHandle:
-    """Start Dask workers locally or as Slurm jobs (same notebook code); returns a ClusterHandle.
+    """Start Dask workers locally, as Slurm jobs or as Kubernetes pods (same notebook code); returns a ClusterHandle.
 
     ``overrides`` are profile keys (``partition=``, ``walltime=``, ``account=``, ``memory=``,
     ``job_extra=``, ``workers_per_job=``, ``signal=`` ...). With ``wait`` it blocks until the workers joined, reporting pending jobs,
