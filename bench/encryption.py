@@ -34,18 +34,11 @@ FULL = dict(corpus_bytes=3_000_000, tokens=1 << 26, blocks=2000,
 
 
 def cpu_summary() -> str:
-    """The CPU's name and the flags that decide AES-GCM's speed (aes, pclmulqdq, vaes, vpclmulqdq, avx2)."""
-    from labkit.model import cpu_flags
+    """The CPU's name, its cores and the flags that decide AES-GCM's speed (aes, pclmulqdq, vaes, vpclmulqdq, avx2)."""
+    from bench.train import cpu_summary as named  # lazy: bench.train imports torch
 
-    name = ""
-    try:
-        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), "")
-    except OSError:
-        pass
-    wanted = ("aes", "pclmulqdq", "vaes", "vpclmulqdq", "avx2")
-    have = [f for f in wanted if f in cpu_flags()]
-    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores; flags: {' '.join(have) or 'none of ' + ', '.join(wanted)}"
+    name, flags = named(("aes", "pclmulqdq", "vaes", "vpclmulqdq", "avx2")).split("; ", 1)
+    return f"{name}, {os.cpu_count()} cores; {flags}"
 
 
 def paired(rounds: int, plain: Callable[[], Any], sealed: Callable[[], Any]) -> tuple[float, float]:

@@ -195,6 +195,21 @@ def test_encrypted_shards_hold_no_plaintext_and_read_like_plain_ones(tmp_path, k
         ShardReader(tmp_path / "sealed", verify=False, encryption=key)
 
 
+def test_the_commands_take_a_key_file(tmp_path, key, capsys):
+    """`labkit preprocess --key-file` writes encrypted shards; `labkit serve --slurm --key-file` hands the
+    job the key file's path (on shared storage), never the key."""
+    from labkit.lab.cli import build_parser
+    from labkit.serve.cli import job_serve_args
+
+    assert labkit_main(["preprocess", "stdlib", "--scale", "tiny", "--out", str(tmp_path / "s"),
+                        "--key-file", key.key_file]) == 0
+    assert ShardReader(tmp_path / "s", encryption=key).meta["encryption"]["key_id"] == key.key_id
+    assert crypto.is_encrypted(tmp_path / "s" / "train_00000.bin")
+    args = build_parser().parse_args(["serve", "m.pt", "--slurm", "--key-file", key.key_file])
+    got = job_serve_args(args, Path("m.pt"))
+    assert got[got.index("--key-file") + 1] == key.key_file and key.secret().hex() not in " ".join(got)
+
+
 def test_dask_workers_write_encrypted_shards_with_a_key_file(client, tmp_path, key):
     """The pipeline on 2 worker processes: they read the key file themselves (only its path travels)."""
     c = DataConfig.for_scale("tiny", min_chars=20, corpus_bytes=120_000, partition_bytes=30_000)

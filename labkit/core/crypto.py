@@ -201,22 +201,52 @@ def _nonce(index: int) -> bytes:
     return index.to_bytes(12, "big")
 
 
-class EncryptedWriter(io.RawIOBase):
+class _Over(io.RawIOBase):
+    """A write-only stream over ``raw``: ``close`` runs ``_finish`` once, then closes ``raw`` (unless
+    ``close_raw=False``)."""
+
+    def __init__(self, raw: BinaryIO, close_raw: bool = True):
+        super().__init__()
+        self._raw, self._close_raw = raw, close_raw
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def flush(self) -> None:
+        if not self._raw.closed:
+            self._raw.flush()
+
+    def _finish(self) -> None:
+        """What to write last (nothing here)."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._finish()
+            self._raw.flush()
+            if self._close_raw:
+                self._raw.close()
+        finally:
+            super().close()
+
+
+class EncryptedWriter(_Over):
     """A write-only stream that seals what it is given into ``raw`` chunk by chunk; ``close`` seals the
     last chunk (``raw`` is closed too unless ``close_raw=False``). ``tell`` counts plaintext bytes."""
 
     def __init__(self, raw: BinaryIO, encryption: Encryption, *, close_raw: bool = True):
-        super().__init__()
-        self._raw, self._close_raw, self._chunk = raw, close_raw, encryption.chunk
+        super().__init__(raw, close_raw)
+        self._chunk = encryption.chunk
         salt = os.urandom(16)
         self._header = HEADER.pack(MAGIC, encryption.key_id.encode(), encryption.chunk, salt)
         self._aead = _file_cipher(encryption.secret(), salt)
         self._buf = bytearray()
         self._index = self._pos = 0
         raw.write(self._header)
-
-    def writable(self) -> bool:
-        return True
 
     def _seal(self, data: Any, last: bool) -> None:
         self._raw.write(self._aead.encrypt(_nonce(self._index), bytes(data), _aad(self._header, self._index, last)))
@@ -241,23 +271,8 @@ class EncryptedWriter(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def flush(self) -> None:
-        if not self._raw.closed:
-            self._raw.flush()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._seal(self._buf, last=True)
-            self._raw.flush()
-            if self._close_raw:
-                self._raw.close()
-        finally:
-            super().close()
+    def _finish(self) -> None:
+        self._seal(self._buf, last=True)
 
 
 def _parse_header(head: bytes, name: str) -> tuple[str, int, bytes]:
@@ -407,31 +422,16 @@ def read_bytes(path: str | os.PathLike, encryption: Encryption | None = None) ->
         return f.read()
 
 
-class HashingWriter(io.RawIOBase):
+class HashingWriter(_Over):
     """Passes writes to ``raw`` and hashes them: the SHA-256 of the bytes that land on disk."""
 
     def __init__(self, raw: BinaryIO):
-        super().__init__()
-        self._raw, self.sha256 = raw, hashlib.sha256()
-
-    def writable(self) -> bool:
-        return True
+        super().__init__(raw)
+        self.sha256 = hashlib.sha256()
 
     def write(self, b: Any) -> int:
         self.sha256.update(b)
         return self._raw.write(b)
-
-    def fileno(self) -> int:
-        return self._raw.fileno()
-
-    def flush(self) -> None:
-        if not self._raw.closed:
-            self._raw.flush()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._raw.close()
-        super().close()
 
 
 # ----------------------------------------------------------------------------- labkit key
