@@ -148,8 +148,12 @@ def make_plain(vocab: int):
 # ------------------------------------------------------------------------------- part (a)
 
 
-def cpu_summary() -> str:
-    """The CPU's name and the flags that decide its fast precisions (AVX2, AVX-512, AVX512-BF16, AMX)."""
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_summary(wanted: tuple[str, ...] = PRECISION_FLAGS) -> str:
+    """The CPU's name and which of the ``wanted`` flags it has (by default those that decide its fast
+    precisions: AVX2, AVX-512, AVX512-BF16, AMX)."""
     from labkit.model import cpu_flags
 
     name = ""
@@ -158,7 +162,6 @@ def cpu_summary() -> str:
                      if l.startswith("model name")), "")
     except OSError:
         pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     have = [f for f in wanted if f in cpu_flags()]
     return f"{name or 'unknown CPU'}; flags: {' '.join(have) or 'none of ' + ', '.join(wanted)}"
 

@@ -53,6 +53,7 @@ from pydantic import Field, PlainValidator, model_validator
 from labkit.checkpoint import default_checkpointer
 from labkit.config import ScaleSettings, runs_dir
 from labkit.core import preempt
+from labkit.core.crypto import Encryption
 from labkit.core.events import emit
 from labkit.core.memcap import Cap, is_out_of_memory, memory_cap
 from labkit.core.ranks import run_ranks, select_workers
@@ -271,12 +272,14 @@ def _mix(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def open_data(data_dir: str | os.PathLike, verify: bool = True) -> tuple[Any, Any]:
+def open_data(data_dir: str | os.PathLike, verify: bool = True,
+              encryption: Encryption | None = None) -> tuple[Any, Any]:
     """The train and val ``ShardReader`` of a shard folder (val falls back to train when absent);
-    ``verify=False`` when the run checked the shards' hashes already (``verify_shards``)."""
-    train = ShardReader(data_dir, "train", verify=verify)
+    ``verify=False`` when the run checked the shards' hashes already (``verify_shards``);
+    ``encryption``: the key of encrypted shards."""
+    train = ShardReader(data_dir, "train", verify=verify, encryption=encryption)
     try:
-        val = ShardReader(data_dir, "val", verify=verify)
+        val = ShardReader(data_dir, "val", verify=verify, encryption=encryption)
         if len(val) < 2:
             val = train
     except ShardError:
@@ -393,19 +396,21 @@ class StepStats:
 
 def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
           device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
-          strategy: Any = None, checkpointer: Any = None, verify: bool = True) -> Run:
+          strategy: Any = None, checkpointer: Any = None, verify: bool = True,
+          encryption: Encryption | None = None) -> Run:
     """Device, data, tokenizer, resume point, model, the strategy's wrap, optimizer, restored state.
     ``strategy`` None: the one ``config.strategy`` names (``labkit.strategy.make_strategy``);
     ``checkpointer`` None: ``labkit.checkpoint.default_checkpointer`` in ``config.checkpoint_dir``
-    when it is set (sharded under FSDP), else none."""
+    when it is set (sharded under FSDP), else none. ``encryption``: the key that reads encrypted
+    shards and writes (and reads) the default checkpointer's files encrypted."""
     device = resolve_device(config.device if device is None else device)
     if config.num_threads and device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     strategy = make_strategy(config.strategy, world_size, config.model.precision) if strategy is None else strategy
     if checkpointer is None and config.checkpoint_dir:
         checkpointer = default_checkpointer(config.checkpoint_dir, config.keep_last, config.checkpoint_format,
-                                            sharded=strategy.sharded)
-    train_data, val_data = open_data(data_dir, verify=verify)
+                                            sharded=strategy.sharded, encryption=encryption)
+    train_data, val_data = open_data(data_dir, verify=verify, encryption=encryption)
     try:
         tokenizer = train_data.tokenizer()
         tokenizer_json = tokenizer.to_str()
@@ -584,7 +589,7 @@ class _Meter:
 def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
              device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
              should_stop: Callable[[], bool] | None = None, strategy: Any = None,
-             checkpointer: Any = None, verify: bool = True) -> TrainResult:
+             checkpointer: Any = None, verify: bool = True, encryption: Encryption | None = None) -> TrainResult:
     """The training loop of one rank (the process group, if any, is already up): ``setup``, then
     ``train_step`` per step, with validation, samples and checkpoints at their intervals.
 
@@ -598,7 +603,7 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
         try:
             return _loop(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink,
                          resume=resume, should_stop=should_stop, strategy=strategy, checkpointer=checkpointer,
-                         verify=verify, capped=capped)
+                         verify=verify, capped=capped, encryption=encryption)
         except Exception as exc:
             if cap is None or not is_out_of_memory(exc):
                 raise
@@ -622,12 +627,12 @@ class MemoryCapExceeded(RuntimeError):
 def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_size: int,
           device: torch.device | str | None, sink: Callable | None, resume: bool,
           should_stop: Callable[[], bool] | None, strategy: Any, checkpointer: Any, verify: bool,
-          capped: Cap) -> TrainResult:
+          capped: Cap, encryption: Encryption | None = None) -> TrainResult:
     """The body of ``run_loop``."""
     t_start = time.time()
     check_profile(config.profile_ranks, config.profile_steps, world_size)
     run = setup(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink, resume=resume,
-                strategy=strategy, checkpointer=checkpointer, verify=verify)
+                strategy=strategy, checkpointer=checkpointer, verify=verify, encryption=encryption)
     run.capped = capped
     config = run.config  # resume may have changed grad_accum to keep the effective batch
     samples: dict[str, str] = {}
@@ -689,18 +694,20 @@ def _loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int, world_
 
 
 def train(config: TrainConfig, data_dir: str | os.PathLike | None = None, sink: Callable | None = None,
-          resume: bool = False, *, strategy: Any = None, checkpointer: Any = None) -> TrainResult:
+          resume: bool = False, *, strategy: Any = None, checkpointer: Any = None,
+          encryption: Encryption | None = None) -> TrainResult:
     """Train in this process (a world of one) on the shards in ``data_dir`` (None: ``default_shards``
-    of the config's scale); events go to ``sink``."""
+    of the config's scale); events go to ``sink``. ``encryption`` (``labkit.core.crypto.Encryption``)
+    reads encrypted shards and writes the checkpoints encrypted."""
     return run_loop(config, _data_dir(config, data_dir), sink=sink, resume=resume, strategy=strategy,
-                    checkpointer=checkpointer)
+                    checkpointer=checkpointer, encryption=encryption)
 
 
 # ---------------------------------------------------------------------------------- distributed
 
 
 def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool, strategy: Any = None,
-               checkpointer: Any = None) -> TrainResult:
+               checkpointer: Any = None, encryption: Encryption | None = None) -> TrainResult:
     """Runs on each Dask worker as one rank (called by ``labkit.core.ranks.run_ranks``)."""
     last_check = [time.monotonic()]
 
@@ -712,16 +719,18 @@ def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool, strat
 
     return run_loop(config, data_dir, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
                     resume=resume, should_stop=should_stop, strategy=strategy, checkpointer=checkpointer,
-                    verify=False)  # train_distributed verified them
+                    verify=False, encryption=encryption)  # train_distributed verified them
 
 
 def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathLike | None = None, *,
                       workers: int | list[str] | None = None, resume: bool = False, backend: str = "auto",
-                      timeout: float = 60.0, strategy: Any = None, checkpointer: Any = None) -> TrainResult:
+                      timeout: float = 60.0, strategy: Any = None, checkpointer: Any = None,
+                      encryption: Encryption | None = None) -> TrainResult:
     """Train with one rank per Dask worker (all workers, or ``workers``); returns rank 0's result.
     ``data_dir`` None: ``default_shards`` of the config's scale (the workers must see that folder).
     ``strategy`` None: DDP over 2+ ranks (``labkit.strategy``); ``checkpointer`` None: files in
-    ``config.checkpoint_dir``. Both travel to the workers, so they must pickle.
+    ``config.checkpoint_dir``. Both travel to the workers, so they must pickle; so does ``encryption``
+    (the key of encrypted shards and checkpoints: best a key file on shared storage, so only its path travels).
 
     Metrics go to the Dask topic ``labkit`` (follow them with ``LivePlot.attach(client)``). A failing
     rank raises ``labkit.core.ranks.RankError`` with its traceback; a lost worker raises ``RankLost``
@@ -747,7 +756,7 @@ def train_distributed(client: Any, config: TrainConfig, data_dir: str | os.PathL
                  workers=workers if isinstance(workers, list) else None, create={"checkpoint_dir", "profile_dir"})
     verify_shards(data_dir, client=client)
     client.run(preempt.install)  # each worker's main thread: Slurm's warning (or a SIGUSR1) sets the stop flag
-    results = run_ranks(client, _rank_main, config, data_dir, resume, strategy, checkpointer, workers=workers,
+    results = run_ranks(client, _rank_main, config, data_dir, resume, strategy, checkpointer, encryption, workers=workers,
                         backend=backend, timeout=timeout)
     results[0].profiles = [p for r in results for p in r.profiles]
     return results[0]

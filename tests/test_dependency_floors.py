@@ -40,6 +40,8 @@ API_FLOORS = [
     ("safetensors", "0.4", r"from safetensors\.torch import", "safetensors.torch save/load of bytes with metadata"),
     ("transformers", "4.36", r"attn_implementation=attn_implementation", "from_pretrained(attn_implementation=...)"),
     ("pydantic", "2.0", r"from pydantic import [^\n]*\bfield_validator\b", "pydantic v2 (ConfigDict, field_validator)"),
+    ("cryptography", "2.0", r"from cryptography\.hazmat\.primitives\.ciphers\.aead import AESGCM",
+     "cryptography's AESGCM and HKDF (encryption at rest)"),
 ]
 
 # imported by labkit but not declared itself: the declared distribution that always brings it

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from labkit.core.crypto import Encryption
+
 from .files import (FORMAT, MAGIC, STEP_RE, TIED, Checkpoint, CheckpointError, FileCheckpointer, Resume,
                     latest_checkpoint, list_checkpoints, load_model_state, read_checked, read_payload, save,
                     tokenizer_json, write_checked, write_model)
@@ -25,28 +27,31 @@ from .sharded import (SHARDED_RE, ShardedCheckpointer, default_checkpointer, lis
                       read_manifest)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+         encryption: Encryption | None = None) -> Checkpoint:
     """A GPT and its ``extra`` (``extra["tokenizer"]`` the JSON) from a checkpoint file (``.pt``),
-    a sharded checkpoint folder (``step_*.dcp``) or a ``.safetensors`` export."""
+    a sharded checkpoint folder (``step_*.dcp``) or a ``.safetensors`` export; ``encryption`` is the
+    key of an encrypted one."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path, map_location)
+        return read_safetensors(path, map_location, encryption)
     if path.is_dir() and (path / "labkit.json").is_file():
-        model, manifest = load_sharded_model(path, map_location)
+        model, manifest = load_sharded_model(path, map_location, encryption)
         return Checkpoint(model, {"tokenizer": manifest.get("tokenizer"), "step": manifest["step"],
                                   "format": "sharded"})
-    return load_file(path, map_location)
+    return load_file(path, map_location, encryption)
 
 
-def verify(path: str | os.PathLike) -> None:
-    """Raise ``CheckpointError`` unless ``path`` is an intact checkpoint of any of the three formats."""
+def verify(path: str | os.PathLike, encryption: Encryption | None = None) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is an intact checkpoint of any of the three formats
+    (``EncryptionKeyError`` when it is encrypted and ``encryption`` is not its key)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        read_safetensors(path)
+        read_safetensors(path, encryption=encryption)
     elif path.is_dir():
-        read_manifest(path)
+        read_manifest(path, encryption=encryption)
     else:
-        read_checked(path)
+        read_checked(path, encryption=encryption)
 
 
 __all__ = ["FORMAT", "MAGIC", "STEP_RE", "SHARDED_RE", "TIED", "Checkpoint", "CheckpointError", "FileCheckpointer",

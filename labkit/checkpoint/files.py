@@ -7,7 +7,9 @@ A checkpoint is one file: a header line ``LABKIT-CKPT 1 sha256=<hex> length=<n>`
      "tokenizer": <tokenizers JSON or None>, "extra": {...}}                     # is tied, left out
 
 It is written to a temporary file and renamed into place, so a process killed mid-save leaves
-either the old file or none, never a bad one.
+either the old file or none, never a bad one. With ``encryption=`` (``labkit.core.crypto``) the
+whole file, header and payload, is stored AES-256-GCM encrypted; reading needs the same key, a
+changed byte is a ``CheckpointError`` like any corruption, and plaintext files read as before.
 
 - ``save(model, path, tokenizer=None, **extra)`` / ``load(path)``: one model (pruned ones too).
 - ``FileCheckpointer(directory, keep_last)``: what training writes, ``step_<8 digits>.pt`` with the
@@ -31,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from tokenizers import Tokenizer
 
+from labkit.core.crypto import Encryption, EncryptedWriter, IntegrityError, read_bytes
 from labkit.model import GPT, GPTConfig
 
 MAGIC = b"LABKIT-CKPT 1"
@@ -46,25 +49,29 @@ class CheckpointError(RuntimeError):
 # ------------------------------------------------------------------------------ checked files
 
 
-def write_checked(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` (tensors and plain Python types) atomically with a SHA-256 checksum."""
+def write_checked(path: str | os.PathLike, obj: Any, encryption: Encryption | None = None) -> Path:
+    """Write ``obj`` (tensors and plain Python types) atomically with a SHA-256 checksum (encrypted
+    with ``encryption`` when given)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    payload = buf.getvalue()
+    payload = buf.getbuffer()
     header = MAGIC + b" sha256=%s length=%d\n" % (hashlib.sha256(payload).hexdigest().encode(), len(payload))
-    return write_atomic(path, header, payload)
+    return write_atomic(path, header, payload, encryption=encryption)
 
 
-def write_atomic(path: str | os.PathLike, *parts: bytes) -> Path:
-    """Write ``parts`` to ``path`` through a temporary file renamed into place: a process killed
-    mid-write leaves the old file or none, never a partial one."""
+def write_atomic(path: str | os.PathLike, *parts: bytes, encryption: Encryption | None = None) -> Path:
+    """Write ``parts`` to ``path`` (sealed with ``encryption`` when given) through a temporary file
+    renamed into place: a process killed mid-write leaves the old file or none, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            out = f if encryption is None else EncryptedWriter(f, encryption, close_raw=False)
             for part in parts:
-                f.write(part)
+                out.write(part)
+            if out is not f:
+                out.close()  # seals the last chunk; f stays open
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -87,14 +94,25 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
 
 
-def read_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Read what ``write_checked`` wrote, after checking its length and checksum."""
+def read_sealed(path: Path, encryption: Encryption | None) -> bytes:
+    """A checkpoint file's bytes, decrypted when it is encrypted; a failed check is a CheckpointError
+    (a missing or wrong key an ``EncryptionKeyError``: it is not a broken file to skip)."""
+    try:
+        return read_bytes(path, encryption)
+    except IntegrityError as exc:
+        raise CheckpointError(f"{exc}; use an earlier checkpoint") from None
+
+
+def read_checked(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 encryption: Encryption | None = None) -> Any:
+    """Read what ``write_checked`` wrote, after checking its length and checksum (``encryption``: the
+    key of an encrypted file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    with open(path, "rb") as f:
-        header = f.readline(256)
-        payload = f.read()
+    blob = memoryview(read_sealed(path, encryption))
+    end = bytes(blob[:256]).find(b"\n") + 1 or min(len(blob), 256)
+    header, payload = bytes(blob[:end]), blob[end:]
     parts = header.strip().split(b" ")
     if not header.startswith(MAGIC) or len(parts) != 4:
         raise CheckpointError(f"{path} is not a labkit checkpoint (bad header); save it with labkit.checkpoint.save")
@@ -127,16 +145,17 @@ def tokenizer_json(tokenizer: Any) -> str | None:
 
 
 def write_model(path: str | os.PathLike, config: GPTConfig, state_dict: dict[str, torch.Tensor],
-                tokenizer: Any = None, extra: dict[str, Any] | None = None) -> Path:
+                tokenizer: Any = None, extra: dict[str, Any] | None = None, encryption: Encryption | None = None) -> Path:
     """Write one model's checkpoint (its config, its full state dict, its tokenizer, ``extra``)."""
     state = {k: v.detach().cpu() for k, v in state_dict.items() if k not in TIED}
     return write_checked(path, {"format": FORMAT, "config": config.to_dict(), "state_dict": state,
-                                "tokenizer": tokenizer_json(tokenizer), "extra": dict(extra or {})})
+                                "tokenizer": tokenizer_json(tokenizer), "extra": dict(extra or {})}, encryption)
 
 
-def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def read_payload(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 encryption: Encryption | None = None) -> dict[str, Any]:
     """The checked payload of a GPT checkpoint; ``CheckpointError`` when it holds something else."""
-    obj = read_checked(path, map_location=map_location)
+    obj = read_checked(path, map_location=map_location, encryption=encryption)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{path} holds no GPT (format {obj.get('format') if isinstance(obj, dict) else None!r})")
     return obj
@@ -174,17 +193,20 @@ class Checkpoint(NamedTuple):
         return Tokenizer.from_str(text)
 
 
-def save(model: GPT, path: str | os.PathLike, tokenizer: Any = None, **extra: Any) -> Path:
-    """Save ``model`` with its config, its tokenizer and ``extra`` (plain types, tensors) atomically."""
+def save(model: GPT, path: str | os.PathLike, tokenizer: Any = None, *, encryption: Encryption | None = None,
+         **extra: Any) -> Path:
+    """Save ``model`` with its config, its tokenizer and ``extra`` (plain types, tensors) atomically,
+    encrypted with ``encryption`` when given."""
     model = getattr(model, "module", model)  # accept a DDP-wrapped model
     if not isinstance(model, GPT):
         raise TypeError(f"labkit.checkpoint.save expects a GPT, got {type(model).__name__}")
-    return write_model(path, model.config, model.state_dict(), tokenizer, extra)
+    return write_model(path, model.config, model.state_dict(), tokenizer, extra, encryption)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+         encryption: Encryption | None = None) -> Checkpoint:
     """Load a checkpoint written by ``save`` or by training: ``(model, extra)``, ``extra["tokenizer"]`` the JSON."""
-    obj = read_payload(path, map_location=map_location)
+    obj = read_payload(path, map_location=map_location, encryption=encryption)
     model = GPT(GPTConfig.from_saved(obj["config"]))
     load_model_state(model, obj["state_dict"], path)
     model.to(map_location)
@@ -204,11 +226,13 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in d.iterdir() if STEP_RE.match(p.name))
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that passes its checksum, with its contents; broken ones are skipped."""
+def latest_checkpoint(checkpoint_dir: str | os.PathLike,
+                      encryption: Encryption | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that passes its checksum, with its contents; broken ones are skipped
+    (one that needs a key not given is an error, not skipped)."""
     for path in reversed(list_checkpoints(checkpoint_dir)):
         try:
-            return path, read_checked(path)
+            return path, read_checked(path, encryption=encryption)
         except CheckpointError:
             continue
     return None
@@ -232,10 +256,12 @@ class FileCheckpointer:
     the run's settings, written by rank 0, the last ``keep_last`` kept.
 
     ``run`` is the loop's ``labkit.train.Run`` (its ``strategy``, ``wrapped``, ``optimizer``,
-    ``rank``, ``world_size``, ``config``, ``model_config``, ``tokenizer_json``)."""
+    ``rank``, ``world_size``, ``config``, ``model_config``, ``tokenizer_json``).
+    ``encryption``: write the files encrypted and read them with that key."""
 
     directory: str
     keep_last: int = 2
+    encryption: Encryption | None = None
 
     def save(self, run: Any, step: int) -> str | None:
         """Write the checkpoint of ``step`` (on the rank the strategy names; None elsewhere)."""
@@ -247,14 +273,14 @@ class FileCheckpointer:
         d = Path(self.directory)
         path = write_model(d / f"step_{step:08d}.pt", run.model_config, model_state, run.tokenizer_json, {
             "step": step, "optimizer": optimizer_state, "train_config": run.config.to_dict(),
-            "world_size": run.world_size})
+            "world_size": run.world_size}, self.encryption)
         for old in list_checkpoints(d)[:-self.keep_last]:
             old.unlink(missing_ok=True)
         return str(path)
 
     def load_latest(self) -> Resume | None:
         """The newest intact checkpoint in ``directory``, or None when there is none."""
-        found = latest_checkpoint(self.directory)
+        found = latest_checkpoint(self.directory, self.encryption)
         if found is None:
             return None
         path, obj = found

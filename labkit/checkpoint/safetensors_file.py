@@ -3,7 +3,10 @@
 The format inference servers load (no pickle: reading it runs no code). The header's metadata
 holds ``format`` (``labkit.gpt``), ``config`` (``GPTConfig.to_dict`` as JSON), ``tokenizer``
 (JSON, or empty) and ``sha256`` of the tensor bytes, checked on reading, so a truncated or
-corrupt export is an error naming the file rather than a model with damaged weights.
+corrupt export is an error naming the file rather than a model with damaged weights. With
+``encryption=`` the whole file is stored AES-256-GCM encrypted (``labkit.core.crypto``) and
+decrypted in memory when read (``labkit serve --key-file``); it is then no longer a safetensors
+file to other tools until decrypted.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
+from labkit.core.crypto import Encryption
 from labkit.model import GPT, GPTConfig
 
-from .files import FORMAT, TIED, Checkpoint, CheckpointError, load_model_state, tokenizer_json, write_atomic
+from .files import FORMAT, TIED, Checkpoint, CheckpointError, load_model_state, read_sealed, tokenizer_json, write_atomic
 
 
 def _data_sha256(blob: bytes) -> str:
@@ -29,23 +33,27 @@ def _data_sha256(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + n:]).hexdigest()
 
 
-def export_safetensors(model: GPT, path: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write ``model`` (tied head stored once) to ``path`` atomically, with its shape and tokenizer."""
+def export_safetensors(model: GPT, path: str | os.PathLike, tokenizer: Any = None,
+                       encryption: Encryption | None = None) -> Path:
+    """Write ``model`` (tied head stored once) to ``path`` atomically, with its shape and tokenizer
+    (encrypted with ``encryption`` when given)."""
     model = getattr(model, "module", model)
     if not isinstance(model, GPT):
         raise TypeError(f"export_safetensors expects a labkit GPT, got {type(model).__name__}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in TIED}
     meta = {"format": FORMAT, "config": json.dumps(model.config.to_dict()), "tokenizer": tokenizer_json(tokenizer) or ""}
     meta["sha256"] = _data_sha256(save(tensors, metadata=meta))  # the tensor bytes do not depend on the header
-    return write_atomic(path, save(tensors, metadata=meta))
+    return write_atomic(path, save(tensors, metadata=meta), encryption=encryption)
 
 
-def read_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load an ``export_safetensors`` file as ``(model, extra)`` after checking its checksum."""
+def read_safetensors(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                     encryption: Encryption | None = None) -> Checkpoint:
+    """Load an ``export_safetensors`` file as ``(model, extra)`` after checking its checksum
+    (``encryption``: the key of an encrypted export, decrypted in memory)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    blob = path.read_bytes()
+    blob = read_sealed(path, encryption)
     try:
         (n,) = struct.unpack("<Q", blob[:8])
         meta = json.loads(blob[8:8 + n]).get("__metadata__") or {}

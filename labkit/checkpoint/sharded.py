@@ -10,11 +10,17 @@ reader asks for the slices its own (sharded or whole) tensors cover ("resharding
 Atomic: the ranks write into ``.step_<step>.dcp.partial``; only when all have finished does rank
 0 hash the files, write the manifest and rename the folder into place. A folder without a manifest,
 or whose files do not match it, is never taken as a checkpoint (``latest`` skips it).
+
+Encrypted (``encryption=``): DCP writes and reads through a file system whose streams seal and
+open AES-256-GCM files (``labkit.core.crypto``) as they go, so no plaintext of a shard ever lands on
+disk, not even in the partial folder; the manifest is encrypted too (it holds the tokenizer). The
+manifest's hashes are of the files as stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -31,9 +37,10 @@ import torch.distributed as dist
 # torch.distributed.checkpoint (with DTensor and sympy) adds ~45 MiB to every process that imports it;
 # it is imported where a sharded checkpoint is written or read, so DDP runs and Binder's 1.5 GB never pay it
 
+from labkit.core.crypto import Encryption, EncryptionKeyError, IntegrityError, open_read, open_write
 from labkit.model import GPT, GPTConfig
 
-from .files import FORMAT, CheckpointError, FileCheckpointer, Resume, fsync_dir, list_checkpoints
+from .files import FORMAT, CheckpointError, FileCheckpointer, Resume, fsync_dir, list_checkpoints, read_sealed
 
 SHARDED_RE = re.compile(r"^step_(\d{8})\.dcp$")
 MANIFEST = "labkit.json"
@@ -47,9 +54,50 @@ def _one_process_is_fine():
         yield
 
 
+@contextlib.contextmanager
+def _corrupt_is_checkpoint_error():
+    """A chunk of an encrypted file that fails its check while DCP reads is a CheckpointError, a key
+    problem an EncryptionKeyError, also when DCP wraps them in its CheckpointException."""
+    try:
+        yield
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        inner = [f[0] if isinstance(f, tuple) else f for f in getattr(exc, "failures", {}).values()] + [exc]
+        for cause in inner:
+            if isinstance(cause, IntegrityError):
+                raise CheckpointError(f"{cause}; use an earlier checkpoint") from None
+            if isinstance(cause, EncryptionKeyError):
+                raise cause from None
+        raise
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _sealed_stream(path: str | os.PathLike, mode: str, *, encryption: Encryption | None) -> Any:
+    """DCP's ``FileSystem.create_stream``, sealing what is written and opening what is read."""
+    f = open_write(path, encryption) if "w" in mode else open_read(path, encryption)
+    with f:
+        yield f
+
+
+def _storage(folder: str | os.PathLike, encryption: Encryption | None, write: bool) -> Any:
+    """A DCP ``FileSystemWriter`` or ``FileSystemReader`` of ``folder`` whose files are encrypted."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # lazy: see the top of this module
+
+    storage = FileSystemWriter(folder) if write else FileSystemReader(folder)
+    storage.fs.create_stream = functools.partial(_sealed_stream, encryption=encryption)
+    return storage
+
+
+def _dcp_io(folder: str | os.PathLike, encryption: Encryption | None, write: bool) -> dict[str, Any]:
+    """The keyword arguments of ``dcp.save``/``dcp.load`` for ``folder``: a plain path, or encrypted storage."""
+    if encryption is None:
+        return {"checkpoint_id": str(folder)}
+    key = "storage_writer" if write else "storage_reader"
+    return {"checkpoint_id": str(folder), key: _storage(folder, encryption, write)}
 
 
 def _sha256(path: Path) -> str:
@@ -74,12 +122,13 @@ def list_sharded(checkpoint_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in d.iterdir() if SHARDED_RE.match(p.name) and p.is_dir())
 
 
-def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """The manifest of a sharded checkpoint, after checking every file against it (``verify``)."""
+def read_manifest(folder: str | os.PathLike, verify: bool = True, encryption: Encryption | None = None) -> dict[str, Any]:
+    """The manifest of a sharded checkpoint, after checking every file against it (``verify``);
+    ``encryption``: the key of an encrypted checkpoint."""
     folder = Path(folder)
     path = folder / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_sealed(path, encryption))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder} is not a finished sharded checkpoint ({MANIFEST} unreadable: {exc}); "
                               "use an earlier checkpoint") from None
@@ -103,16 +152,17 @@ def _states(run: Any) -> dict[str, Any]:
             "optim": get_optimizer_state_dict(run.wrapped, run.optimizer)}
 
 
-def load_sharded_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Any, dict]:
+def load_sharded_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu",
+                       encryption: Encryption | None = None) -> tuple[Any, dict]:
     """The whole model of a sharded checkpoint in this one process (no process group needed), and
     its manifest: for export, serving or evaluation after an FSDP run."""
     import torch.distributed.checkpoint as dcp  # lazy: see the top of this module
 
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, encryption=encryption)
     model = GPT(GPTConfig.from_saved(manifest["model_config"]))
     state = {"model": model.state_dict()}
-    with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=str(folder))
+    with _one_process_is_fine(), _corrupt_is_checkpoint_error():
+        dcp.load(state, **_dcp_io(folder, encryption, write=False))
     model.load_state_dict(state["model"])
     return model.to(map_location), manifest
 
@@ -123,10 +173,12 @@ class ShardedCheckpointer:
     together (collective: all ranks call ``save`` and ``restore``); the last ``keep_last`` kept.
 
     ``run`` is the loop's ``labkit.train.Run`` (``wrapped``, ``optimizer``, ``rank``,
-    ``world_size``, ``strategy``, ``config``, ``model_config``, ``tokenizer_json``)."""
+    ``world_size``, ``strategy``, ``config``, ``model_config``, ``tokenizer_json``).
+    ``encryption``: every rank seals its files as DCP writes them (and the manifest), and reads with that key."""
 
     directory: str
     keep_last: int = 2
+    encryption: Encryption | None = None
 
     def save(self, run: Any, step: int) -> str | None:
         """Write the checkpoint of ``step``; its folder on rank 0, None on the others."""
@@ -139,13 +191,15 @@ class ShardedCheckpointer:
             partial.mkdir(parents=True)
         _barrier()
         with _one_process_is_fine():
-            dcp.save(_states(run), checkpoint_id=str(partial))  # each rank its shard; rank 0 the metadata
+            # each rank its shard; rank 0 the metadata
+            dcp.save(_states(run), **_dcp_io(partial, self.encryption, write=True))
         if run.rank == 0:
             manifest = {"format": FORMAT, "layout": "sharded", "step": step, "world_size": run.world_size,
                         "strategy": run.strategy.name, "train_config": run.config.to_dict(),
                         "model_config": run.model_config.to_dict(), "tokenizer": run.tokenizer_json,
                         "files": _files(partial)}
-            (partial / MANIFEST).write_text(json.dumps(manifest))
+            with open_write(partial / MANIFEST, self.encryption) as f:
+                f.write(json.dumps(manifest).encode())
             for f in partial.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -161,7 +215,7 @@ class ShardedCheckpointer:
         """The newest intact sharded checkpoint in ``directory`` (broken ones skipped), or None."""
         for folder in reversed(list_sharded(self.directory)):
             try:
-                m = read_manifest(folder)
+                m = read_manifest(folder, encryption=self.encryption)
             except CheckpointError:
                 continue
             return Resume(step=int(m["step"]), world_size=m.get("world_size"),
@@ -175,13 +229,14 @@ class ShardedCheckpointer:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         state = _states(run)  # the target layout; the optimizer's state exists after this
-        with _one_process_is_fine():
-            dcp.load(state, checkpoint_id=resume.where)
+        with _one_process_is_fine(), _corrupt_is_checkpoint_error():
+            dcp.load(state, **_dcp_io(resume.where, self.encryption, write=False))
         set_model_state_dict(run.wrapped, state["model"])
         set_optimizer_state_dict(run.wrapped, run.optimizer, state["optim"])
 
 
-def default_checkpointer(directory: str, keep_last: int = 2, fmt: str = "auto", sharded: bool = False) -> Any:
+def default_checkpointer(directory: str, keep_last: int = 2, fmt: str = "auto", sharded: bool = False,
+                         encryption: Encryption | None = None) -> Any:
     """The checkpointer ``TrainConfig.checkpoint_format`` names: ``"auto"`` is sharded for a sharded
     strategy (``sharded``) or when ``directory``'s newest checkpoint is sharded, else one file."""
     if fmt == "auto":
@@ -191,4 +246,5 @@ def default_checkpointer(directory: str, keep_last: int = 2, fmt: str = "auto", 
     if fmt == "file" and sharded:
         raise ValueError("an FSDP run keeps its optimizer state in shards: use checkpoint_format='sharded' "
                          "(or 'auto'), not 'file'")
-    return ShardedCheckpointer(directory, keep_last) if fmt == "sharded" else FileCheckpointer(directory, keep_last)
+    cls = ShardedCheckpointer if fmt == "sharded" else FileCheckpointer
+    return cls(directory, keep_last, encryption)

@@ -27,11 +27,13 @@ from distributed import as_completed
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from ..core.crypto import Encryption, IntegrityError, plaintext_size
 from ..core.events import emit
 from ..core.shared import check_shared
 from . import clean as C
 from .config import DataConfig, default_shard_dir
-from .shards import SPLITS, TOKENIZER_FILE, ShardError, clear_folder, dtype_for_vocab, finish_folder, shard_name, write_shard
+from .shards import (SPLITS, TOKENIZER_FILE, ShardError, clear_folder, dtype_for_vocab, finish_folder, save_tokenizer,
+                     shard_name, write_shard)
 from .sources import Document, FileItem, Issue, StdlibSource, list_sources, parse_source, read_file
 from .tokenizer import eot_id as _eot_id, train_bpe
 
@@ -201,10 +203,12 @@ def count_tokens(tp: TokenizedPartition) -> TokenCounts:
     return TokenCounts(tp.index, int(tp.train.size), int(tp.val.size), tp.docs, tp.tokens, tp.bytes, tp.seconds)
 
 
-def write_pieces(out_dir: str, name: str, split: str, vocab_size: int, spans: Sequence[tuple[int, int]],
-                 *parts: TokenizedPartition) -> dict:
-    """On a worker: write shard ``name`` from ``parts[k].<split>[lo:hi]`` for each span; returns its entry."""
-    return write_shard(out_dir, name, [getattr(tp, split)[lo:hi] for tp, (lo, hi) in zip(parts, spans)], vocab_size)
+def write_pieces(out_dir: str, name: str, split: str, vocab_size: int, encryption: Encryption | None,
+                 spans: Sequence[tuple[int, int]], *parts: TokenizedPartition) -> dict:
+    """On a worker: write shard ``name`` from ``parts[k].<split>[lo:hi]`` for each span (sealed with
+    ``encryption`` when given); returns its entry."""
+    return write_shard(out_dir, name, [getattr(tp, split)[lo:hi] for tp, (lo, hi) in zip(parts, spans)], vocab_size,
+                       encryption)
 
 
 class ShardPlan:
@@ -413,7 +417,10 @@ def _check_visible(out_dir: Path, shards: dict[str, list[dict]]) -> None:
     for entries in shards.values():
         for e in entries:
             path = out_dir / e["file"]
-            size = path.stat().st_size if path.is_file() else None
+            try:
+                size = plaintext_size(path) if path.is_file() else None
+            except IntegrityError:  # an encrypted file of an impossible size
+                size = path.stat().st_size
             if size != e["bytes"]:
                 raise ShardError(
                     f"a worker wrote shard {path} ({e['bytes']} bytes) but here it is "
@@ -432,6 +439,7 @@ def preprocess(
     scale: str | None = None,
     progress: bool = True,
     on_event: Callable[[dict], None] | None = None,
+    encryption: Encryption | None = None,
     **overrides: Any,
 ) -> PreprocessReport:
     """Turn raw text into packed token shards in ``out_dir``; returns a :class:`PreprocessReport`.
@@ -442,6 +450,9 @@ def preprocess(
     Settings: ``config`` (a :class:`DataConfig`), else the preset of ``scale``; keyword
     ``overrides`` (e.g. ``near_dup_threshold=0.7``) and ``vocab_size`` win over both.
     ``on_event`` receives ``data`` events (docs/s, tokens/s), e.g. a ``LivePlot``.
+    ``encryption`` (a ``labkit.core.crypto.Encryption``): the workers write the shards encrypted and
+    the driver tokenizer.json; it travels to the workers with each write task (a key file's path, an
+    environment variable's name, or the key itself when made with ``Encryption.from_key``).
     """
     t0 = time.perf_counter()
     cfg = config if config is not None else DataConfig.for_scale(scale)
@@ -537,7 +548,7 @@ def preprocess(
     vocab = tok.get_vocab_size()
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_folder(out_dir)
-    tok.save(str(out_dir / TOKENIZER_FILE))
+    save_tokenizer(tok, out_dir / TOKENIZER_FILE, encryption)
     tok_ref = _share(client, tok.to_str())  # once to every worker, not once per task
     stage_seconds["tokenizer"] = time.perf_counter() - t2
 
@@ -557,7 +568,7 @@ def preprocess(
 
     def write(split: str, name: str, pieces: list) -> None:
         spans = [(lo, hi) for _, lo, hi in pieces]
-        writes[split].append(_submit(client, write_pieces, work_dir, name, split, vocab, spans,
+        writes[split].append(_submit(client, write_pieces, work_dir, name, split, vocab, encryption, spans,
                                      *[fut for fut, _, _ in pieces]))
 
     bar = _Progress("tokenize", len(parts), progress, on_event, t0)
@@ -601,7 +612,8 @@ def preprocess(
         source_meta.append({**src, "bytes": sum(f.size for f in listing.files if f.source == src["source"]),
                             "sha256": h.hexdigest()})
     meta = finish_folder(out_dir, shards, vocab_size=vocab, eot_id=eot, shard_tokens=cfg.shard_tokens, counts=counts,
-                         sources=source_meta, config={**cfg.model_dump(), "partitions": len(parts)})
+                         sources=source_meta, config={**cfg.model_dump(), "partitions": len(parts)},
+                         encryption=encryption)
     return PreprocessReport(
         out_dir=out_dir, steps=steps, issues=issues, counts=meta["counts"], duplicates=duplicates,
         doc_lengths=[summaries[flat[i][0]].lengths[flat[i][1]] for i in alive],

@@ -18,6 +18,11 @@ The pipeline's workers write the shards themselves (:func:`write_shard`, one cal
 return only their entries; the driver writes ``tokenizer.json`` and ``meta.json``
 (:func:`finish_folder`). :func:`verify_shards` checks every hash once (on Dask workers when given
 a client), so training ranks can open the folder with ``verify=False``.
+
+Encrypted at rest (``encryption=``, a :class:`labkit.core.crypto.Encryption`): the shards and
+tokenizer.json are AES-256-GCM files (``labkit.core.crypto``); meta.json stays readable and records
+the key id. ``bytes`` in meta.json counts the ids' bytes, ``sha256`` hashes the file as stored (so
+``verify_shards`` needs no key), and a reader decrypts only the chunks it reads.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from ..core.crypto import (Encryption, EncryptedReader, EncryptedWriter, HashingWriter, IntegrityError,
+                           open_read, open_write, plaintext_size)
 from .sources import stdlib_root
 from .tokenizer import eot_id as _eot, train_bpe
 
@@ -111,24 +118,48 @@ def _check_ids(arr: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"token ids must lie in [0, {vocab_size}); got {arr.min()}..{arr.max()}")
 
 
-def write_shard(out_dir: str | Path, name: str, pieces: Sequence[np.ndarray], vocab_size: int) -> dict:
-    """Write one shard from consecutive pieces of ids, atomically (temp name, then rename); returns
-    its meta.json entry ``{"file", "tokens", "bytes", "sha256"}``. Runs on the worker that holds the ids."""
+def _shard_file(path: Path, encryption: Encryption | None) -> tuple[Any, Any]:
+    """A file to write a shard into (sealed when ``encryption`` is given) and the SHA-256 of what lands on disk."""
+    raw = HashingWriter(open(path, "wb"))
+    return (raw if encryption is None else EncryptedWriter(raw, encryption)), raw.sha256
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path, encryption: Encryption | None = None) -> Path:
+    """Write ``tokenizer.json`` (encrypted with ``encryption``; it holds what BPE learned from the data)."""
+    path = Path(path)
+    if encryption is None:
+        tokenizer.save(str(path))
+        return path
+    tmp = path.with_name(_temp_name(path.name))
+    try:
+        with open_write(tmp, encryption) as f:
+            f.write(tokenizer.to_str(pretty=True).encode("utf-8"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_shard(out_dir: str | Path, name: str, pieces: Sequence[np.ndarray], vocab_size: int,
+                encryption: Encryption | None = None) -> dict:
+    """Write one shard from consecutive pieces of ids, atomically (temp name, then rename), sealed with
+    ``encryption`` when given; returns its meta.json entry ``{"file", "tokens", "bytes", "sha256"}``.
+    Runs on the worker that holds the ids."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise ShardError(f"{out_dir} does not exist on this worker: the output folder must be on a filesystem "
                          "the workers share with the driver (e.g. under $HOME or project storage, not /tmp)")
     dtype = dtype_for_vocab(vocab_size)
     tmp = out_dir / _temp_name(name)
-    h, tokens, nbytes = hashlib.sha256(), 0, 0
+    tokens, nbytes = 0, 0
     try:
-        with open(tmp, "wb") as f:
+        f, h = _shard_file(tmp, encryption)
+        with f:
             for piece in pieces:
                 arr = np.asarray(piece)
                 _check_ids(arr, vocab_size)
                 data = arr.astype(dtype, copy=False).ravel().tobytes()
                 f.write(data)
-                h.update(data)
                 tokens += int(arr.size)
                 nbytes += len(data)
         os.replace(tmp, out_dir / name)
@@ -144,7 +175,8 @@ class ShardWriter:
     byte-identical shards.
     """
 
-    def __init__(self, out_dir: str | Path, vocab_size: int, *, shard_tokens: int = 1 << 24):
+    def __init__(self, out_dir: str | Path, vocab_size: int, *, shard_tokens: int = 1 << 24,
+                 encryption: Encryption | None = None):
         if shard_tokens < 1:
             raise ValueError(f"shard_tokens must be >= 1, not {shard_tokens}")
         self.out_dir = Path(out_dir)
@@ -152,6 +184,7 @@ class ShardWriter:
         self.vocab_size = int(vocab_size)
         self.dtype = dtype_for_vocab(self.vocab_size)
         self.shard_tokens = int(shard_tokens)
+        self.encryption = encryption
         self.shards: dict[str, list[dict]] = {}
         self._open: dict[str, tuple[Any, Any, dict]] = {}  # split -> (file, hasher, entry)
         clear_folder(self.out_dir)
@@ -167,7 +200,6 @@ class ShardWriter:
             part, arr = arr[:room], arr[room:]
             data = part.tobytes()
             f.write(data)
-            h.update(data)
             entry["tokens"] += int(part.size)
             entry["bytes"] += len(data)
             if entry["tokens"] == self.shard_tokens:
@@ -181,14 +213,14 @@ class ShardWriter:
     def _current(self, split: str):
         if split not in self._open:
             name = shard_name(split, len(self.shards.setdefault(split, [])))
-            entry = {"file": name, "tokens": 0, "bytes": 0, "sha256": ""}
-            self._open[split] = (open(self.out_dir / _temp_name(name), "wb"), hashlib.sha256(), entry)
+            entry = {"file": name, "tokens": 0, "bytes": 0, "sha256": "", "tmp": self.out_dir / _temp_name(name)}
+            self._open[split] = (*_shard_file(entry["tmp"], self.encryption), entry)
         return self._open[split]
 
     def _close(self, split: str) -> None:
         f, h, entry = self._open.pop(split)
         f.close()
-        os.replace(f.name, self.out_dir / entry["file"])  # complete: now under its own name
+        os.replace(entry.pop("tmp"), self.out_dir / entry["file"])  # complete: now under its own name
         entry["sha256"] = h.hexdigest()
         self.shards[split].append(entry)
 
@@ -219,22 +251,24 @@ def write_shards(
     counts: Mapping[str, Any] | None = None,
     sources: Sequence[Mapping[str, Any]] = (),
     config: Mapping[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> dict:
     """Write a whole shard folder: tokenizer.json, shards per split, then meta.json; returns meta.
 
     ``splits`` maps a split name to chunks of ids; with ``documents=True`` each chunk is one
     document and gets ``eot_id`` appended, else chunks are raw ids that already hold EOTs.
+    With ``encryption`` the shards and tokenizer.json are written encrypted.
     """
     out_dir = Path(out_dir)
     vocab_size = tokenizer.get_vocab_size()
-    writer = ShardWriter(out_dir, vocab_size, shard_tokens=shard_tokens)
+    writer = ShardWriter(out_dir, vocab_size, shard_tokens=shard_tokens, encryption=encryption)
     for split, chunks in splits.items():
         if documents:
             writer.write_documents(split, chunks, eot_id)
         else:
             for chunk in chunks:
                 writer.write(split, chunk)
-    tokenizer.save(str(out_dir / TOKENIZER_FILE))
+    save_tokenizer(tokenizer, out_dir / TOKENIZER_FILE, encryption)
     return finish(out_dir, writer, vocab_size=vocab_size, eot_id=eot_id, counts=counts, sources=sources, config=config)
 
 
@@ -250,7 +284,8 @@ def finish(
 ) -> dict:
     """Close ``writer`` and write meta.json (tokenizer.json must already be in ``out_dir``)."""
     return finish_folder(out_dir, writer.close(), vocab_size=vocab_size, eot_id=eot_id,
-                         shard_tokens=writer.shard_tokens, counts=counts, sources=sources, config=config)
+                         shard_tokens=writer.shard_tokens, counts=counts, sources=sources, config=config,
+                         encryption=writer.encryption)
 
 
 def finish_folder(
@@ -263,9 +298,11 @@ def finish_folder(
     counts: Mapping[str, Any] | None = None,
     sources: Sequence[Mapping[str, Any]] = (),
     config: Mapping[str, Any] | None = None,
+    encryption: Encryption | None = None,
 ) -> dict:
     """Write meta.json for shards already in ``out_dir`` (``{split: [entries]}`` in stream order);
-    tokenizer.json must be there too. Returns the meta."""
+    tokenizer.json must be there too. ``encryption``: the key the files were sealed with (its id is
+    recorded). Returns the meta."""
     shards = {split: list(entries) for split, entries in shards.items()}
     for split in SPLITS:
         shards.setdefault(split, [])
@@ -290,15 +327,33 @@ def finish_folder(
         "sources": list(sources),
         "config": dict(config or {}),
     }
+    if encryption is not None:
+        meta["encryption"] = encryption.describe()
     write_meta(out_dir, meta)
     return meta
+
+
+class _SealedTokens:
+    """The ids of an encrypted shard, sliced like an array: each slice decrypts only the chunks it covers."""
+
+    def __init__(self, reader: EncryptedReader, dtype: np.dtype):
+        self.reader, self.dtype = reader, dtype
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        size = self.dtype.itemsize
+        self.reader.seek(part.start * size)
+        try:
+            data = self.reader.read((part.stop - part.start) * size)
+        except IntegrityError as exc:
+            raise ShardError(f"{exc}; {REBUILD}") from None
+        return np.frombuffer(data, dtype=self.dtype)
 
 
 @dataclass
 class _Shard:
     path: Path
     tokens: int
-    data: np.ndarray
+    data: np.ndarray | _SealedTokens
 
 
 def check_hash(path: str | Path, sha256: str) -> None:
@@ -310,15 +365,56 @@ def check_hash(path: str | Path, sha256: str) -> None:
         )
 
 
+def read_meta(out_dir: str | Path) -> tuple[dict, np.dtype]:
+    """A finished folder's meta.json and the dtype of its ids, checked; a ShardError says what is wrong."""
+    meta_path = Path(out_dir) / META
+    if not meta_path.is_file():
+        raise ShardError(f"{meta_path} not found: {out_dir} is not a finished shard folder; {REBUILD}")
+    try:
+        meta: dict = json.loads(meta_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ShardError(f"{meta_path} is unreadable ({exc}); {REBUILD}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{meta_path}: format_version {meta.get('format_version')!r}, this labkit reads "
+            f"{FORMAT_VERSION}; {REBUILD}"
+        )
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    if dtype != dtype_for_vocab(int(meta["vocab_size"])):
+        raise ShardError(f"{meta_path}: dtype {meta['dtype']} does not fit vocab_size {meta['vocab_size']}; {REBUILD}")
+    return meta, dtype
+
+
+def check_size(path: Path, entry: Mapping[str, Any], dtype: np.dtype) -> int:
+    """The bytes of ids in a shard (of the plaintext, for an encrypted one; no key needed), after
+    checking the file is there with the size meta.json records; a ShardError names it otherwise."""
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing (listed in meta.json); {REBUILD}")
+    try:
+        size = plaintext_size(path)
+    except IntegrityError as exc:  # an encrypted file cut short: no whole last chunk
+        raise ShardError(f"shard {exc}; {REBUILD}") from None
+    expected = int(entry["tokens"]) * dtype.itemsize
+    if size != expected or size != int(entry["bytes"]):
+        what = "truncated" if size < expected else "longer than recorded"
+        raise ShardError(
+            f"shard {path} is {what}: {size} bytes on disk, meta.json says {entry['bytes']} "
+            f"({entry['tokens']} tokens x {dtype.itemsize} bytes); {REBUILD}"
+        )
+    return size
+
+
 def verify_shards(out_dir: str | Path, client=None) -> int:
     """Check every shard of every split against meta.json once (sizes and sha256); returns how many.
 
     With a ``dask.distributed.Client`` the files are hashed on its workers (which must see the
     folder), each file once, so the driver reads no shard bytes. Call it once per training run and
     open the readers with ``verify=False``; a bad shard raises :class:`ShardError` naming the file."""
-    splits = ShardReader(out_dir, SPLITS[0], verify=False).meta["splits"]
-    for split in splits:
-        ShardReader(out_dir, split, verify=False)  # missing or truncated files: cheap, checked first
+    meta, dtype = read_meta(out_dir)
+    splits = meta.get("splits", {})
+    for entries in splits.values():  # missing or truncated files: cheap, checked first (no key needed)
+        for e in entries:
+            check_size(Path(out_dir) / e["file"], e, dtype)
     paths = [(str(Path(out_dir) / e["file"]), e["sha256"]) for entries in splits.values() for e in entries]
     if client is None:
         for path, sha in paths:
@@ -334,31 +430,21 @@ class ShardReader:
     """Memory-maps the shards of one split, checks them, and draws random training blocks.
 
     ``verify=True`` hashes every shard of the split on open; ``False`` checks only that each file is
-    there with the recorded size (for ranks of a run whose shards :func:`verify_shards` checked)."""
+    there with the recorded size (for ranks of a run whose shards :func:`verify_shards` checked).
+    ``encryption``: the key of encrypted shards (plaintext ones read as before with or without it);
+    an encrypted shard without it, or with another key, is an ``EncryptionKeyError`` naming the file."""
 
-    def __init__(self, out_dir: str | Path, split: str = "train", verify: bool = True):
+    def __init__(self, out_dir: str | Path, split: str = "train", verify: bool = True,
+                 encryption: Encryption | None = None):
         self.out_dir = Path(out_dir)
         self.split = split
-        meta_path = self.out_dir / META
-        if not meta_path.is_file():
-            raise ShardError(f"{meta_path} not found: {self.out_dir} is not a finished shard folder; {REBUILD}")
-        try:
-            self.meta: dict = json.loads(meta_path.read_text())
-        except (ValueError, OSError) as exc:
-            raise ShardError(f"{meta_path} is unreadable ({exc}); {REBUILD}") from exc
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ShardError(
-                f"{meta_path}: format_version {self.meta.get('format_version')!r}, this labkit reads "
-                f"{FORMAT_VERSION}; {REBUILD}"
-            )
+        self.encryption = encryption
+        self.meta, self.dtype = read_meta(self.out_dir)
         splits = self.meta.get("splits", {})
         if split not in splits:
-            raise ShardError(f"{meta_path}: no split {split!r}; valid splits: {', '.join(sorted(splits))}")
+            raise ShardError(f"{self.out_dir / META}: no split {split!r}; valid splits: {', '.join(sorted(splits))}")
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.eot_id: int = int(self.meta["eot_id"])
-        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        if self.dtype != dtype_for_vocab(self.vocab_size):
-            raise ShardError(f"{meta_path}: dtype {self.meta['dtype']} does not fit vocab_size {self.vocab_size}; {REBUILD}")
         self._shards: list[_Shard] = []
         for entry in splits[split]:
             path = self.out_dir / entry["file"]
@@ -366,19 +452,17 @@ class ShardReader:
         self.offsets = np.cumsum([0] + [s.tokens for s in self._shards])
         self.num_tokens: int = int(self.offsets[-1])
 
-    def _open(self, path: Path, entry: Mapping[str, Any], verify: bool) -> np.ndarray:
-        if not path.is_file():
-            raise ShardError(f"shard {path} is missing (listed in meta.json); {REBUILD}")
-        size = path.stat().st_size
-        expected = int(entry["tokens"]) * self.dtype.itemsize
-        if size != expected or size != int(entry["bytes"]):
-            what = "truncated" if size < expected else "longer than recorded"
-            raise ShardError(
-                f"shard {path} is {what}: {size} bytes on disk, meta.json says {entry['bytes']} "
-                f"({entry['tokens']} tokens x {self.dtype.itemsize} bytes); {REBUILD}"
-            )
+    def _open(self, path: Path, entry: Mapping[str, Any], verify: bool) -> np.ndarray | _SealedTokens:
+        size = check_size(path, entry, self.dtype)
         if verify:
             check_hash(path, entry["sha256"])
+        if size != path.stat().st_size:  # encrypted: the ids are read chunk by chunk, decrypted
+            f = open(path, "rb")
+            try:
+                return _SealedTokens(EncryptedReader(f, self.encryption, f"shard {path}"), self.dtype)
+            except BaseException:
+                f.close()
+                raise
         if size == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
@@ -446,7 +530,11 @@ class ShardReader:
         path = self.out_dir / self.meta.get("tokenizer", TOKENIZER_FILE)
         if not path.is_file():
             raise ShardError(f"{path} is missing; {REBUILD}")
-        return Tokenizer.from_file(str(path))
+        try:
+            with open_read(path, self.encryption) as f:
+                return Tokenizer.from_str(f.read().decode("utf-8"))
+        except IntegrityError as exc:
+            raise ShardError(f"{exc}; {REBUILD}") from None
 
 
 def tiny_text(max_bytes: int = 300_000) -> str:
@@ -473,8 +561,10 @@ def make_tiny_shards(
     *,
     val_every: int = 10,
     shard_tokens: int = 1 << 15,
+    encryption: Encryption | None = None,
 ) -> ShardReader:
-    """Train a small BPE on ``text`` (default: stdlib sources) and write shards in seconds.
+    """Train a small BPE on ``text`` (default: stdlib sources) and write shards in seconds
+    (encrypted with ``encryption`` when given).
 
     Documents are the text's paragraphs (split at blank lines); every ``val_every``-th goes to
     ``val``. For tests and notebooks; the real pipeline is ``labkit.data.preprocess``.
@@ -499,5 +589,6 @@ def make_tiny_shards(
         sources=[{"source": "text" if given else "stdlib-tiny",
                   "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}],
         config={"maker": "make_tiny_shards", "vocab_size": vocab_size, "val_every": val_every},
+        encryption=encryption,
     )
-    return ShardReader(out_dir, "train")
+    return ShardReader(out_dir, "train", encryption=encryption)

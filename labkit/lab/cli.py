@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cleanup": ("labkit.cluster.cleanup", "cancel your stale labkit Slurm jobs (owner notebook gone)"),
     "hardware": ("labkit.hardware.cli", "the hardware catalog, and the memory/time/energy plan of a training run"),
     "install-kernel": ("labkit.lab.kernel", "register this environment as a Jupyter kernel (LABKIT_* settings passed through)"),
+    "key": ("labkit.core.crypto", "make a key file for encryption at rest (mode 0600), or print a key's id"),
     "run": ("labkit.lab.runner", "execute notebooks headless with a scale/profile; write executed copies and an HTML report"),
 }
 

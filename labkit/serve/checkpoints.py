@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from labkit.checkpoint import SHARDED_RE, CheckpointError, load, verify
+from labkit.core.crypto import Encryption
 
 from .demo import demo_generator
 from .engine import ByteTokenizer, ModelGenerator
@@ -48,12 +49,14 @@ def checkpoints_newest_first(run_dir: str | os.PathLike | Sequence[str | os.Path
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> Path:
-    """The most recently written checkpoint under ``run_dir`` (or several folders) that passes its checksum."""
+def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike],
+                      encryption: Encryption | None = None) -> Path:
+    """The most recently written checkpoint under ``run_dir`` (or several folders) that passes its checksum
+    (``encryption``: the key of encrypted ones; without it an encrypted one is an ``EncryptionKeyError``)."""
     found = checkpoints_newest_first(run_dir)
     for path in found:
         try:
-            verify(path)
+            verify(path, encryption)
         except CheckpointError:
             continue  # a broken or half-copied file: fall back to the one before
         return path
@@ -65,14 +68,16 @@ def newest_checkpoint(run_dir: str | os.PathLike | Sequence[str | os.PathLike]) 
     )
 
 
-def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelGenerator:
-    """A ``ModelGenerator`` for a checkpoint written by ``labkit.checkpoint.save`` (pruned or not)."""
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   encryption: Encryption | None = None) -> ModelGenerator:
+    """A ``ModelGenerator`` for a checkpoint written by ``labkit.checkpoint.save`` (pruned or not);
+    an encrypted one is decrypted in memory with ``encryption``."""
     path = Path(path)
     if path.is_dir() and not SHARDED_RE.match(path.name):
-        path = newest_checkpoint(path)
+        path = newest_checkpoint(path, encryption)
     if not path.exists():
         raise NoCheckpoint(f"no checkpoint at {path}; pass an existing file, a run directory, or use --demo")
-    ckpt = load(path, map_location=device)
+    ckpt = load(path, map_location=device, encryption=encryption)
     tok = ckpt.tokenizer()
     if tok is not None:
         tokenizer: Any = HFTokenizer(tok)

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from labkit.config import ConfigError, load_config, runs_dir
+from labkit.core.crypto import Encryption, EncryptionKeyError
 
 from .config import ServeConfig
 from .tls import self_signed
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "with --slurm the default is 0)")
     p.add_argument("--cert", help="TLS certificate (PEM); needs --key (with --slurm: a path the node can read)")
     p.add_argument("--key", help="TLS private key (PEM); needs --cert")
+    p.add_argument("--key-file", help="at-rest key of an encrypted checkpoint (mode 0600; `labkit key new`), "
+                   "decrypted in memory; default: $LABKIT_KEY_FILE or $LABKIT_DATA_KEY when set. Not the TLS --key")
     p.add_argument("--self-signed", metavar="DIR", help="make a self-signed certificate in DIR and serve TLS with it "
                    "(with --slurm: the job makes one for its node when the profile sets tls)")
     p.add_argument("--scale", help="scale preset for the limits (tiny, binder, workshop, full; default: active)")
@@ -87,6 +90,8 @@ def job_serve_args(args: argparse.Namespace, target: Path | None) -> list[str]:
         serve_args.append("--no-embed")
     if args.served_model_name:
         serve_args += ["--served-model-name", args.served_model_name]
+    if getattr(args, "key_file", None):  # a path the node reads on shared storage; the key itself never goes in the job
+        serve_args += ["--key-file", str(Path(args.key_file).expanduser().resolve())]
     return serve_args
 
 
@@ -100,11 +105,12 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     try:
-        target = None if args.demo else Path(args.checkpoint or newest_checkpoint(default_run_dir()))
+        encryption = Encryption.from_file(args.key_file) if args.key_file else Encryption.from_environment()
+        target = None if args.demo else Path(args.checkpoint or newest_checkpoint(default_run_dir(), encryption))
         profile = load_config().profile(args.profile or "slurm")
         job = submit(profile, job_serve_args(args, target), port=args.port or 0, certfile=args.cert,
                      keyfile=args.key)
-    except (FileNotFoundError, ValueError, ConfigError) as exc:
+    except (FileNotFoundError, ValueError, ConfigError, EncryptionKeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # sbatch refused it; the message says why
@@ -152,9 +158,10 @@ def cli(args: argparse.Namespace) -> int:
         print(f"error: --device: {exc}", file=sys.stderr)
         return 2
     try:
-        generator = demo_generator(device=device) if args.demo else \
-            load_generator(args.checkpoint or newest_checkpoint(default_run_dir()), device=device)
-    except (NoCheckpoint, NoTokenizer) as exc:  # their messages say what to do
+        encryption = Encryption.from_file(args.key_file) if args.key_file else Encryption.from_environment()
+        generator = demo_generator(device=device) if args.demo else load_generator(
+            args.checkpoint or newest_checkpoint(default_run_dir(), encryption), device=device, encryption=encryption)
+    except (NoCheckpoint, NoTokenizer, EncryptionKeyError) as exc:  # their messages say what to do
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except CheckpointError as exc:  # a junk, truncated or foreign file
