@@ -55,6 +55,7 @@ from labkit.config import ScaleSettings, runs_dir
 from labkit.core import preempt
 from labkit.core.crypto import Encryption
 from labkit.core.events import emit
+from labkit.core.heap import keep_freed_memory
 from labkit.core.memcap import Cap, is_out_of_memory, memory_cap
 from labkit.core.ranks import run_ranks, select_workers
 from labkit.core.shared import check_shared
@@ -394,6 +395,17 @@ class StepStats:
     lr: float
 
 
+def prepare_process(config: TrainConfig, device: torch.device) -> None:
+    """The process-wide settings a rank wants on its device. On CPU: torch's threads
+    (``config.num_threads``) and a heap that keeps freed memory between steps instead of faulting
+    it back in every step (``labkit.core.heap``; ~10% of a small GPT's step on a CPU)."""
+    if device.type != "cpu":
+        return
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    keep_freed_memory()
+
+
 def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
           device: torch.device | str | None = None, sink: Callable | None = None, resume: bool = False,
           strategy: Any = None, checkpointer: Any = None, verify: bool = True,
@@ -404,8 +416,7 @@ def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, wo
     when it is set (sharded under FSDP), else none. ``encryption``: the key that reads encrypted
     shards and writes (and reads) the default checkpointer's files encrypted."""
     device = resolve_device(config.device if device is None else device)
-    if config.num_threads and device.type == "cpu":
-        torch.set_num_threads(config.num_threads)
+    prepare_process(config, device)
     strategy = make_strategy(config.strategy, world_size, config.model.precision) if strategy is None else strategy
     if checkpointer is None and config.checkpoint_dir:
         checkpointer = default_checkpointer(config.checkpoint_dir, config.keep_last, config.checkpoint_format,

@@ -14,6 +14,9 @@ def test_bench_part_a_smoke(tmp_path):
     assert out["plain_tokens_per_s"] > 0 and out["labkit_tokens_per_s"] > 0
     assert 0 < out["mfu_labkit"] < 1 and 0 < out["mfu_plain_fp32"] < 1 and 0 < out["mfu_labkit_fp32"] < 1
     assert out["labkit_fp32_tokens_per_s"] > 0 and out["speedup_fp32"] > 0
+    # as training runs: each trainer in its own process, labkit's set up by prepare_process
+    assert out["own_plain_tokens_per_s"] > 0 and out["own_labkit_fp32_tokens_per_s"] > 0 and out["own_speedup_fp32"] > 0
+    assert out["faults_per_step_plain"] >= 0 and out["faults_per_step_labkit"] >= 0
     # the CPU decides the fast precision: the report names the flags that decide it, as this CPU has them
     from labkit.model import cpu_flags
 
