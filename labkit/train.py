@@ -403,7 +403,10 @@ def prepare_process(config: TrainConfig, device: torch.device) -> None:
         return
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    keep_freed_memory()
+    if config.memory_cap_mb is None:
+        # under a cap (labkit.core.memcap counts the data segment) a kept heap's fragments would count
+        # as the model's need, and a run that fits with glibc's defaults could fail
+        keep_freed_memory()
 
 
 def setup(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
@@ -610,6 +613,11 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
     shards (the run's driver had them verified once for all ranks). With ``config.memory_cap_mb``
     the rank runs under that cap (``labkit.core.memcap``) and running out raises ``MemoryCapExceeded``."""
     cap = config.memory_cap_mb
+    if cap is not None:
+        # DDP and FSDP import torch._dynamo on first use; under the cap that import can fail halfway
+        # (a MemoryError inside a module body) and leave a half-imported module that breaks every
+        # later run in this worker. The cap is for the model's memory, so import it first.
+        import torch._dynamo  # noqa: F401
     with memory_cap(cap, resolve_device(config.device if device is None else device)) as capped:
         try:
             return _loop(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink,
