@@ -55,7 +55,7 @@ from labkit.config import ScaleSettings, runs_dir
 from labkit.core import preempt
 from labkit.core.crypto import Encryption
 from labkit.core.events import emit
-from labkit.core.heap import keep_freed_memory
+from labkit.core.heap import keep_freed_memory, return_freed_memory
 from labkit.core.memcap import Cap, is_out_of_memory, memory_cap
 from labkit.core.ranks import run_ranks, select_workers
 from labkit.core.shared import check_shared
@@ -617,7 +617,8 @@ def run_loop(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0,
         # DDP and FSDP import torch._dynamo on first use; under the cap that import can fail halfway
         # (a MemoryError inside a module body) and leave a half-imported module that breaks every
         # later run in this worker. The cap is for the model's memory, so import it first.
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo  # noqa: F401  # lazy: torch._dynamo (~1 s import, ~40 MiB) only under a memory cap
+        return_freed_memory()  # an earlier run in this worker kept its heap: the cap must not count it
     with memory_cap(cap, resolve_device(config.device if device is None else device)) as capped:
         try:
             return _loop(config, data_dir, rank=rank, world_size=world_size, device=device, sink=sink,

@@ -37,6 +37,10 @@ else:
     prepare_process(TrainConfig(device="cpu", num_threads=1), torch.device("cpu"))
     out["applied"] = True
 out["after"] = measure()
+if sys.argv[1] == "heap":
+    from labkit.core.heap import return_freed_memory
+    out["returned"] = return_freed_memory()
+    out["again"] = measure()
 print(json.dumps(out))
 """
 
@@ -56,3 +60,12 @@ def test_freed_memory_is_kept_so_steps_stop_faulting(mode):
     # 32 MiB written per step: ~8,000 fresh 4 KiB pages when glibc returns it all, ~none when kept
     assert out["before"] > 4000, out
     assert out["after"] < out["before"] / 20, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and getrusage page faults: Linux")
+def test_returned_memory_faults_again():
+    """return_freed_memory (what a memory cap needs) undoes keep_freed_memory: freed pages go back to
+    the kernel, so the same loop faults again (not all 8 blocks: glibc reuses free chunks it holds)."""
+    out = _run("heap")
+    assert out["returned"]
+    assert out["again"] > max(4 * out["after"], 500), out

@@ -19,28 +19,51 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "return_freed_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' starting values in glibc
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit where it checks one
+
+
+def _mallopt() -> tuple[object, object] | None:
+    """glibc's ``mallopt`` and ``malloc_trim``, or None where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return mallopt, trim
 
 
 def keep_freed_memory(keep_bytes: int = 1 << 30) -> bool:
     """Make malloc serve blocks under ``keep_bytes`` from its heap and keep up to ``keep_bytes`` freed
     memory mapped, so a training loop stops re-faulting its activations every step. Returns False
     where the C library is not glibc (macOS, musl): nothing is changed there."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    fns = _mallopt()
+    if fns is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt, _ = fns
     keep = int(min(keep_bytes, 2**31 - 1))
     # blocks under the threshold come from the heap, not from a fresh mmap each time; older glibc
     # refuses values above 32 MiB, so fall back to its maximum there
     ok_mmap = mallopt(M_MMAP_THRESHOLD, keep) == 1 or mallopt(M_MMAP_THRESHOLD, min(keep, MMAP_THRESHOLD_MAX)) == 1
     ok_trim = mallopt(M_TRIM_THRESHOLD, keep) == 1
     return ok_mmap and ok_trim
+
+
+def return_freed_memory() -> bool:
+    """Undo ``keep_freed_memory``: glibc's starting thresholds again and the free heap handed back
+    (``malloc_trim``), so that what the data segment counts is what is in use (``labkit.core.memcap``
+    caps exactly that). Returns False where the C library is not glibc."""
+    fns = _mallopt()
+    if fns is None:
+        return False
+    mallopt, trim = fns
+    ok = mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD) == 1
+    trim(0)
+    return ok
