@@ -15,7 +15,7 @@ a matmul peak measured in this run for the dtype used. Then 200 steps of labkit'
 compared with 200 float32 steps: the final losses must agree within 2%. Last, the figures the goal is
 about: each trainer in a process of its own, as training runs, the processes taking turns round by
 round: the plain GPT with PyTorch's and glibc's defaults, labkit's after ``labkit.train.prepare_process``
-(what ``setup`` does on every rank: its threads, and a heap that keeps freed memory instead of
+(what every rank on a Dask worker does: its threads, and a heap that keeps freed memory instead of
 faulting the step's activations back in every step, ``labkit.core.heap``); page faults per step
 are printed for both.
 
@@ -253,7 +253,7 @@ def _faults() -> int:
 def _trainer_process(conn, data_dir: str, kind: str, precision: str, steps_per_round: int, n_batches: int) -> None:
     """One trainer in a process of its own: build, warm, then run ``steps_per_round`` steps whenever
     the parent says go, and answer (seconds, minor page faults). ``kind`` plain: PyTorch's defaults;
-    labkit: the process set up as ``labkit.train.setup`` sets up a rank (``prepare_process``)."""
+    labkit: the process set up as a rank on a Dask worker is (``prepare_process``)."""
     vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
     data = batches(Path(data_dir), n_batches)
     if kind == "plain":
@@ -261,7 +261,7 @@ def _trainer_process(conn, data_dir: str, kind: str, precision: str, steps_per_r
     else:
         from labkit.train import TrainConfig, prepare_process
 
-        prepare_process(TrainConfig(device="cpu"), torch.device("cpu"))
+        prepare_process(TrainConfig(device="cpu"), torch.device("cpu"), keep_heap=True)
         (model, opt), fn = make_labkit(vocab, precision), step_labkit
     for i in range(3):
         fn(model, opt, *data[i])
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             out["a"] = part_a(data_dir, **kw)
             a = out["a"]
             print(f"(a) CPU: {a['cpu']}; {a['threads']} threads; best precision here: {a['dtype']}")
-            print(f"    as training runs, each in its own process (labkit's set up as its ranks are), "
+            print(f"    as training runs, each in its own process (labkit's set up as its ranks on Dask workers are), "
                   f"tokens/s, both float32: labkit {a['own_labkit_fp32_tokens_per_s']:,.0f} vs plain PyTorch "
                   f"{a['own_plain_tokens_per_s']:,.0f}: {a['own_speedup_fp32']:.2f}x (goal >= 1.10x); labkit at its "
                   f"best precision ({a['dtype']}): {a['own_labkit_tokens_per_s']:,.0f}: {a['own_speedup']:.2f}x "

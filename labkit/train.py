@@ -395,17 +395,18 @@ class StepStats:
     lr: float
 
 
-def prepare_process(config: TrainConfig, device: torch.device) -> None:
+def prepare_process(config: TrainConfig, device: torch.device, keep_heap: bool = False) -> None:
     """The process-wide settings a rank wants on its device. On CPU: torch's threads
-    (``config.num_threads``) and a heap that keeps freed memory between steps instead of faulting
-    it back in every step (``labkit.core.heap``; ~10% of a small GPT's step on a CPU)."""
+    (``config.num_threads``) and, with ``keep_heap``, a heap that keeps freed memory between steps
+    instead of faulting it back in every step (``labkit.core.heap``). Ranks on Dask workers keep it
+    (``train_distributed``); a notebook's kernel does not (``train``): it lives on after training and
+    shares Binder's memory, where a kept heap cost notebook 07 ~180 MiB (``bench.binder 07``)."""
     if device.type != "cpu":
         return
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    if config.memory_cap_mb is None:
-        # under a cap (labkit.core.memcap counts the data segment) a kept heap's fragments would count
-        # as the model's need, and a run that fits with glibc's defaults could fail
+    if keep_heap and config.memory_cap_mb is None:
+        # under a cap (labkit.core.memcap counts the data segment) the heap stays as glibc has it
         keep_freed_memory()
 
 
@@ -737,6 +738,7 @@ def _rank_main(ctx: Any, config: TrainConfig, data_dir: str, resume: bool, strat
         last_check[0] = time.monotonic()
         return ctx.aborted()
 
+    prepare_process(config, resolve_device(config.device if ctx.device is None else ctx.device), keep_heap=True)
     return run_loop(config, data_dir, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
                     resume=resume, should_stop=should_stop, strategy=strategy, checkpointer=checkpointer,
                     verify=False, encryption=encryption)  # train_distributed verified them

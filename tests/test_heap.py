@@ -34,7 +34,7 @@ if sys.argv[1] == "heap":
     out["applied"] = keep_freed_memory()
 else:
     from labkit.train import TrainConfig, prepare_process
-    prepare_process(TrainConfig(device="cpu", num_threads=1), torch.device("cpu"))
+    prepare_process(TrainConfig(device="cpu", num_threads=1), torch.device("cpu"), keep_heap=True)
     out["applied"] = True
 out["after"] = measure()
 if sys.argv[1] == "heap":
