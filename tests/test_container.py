@@ -166,8 +166,9 @@ def job_script(tmp_path, monkeypatch):
 
 def _worker_line(script: str) -> list[str]:
     line = next(x for x in script.splitlines() if "distributed.cli.dask_worker" in x)
-    assert line.endswith(" &"), "the worker runs in the background under the signal trap"
-    return shlex.split(line[:-2])
+    start = "( trap '' USR1 USR2; exec "
+    assert line.startswith(start) and line.endswith(" ) &"), "the worker runs in the background under the signal trap"
+    return shlex.split(line[len(start):-4])
 
 
 def test_job_script_without_container_runs_this_python(job_script):
@@ -195,9 +196,9 @@ def test_signal_trap_wraps_the_container_command(job_script):
     script, _ = job_script(1, signal="USR1@90", container={"image": "/shared/labkit.sif"})
     lines = script.rstrip("\n").splitlines()
     at = next(i for i, x in enumerate(lines) if "distributed.cli.dask_worker" in x)
-    assert lines[at - 2:at] == ["trap 'kill -USR1 \"$labkit_worker\" 2>/dev/null' USR1",
-                                "trap 'kill -USR2 \"$labkit_worker\" 2>/dev/null' USR2"]
-    assert lines[at].startswith("apptainer exec --nv ") and lines[at + 1] == "labkit_worker=$!"
+    assert [line.split("; ")[-1] for line in lines[at - 2:at]] == ["kill -USR1 \"$labkit_worker\" 2>/dev/null' USR1",
+                                                                 "kill -USR2 \"$labkit_worker\" 2>/dev/null' USR2"]
+    assert lines[at].startswith("( trap '' USR1 USR2; exec apptainer exec --nv ") and lines[at + 1] == "labkit_worker=$!"
     assert "#SBATCH --signal=B:USR1@90" in script and "--preload-nanny labkit.core.preempt" in lines[at]
     assert lines.index("export DASK_DISTRIBUTED__WORKER__DAEMON=False") < at - 2, "the prologue runs on the node first"
 

@@ -104,7 +104,7 @@ def test_slurm_warning_signal_checkpoints_and_a_fresh_job_resumes(slurm, shards,
     try:
         script = handle.cluster.job_script()
         assert "#SBATCH --signal=B:USR1@90" in script
-        assert "trap 'kill -USR1 \"$labkit_worker\" 2>/dev/null' USR1" in script
+        assert "kill -USR1 \"$labkit_worker\" 2>/dev/null' USR1" in script and "( trap '' USR1 USR2; exec " in script
         assert "--preload-nanny labkit.core.preempt" in script and "--preload labkit.core.preempt" in script
         client = handle.client
         workers = client.scheduler_info()["workers"]
@@ -233,3 +233,24 @@ def test_a_real_walltime_ends_the_run_with_a_checkpoint_not_a_killed_rank(slurm,
         assert (more.start_step, more.steps, more.stopped) == (stop, 3, None)
     finally:
         fresh.close()
+
+
+def test_a_warning_before_the_worker_is_up_neither_kills_it_nor_is_lost(tmp_path):
+    """Slurm may send the warning up to 60 s early, before the worker installed its handler: the job
+    script starts the worker with the signal ignored, and preempt.install reads the trap's marker."""
+    import sys
+    import time
+
+    from labkit.cluster.upstream import FORWARD_SIGNALS
+
+    child = tmp_path / "worker.py"
+    child.write_text(f"import sys, time\nsys.path.insert(0, {str(REPO)!r})\ntime.sleep(2)\n"
+                     "from labkit.core import preempt\npreempt.install()\nprint('requested', preempt.requested())\n")
+    script = FORWARD_SIGNALS.format(command=f"{sys.executable} {child}")
+    env = dict(os.environ, SLURM_JOB_ID="4242", TMPDIR=str(tmp_path))
+    job = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the worker is still starting: no handler yet
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=60)
+    assert job.returncode == 0, f"the early warning ended the job (exit {job.returncode})"
+    assert "requested True" in out and (tmp_path / "labkit-warned-4242").exists()

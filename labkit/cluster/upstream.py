@@ -35,10 +35,13 @@ FIX = ("pin {package}<{version} in pyproject.toml and environment.yml (the last 
 
 # ---------------------------------------------------------------------------------------- Slurm jobs
 # The worker command in the background, Slurm's warning (USR1/USR2 to the batch shell) passed on to it;
-# the script ends with the worker's exit status (a trapped signal only interrupts ``wait``).
-FORWARD_SIGNALS = """trap 'kill -USR1 "$labkit_worker" 2>/dev/null' USR1
-trap 'kill -USR2 "$labkit_worker" 2>/dev/null' USR2
-{command} &
+# the script ends with the worker's exit status (a trapped signal only interrupts ``wait``). The command
+# starts with both signals ignored (kept so across exec) until labkit.core.preempt installs its handlers:
+# Slurm may send the warning up to 60 s early, so it can come before the worker is up, and SIGUSR1's
+# default action would end the job. The trap also leaves a marker that preempt.install reads then.
+FORWARD_SIGNALS = """trap 'touch "${{TMPDIR:-/tmp}}/labkit-warned-${{SLURM_JOB_ID:-0}}"; kill -USR1 "$labkit_worker" 2>/dev/null' USR1
+trap 'touch "${{TMPDIR:-/tmp}}/labkit-warned-${{SLURM_JOB_ID:-0}}"; kill -USR2 "$labkit_worker" 2>/dev/null' USR2
+( trap '' USR1 USR2; exec {command} ) &
 labkit_worker=$!
 while :; do wait "$labkit_worker"; rc=$?; kill -0 "$labkit_worker" 2>/dev/null || exit "$rc"; done"""
 class LabkitSLURMJob(SLURMJob):

@@ -52,7 +52,17 @@ def install(signals: tuple[int, ...] = SIGNALS) -> int | None:
         return None
     for s in signals:
         signal.signal(s, _on_signal)
+    if warned_before():  # the warning came before this process could catch it
+        _on_signal(signals[0], None)
     return os.getpid()
+
+
+def warned_before(env: dict[str, str] | None = None) -> bool:
+    """Whether this Slurm job's batch shell already got the warning: its trap leaves a marker file
+    (``labkit.cluster.upstream.FORWARD_SIGNALS``), since a worker still starting up cannot catch it."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    return bool(job) and os.path.exists(os.path.join(env.get("TMPDIR") or "/tmp", f"labkit-warned-{job}"))
 
 
 def requested() -> bool:
