@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,16 +189,44 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# bf16 autocast must beat float32 by this much in the matmul probe before "auto" takes it on a CPU: a
+# margin wide enough that noise cannot flip the choice between runs (AMX: ~5-10x; AVX512-BF16 on AMD
+# Zen 4: ~1.9x; AVX512-BF16 on an Intel VM without AMX: 0.53x, measured by bench.train)
+CPU_BF16_MIN_SPEEDUP = 1.3
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(n: int = 512, seconds: float = 0.04) -> float:
+    """bfloat16 over float32 matmul throughput on this CPU (n x n, best of short bursts, ~0.1 s once
+    per process). Flags alone do not decide it: some CPUs report AVX512-BF16 yet run bf16 matmuls at
+    half float32's speed (oneDNN's AVX512-BF16 kernel against MKL's float32 one without AMX)."""
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        fastest = float("inf")
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            a @ b
+            fastest = min(fastest, time.perf_counter() - t0)
+        return fastest
+
+    best(torch.float32), best(torch.bfloat16)  # warm both kernels before timing either
+    return best(torch.float32) / best(torch.bfloat16)
+
+
 def bf16_is_fast(device: torch.device | str) -> bool:
-    """Whether ``device`` runs bfloat16 matmuls in hardware: CUDA GPUs of compute capability 8.0+
-    (Ampere on; older ones only emulate bf16, which ``torch.cuda.is_bf16_supported`` counts as
-    support), or CPUs with AVX512-BF16 or AMX (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo)."""
+    """Whether ``device`` runs bfloat16 matmuls in hardware faster than float32: CUDA GPUs of compute
+    capability 8.0+ (Ampere on; older ones only emulate bf16, which ``torch.cuda.is_bf16_supported``
+    counts as support); CPUs with AVX512-BF16 or AMX (``avx512_bf16`` / ``amx_bf16`` in /proc/cpuinfo)
+    whose bf16 matmuls measure at least ``CPU_BF16_MIN_SPEEDUP`` times float32's (``cpu_bf16_speedup``)."""
     device = torch.device(device)
     if device.type == "cuda":
         # the capability of the device asked about (index None: the current one), not of the current one
         return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
     if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP
     return False
 
 

@@ -153,6 +153,12 @@ class FSDP(SingleProcess):
         _need_group("FSDP")
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         dtype = self.param_dtype(device)
+        if self.mixed_precision == "auto":
+            # each rank measured its own CPU (labkit.model.cpu_bf16_speedup): the shards' dtype must be
+            # one, so bf16 only where every rank found it fast
+            agreed = torch.tensor([dtype is not None], dtype=torch.int32, device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            dtype = torch.bfloat16 if int(agreed.item()) else None
         policy = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype is not None
                   else MixedPrecisionPolicy())
         units = getattr(getattr(model, "transformer", None), "h", [])

@@ -91,18 +91,43 @@ def test_pruned_shapes_are_a_gpt_that_runs_saves_and_loads(tmp_path):
     assert out.shape == (2, 9)
 
 
-def test_precision_auto_follows_the_cpu_flags(monkeypatch):
+def test_precision_auto_follows_the_cpu_flags_and_a_measured_bf16_speedup(monkeypatch):
     flags = M.cpu_flags()
-    expected = bool({"avx512_bf16", "amx_bf16"} & flags)
+    has_flag = bool({"avx512_bf16", "amx_bf16"} & flags)
+    measured = M.cpu_bf16_speedup()
+    assert measured > 0 and M.cpu_bf16_speedup() == measured, "measured once per process, then cached"
+    expected = has_flag and measured >= M.CPU_BF16_MIN_SPEEDUP
     assert M.bf16_is_fast("cpu") == expected
     assert M.autocast_dtype("auto", "cpu") == (torch.bfloat16 if expected else None)
     assert M.autocast_dtype("float32", "cpu") is None
     assert M.autocast_dtype("bfloat16", "cpu") == torch.bfloat16
-    # without those flags, auto means float32
+    # without those flags, auto means float32, whatever a probe would say
     monkeypatch.setattr(M, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda: 5.0)
     assert M.autocast_dtype("auto", "cpu") is None
+    # with them, the measurement decides: AMX-fast takes bf16; a CPU that reports AVX512-BF16 but runs
+    # bf16 matmuls at half float32's speed (an Intel VM without AMX, measured 0.53x) keeps float32
     monkeypatch.setattr(M, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     assert M.autocast_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(M, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda: 0.53)
+    assert M.autocast_dtype("auto", "cpu") is None
+    monkeypatch.setattr(M, "cpu_bf16_speedup", lambda: M.CPU_BF16_MIN_SPEEDUP)
+    assert M.autocast_dtype("auto", "cpu") == torch.bfloat16
+
+
+def test_the_bf16_probe_tells_an_emulated_bf16_from_float32():
+    """Without AVX512-BF16 or AMX, torch emulates bf16 matmuls (measured 0.05-0.08x of float32 on an
+    AVX2-only EPYC): the probe must see that. Where the hardware has it, it must at least run."""
+    import subprocess
+    import sys
+
+    code = "from labkit.model import cpu_bf16_speedup; print(cpu_bf16_speedup())"
+    env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+               MKL_ENABLE_INSTRUCTIONS="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip()) < M.CPU_BF16_MIN_SPEEDUP
 
 
 def test_bf16_on_cuda_needs_compute_capability_8_of_the_given_device(monkeypatch):
