@@ -1,8 +1,9 @@
 """The kubernetes profile: the DaskCluster spec labkit builds, and the errors before anything is created.
 
-No Kubernetes runs here and dask-kubernetes is not a test dependency: the spec is plain data, its
-commands are parsed by distributed's own command lines, its TLS environment is read by dask's config,
-and ``start_cluster`` is followed up to a stand-in KubeCluster. Nothing opens a network connection.
+No Kubernetes runs here: the spec is plain data, its commands are parsed by distributed's own command
+lines, its TLS environment is read by dask's config, and ``start_cluster`` is followed up to a stand-in
+KubeCluster. With TLS, dask-kubernetes' real KubeCluster (a test dependency) starts as labkit subclasses
+it, against a real TLS scheduler and worker on this host; only the Kubernetes API is stood in.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def test_tls_mounts_the_secret_and_configures_dask():
         assert sec.tls_worker_key == f"{K.TLS_MOUNT}/key.pem"
     worker_env = _env(_pods(spec)[1])
     assert worker_env["DASK_SCHEDULER_ADDRESS"] == "tls://labkit-abc-scheduler:8786"
+    # the operator cannot speak TLS: the scheduler serves its HTTP API (idleness, retiring workers) besides
+    # distributed's default routes, as dask in the pod reads the setting
+    with dask.config.set(_dotted(dask.config.collect_env(_env(_pods(spec)[3])))):
+        routes = dask.config.get("distributed.scheduler.http.routes")
+    defaults = dask.config.get("distributed.scheduler.http.routes")
+    assert routes == defaults + ["distributed.http.scheduler.api"]
+    for name in routes:
+        __import__(name)  # each is a module distributed has
+    assert not [e for e in worker_env if "ROUTES" in e]
 
 
 def test_without_tls_no_secret_and_no_tls_settings():
@@ -188,7 +198,7 @@ def test_kube_config_lookup(tmp_path):
 
 
 def test_missing_package_names_the_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "dask_kubernetes", None)  # as if not installed (it is not, here)
+    monkeypatch.setitem(sys.modules, "dask_kubernetes", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "dask_kubernetes.operator", None)
     with pytest.raises(ClusterConfigError, match=r"needs dask-kubernetes.*pip install dask-kubernetes \(or labkit\[kubernetes\]\)"):
         start_cluster(profile="k8s", image=IMAGE, say=lambda s: None)
@@ -234,10 +244,161 @@ def test_missing_kube_config_fails_before_any_cluster(fake_operator, monkeypatch
     assert fake_operator.made == []
 
 
-def test_tls_is_refused_while_kubecluster_cannot_do_it(fake_operator):
-    with pytest.raises(ClusterConfigError, match=r"takes no security=.*dask-kubernetes#857.*tls=False"):
+def test_tls_needs_the_kubecluster_labkit_was_written_for(fake_operator):
+    """The stand-in has none of dask-kubernetes' internals that the TLS subclass relies on: refused at once."""
+    with pytest.raises(ClusterConfigError, match=r"lacks wait_for_scheduler_comm.*dask-kubernetes>=2026.3.*tls=False"):
         start_cluster(profile="k8s", image=IMAGE, say=lambda s: None)
     assert fake_operator.made == []
+
+
+def test_start_cluster_with_tls_hands_the_session_keys_to_the_cluster(fake_operator, monkeypatch):
+    from labkit.cluster import start as start_mod
+
+    async def wait_for_scheduler_comm(address):  # the name upstream's module has
+        raise AssertionError("not reached: the stand-in starts nothing")
+
+    sys.modules["dask_kubernetes.operator"].wait_for_scheduler_comm = wait_for_scheduler_comm
+    monkeypatch.setattr(FakeKubeCluster, "__module__", "dask_kubernetes.operator", raising=False)
+    for name in ("_get_scheduler_address", "_create_cluster", "_connect_cluster"):
+        monkeypatch.setattr(FakeKubeCluster, name, lambda self: None, raising=False)
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def no_client(cluster, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(start_mod, "Client", no_client)
+    with pytest.raises(Stop):
+        start_cluster(profile="k8s", image=IMAGE, namespace="lab-ns", say=lambda s: None)
+    (made,) = fake_operator.made
+    name = made.spec["metadata"]["name"]
+    assert type(made).__name__ == "TLSFakeKubeCluster" and made.closed
+    assert made.security.require_encryption and made.security.tls_ca_file.endswith("ca.pem")
+    assert seen["security"].tls_ca_file == made.security.tls_ca_file  # the client uses the same session keys
+    secret = made._labkit_secret
+    assert secret["metadata"] == {"name": f"{name}-tls", "namespace": "lab-ns",
+                                  "labels": {"app.kubernetes.io/part-of": "labkit"}}
+    assert sorted(secret["data"]) == ["ca.pem", "cert.pem", "key.pem"]
+    for part in ("worker", "scheduler"):
+        vols = made.spec["spec"][part]["spec"]["volumes"]
+        assert {"name": "tls", "secret": {"secretName": f"{name}-tls", "defaultMode": 0o440}} in vols
+
+
+class FakeKubernetesAPI:
+    """The Kubernetes API as dask-kubernetes' KubeCluster sees it through kr8s: a DaskCluster resource that
+    can be created, read and deleted, a scheduler pod and service that are ready at once, and the
+    scheduler's address as a port-forward gives it (tcp://127.0.0.1:<port>)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.clusters, self.log = port, {}, []
+
+    def install(self, monkeypatch, module, kube_cluster) -> None:
+        api = self
+
+        class DaskCluster:
+            def __init__(self, spec_or_name, namespace=None, **kw):
+                self.name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name["metadata"]["name"]
+                self.namespace = namespace
+
+            def __await__(self):
+                async def me():
+                    return self
+                return me().__await__()
+
+            @classmethod
+            async def get(cls, name, namespace=None, **kw):
+                return cls(name, namespace)
+
+            async def exists(self):
+                return self.name in api.clusters
+
+            async def create(self):
+                api.log.append(("create cluster", self.name, self.namespace))
+                api.clusters[self.name] = self
+
+            async def delete(self):
+                api.log.append(("delete cluster", self.name))
+                api.clusters.pop(self.name, None)
+
+        async def nothing(*a, **kw):
+            return None
+
+        async def scheduler_address(service, namespace, port_name="tcp-comm", **kw):
+            api.log.append(("address", service, port_name))
+            return f"tcp://127.0.0.1:{api.port if port_name == 'tcp-comm' else 1}"
+
+        monkeypatch.setattr(module, "DaskCluster", DaskCluster)
+        monkeypatch.setattr(module, "wait_for_scheduler", nothing)
+        monkeypatch.setattr(module, "wait_for_service", nothing)
+        monkeypatch.setattr(module, "get_scheduler_address", scheduler_address)
+        monkeypatch.setattr(kube_cluster, "_wait_for_controller", nothing)
+        monkeypatch.setattr(kube_cluster, "_watch_component_status", nothing)
+
+        async def apply(secret, namespace):
+            api.log.append(("create secret", secret["metadata"]["name"], namespace))
+
+        async def delete(secret, namespace):
+            api.log.append(("delete secret", secret["metadata"]["name"], namespace))
+
+        monkeypatch.setattr(K, "_apply_secret", apply)
+        monkeypatch.setattr(K, "_delete_secret", delete)
+
+
+def test_kubecluster_reaches_a_tls_scheduler_with_the_session_keys(tmp_path, monkeypatch):
+    """dask-kubernetes' own KubeCluster, as labkit subclasses it, against a real TLS scheduler and worker:
+    it waits for the scheduler over TLS, talks to it over TLS, and a Client made from it alone (no
+    security= passed) runs a task. dask-kubernetes unchanged cannot: it waits over plain TCP forever."""
+    import asyncio
+
+    from dask_kubernetes.operator import KubeCluster
+    from dask_kubernetes.operator.kubecluster import kubecluster as upstream
+    from distributed import Client, Scheduler, Worker
+    from tornado.ioloop import IOLoop
+
+    creds = SessionCredentials.create(tmp_path / "tls")
+    security = creds.security()
+    spec = K.cluster_spec(k8s(tls=True), "labkit-tlstest", 0, tls_secret_name="labkit-tlstest-tls")
+    secret = K.tls_secret("labkit-tlstest-tls", creds, namespace="lab-ns")
+    original_wait = upstream.wait_for_scheduler_comm
+    TLSKubeCluster = K.tls_kube_cluster(KubeCluster)
+    # upstream closes every KubeCluster it made at exit; these two live and die inside this test's loop
+    monkeypatch.setattr(KubeCluster, "_instances", __import__("weakref").WeakSet())
+
+    async def main():
+        async with Scheduler(security=security, protocol="tls", host="127.0.0.1", port=0,
+                             dashboard_address=":0") as scheduler:
+            assert scheduler.address.startswith("tls://")
+            api = FakeKubernetesAPI(int(scheduler.address.rsplit(":", 1)[1]))
+            api.install(monkeypatch, upstream, KubeCluster)
+            async with Worker(scheduler.address, security=security, nthreads=1, dashboard_address=":0"):
+                # unchanged dask-kubernetes: its wait speaks plain TCP to a TLS listener and never gets through
+                here = IOLoop.current()  # given, so that upstream's __init__ leaves the start to the await
+                plain = KubeCluster(custom_cluster_spec=spec, namespace="lab-ns", asynchronous=True, quiet=True,
+                                    shutdown_on_close=True, loop=here)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(plain._start(), timeout=3)
+                await plain._close()
+                api.clusters.clear()
+                api.log.clear()
+                cluster = await TLSKubeCluster(custom_cluster_spec=spec, namespace="lab-ns", asynchronous=True,
+                                               quiet=True, loop=here, shutdown_on_close=True, security=security,
+                                               tls_secret=secret)
+                assert upstream.wait_for_scheduler_comm is original_wait, "the TLS wait is scoped to the start"
+                assert cluster.scheduler_address == f"tls://127.0.0.1:{api.port}"
+                async with Client(cluster, asynchronous=True) as client:  # the security comes from the cluster
+                    assert await client.submit(lambda x: x + 1, 41) == 42
+                    assert client.scheduler.address == cluster.scheduler_address
+                await cluster.close()
+                return api.log
+
+    log = asyncio.run(main())
+    assert log[0] == ("create secret", "labkit-tlstest-tls", "lab-ns"), "the Secret exists before the pods that mount it"
+    assert ("create cluster", "labkit-tlstest", "lab-ns") in log and log[1:].index(("create cluster", "labkit-tlstest", "lab-ns")) >= 0
+    assert log[-2:] == [("delete cluster", "labkit-tlstest"), ("delete secret", "labkit-tlstest-tls", "lab-ns")]
 
 
 def test_start_cluster_dispatches_to_kubecluster(fake_operator, monkeypatch):

@@ -14,7 +14,6 @@ is missing before anything is created. Never run against a real cluster here (se
 from __future__ import annotations
 
 import base64
-import inspect
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,7 +24,7 @@ from .errors import ClusterConfigError
 from .tls import SessionCredentials
 
 __all__ = ["cluster_spec", "tls_secret", "find_kube_config", "import_kubecluster", "check_kubernetes_profile",
-           "build_kubernetes_cluster"]
+           "build_kubernetes_cluster", "tls_kube_cluster", "wait_for_scheduler_over"]
 
 UID = 1000                       # the image's user `lab` (container/Dockerfile: USER 1000:1000)
 TLS_MOUNT = "/etc/labkit/tls"    # where the Secret's ca.pem, cert.pem, key.pem appear in the pods
@@ -33,6 +32,13 @@ RUNS_MOUNT = "/mnt/labkit-runs"  # where shared_claim appears; LABKIT_RUN_DIR po
 SCHEDULER_PORT, DASHBOARD_PORT, WORKER_DASHBOARD_PORT = 8786, 8787, 8788
 IDLE_TIMEOUT_S = 1800            # the operator deletes a cluster idle this long (a killed kernel's, too)
 PACKAGE_FIX = "pip install dask-kubernetes (or labkit[kubernetes])"
+# the scheduler's HTTP routes with TLS: distributed's defaults plus its API, through which the operator
+# (which reaches the scheduler only over plain tcp:// or HTTP) checks idleness for idleTimeout and
+# retires workers gracefully when scaling down; without it those fail over TLS (no idle clean-up,
+# last-in-first-out deletion of worker pods)
+SCHEDULER_HTTP_ROUTES = ["distributed.http.scheduler.prometheus", "distributed.http.scheduler.info",
+                         "distributed.http.scheduler.json", "distributed.http.health", "distributed.http.proxy",
+                         "distributed.http.statics", "distributed.http.scheduler.api"]
 
 
 def quantity(memory: Memory) -> str:
@@ -134,9 +140,12 @@ def cluster_spec(profile: Profile, name: str, gpus_per_worker: int, workers: int
     if tls:
         scheduler_args += ["--protocol", "tls"]
     sched_vols, sched_mounts = _volumes(profile, tls_secret_name, shm=False)
+    sched_env = list(env)
+    if tls:  # the operator speaks no TLS: it checks idleness and retires workers through the HTTP API instead
+        sched_env.append({"name": "DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES", "value": repr(SCHEDULER_HTTP_ROUTES)})
     health = {"httpGet": {"port": "http-dashboard", "path": "/health"}}
     scheduler = {"name": "scheduler", "image": profile.image, "imagePullPolicy": pull, "args": scheduler_args,
-                 "env": env, "volumeMounts": sched_mounts, "securityContext": container_sc,
+                 "env": sched_env, "volumeMounts": sched_mounts, "securityContext": container_sc,
                  "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
                  "ports": [{"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"},
                            {"name": "http-dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"}],
@@ -212,27 +221,151 @@ def import_kubecluster() -> Any:
 
 
 def check_kubernetes_profile(profile: Profile, env: Mapping[str, str] | None = None) -> Any:
-    """Pre-flight of a kubernetes profile (image, package, kube config, TLS); returns the KubeCluster class."""
-    where = f"profile {profile.name!r} ({profile.source})"
+    """Pre-flight of a kubernetes profile (image, package, kube config, TLS); returns the KubeCluster class
+    to build (with TLS, :func:`tls_kube_cluster` of dask-kubernetes' own)."""
     _need_image(profile)
     kube_cluster = import_kubecluster()
     find_kube_config(env)
-    if profile.tls and "security" not in inspect.signature(kube_cluster).parameters:
+    return tls_kube_cluster(kube_cluster) if profile.tls else kube_cluster
+
+
+# dask-kubernetes' KubeCluster reaches its scheduler with plain ``rpc(address)`` objects and a module-level
+# ``wait_for_scheduler_comm(address)`` (dask/dask-kubernetes#857: no ``security=``); these are the names
+# :func:`tls_kube_cluster` relies on, checked before anything is created
+_UPSTREAM_NAMES = ("wait_for_scheduler_comm", "_get_scheduler_address", "_create_cluster", "_connect_cluster")
+
+
+async def wait_for_scheduler_over(address: str, connection_args: dict[str, Any], timeout: float | None = None) -> None:
+    """Wait until the scheduler at ``address`` answers, connecting with ``connection_args`` (TLS's
+    ``ssl_context``): dask-kubernetes' own wait knows only plain TCP."""
+    import asyncio
+
+    from distributed.comm.core import CommClosedError
+    from distributed.core import rpc
+
+    loop = asyncio.get_running_loop()
+    end = None if timeout is None else loop.time() + timeout
+    while True:
+        try:
+            async with rpc(address, connection_args=connection_args) as comm:
+                await comm.versions()
+            return
+        except (CommClosedError, OSError):
+            if end is not None and loop.time() > end:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def tls_kube_cluster(kube_cluster: type) -> type:
+    """``kube_cluster`` (dask-kubernetes' operator KubeCluster) made to reach a TLS scheduler with the
+    session's keys: it takes ``security=`` (a :class:`distributed.Security`), turns the scheduler
+    service's ``tcp://`` address (in-cluster or port-forwarded) into ``tls://``, waits for and talks to
+    the scheduler with the security's client context, and hands the security on to ``Client(cluster)``.
+    It also owns the TLS Secret (``tls_secret=``, a :func:`tls_secret` dict): created before the pods
+    that mount it, deleted with the cluster. ClusterConfigError where this dask-kubernetes differs."""
+    import contextlib
+    import sys
+
+    from distributed.core import rpc
+
+    module = sys.modules[kube_cluster.__module__]
+    missing = [n for n in _UPSTREAM_NAMES if not hasattr(module, n) and not hasattr(kube_cluster, n)]
+    if missing:
         raise ClusterConfigError(
-            f"{where} asks for TLS (tls: true), but this dask-kubernetes' KubeCluster takes no security= and "
-            "talks to its scheduler over plain tcp:// (its operator/networking.py), so it cannot reach a TLS "
-            "scheduler (dask/dask-kubernetes#857). labkit will not start an unencrypted cluster silently. Fix: "
-            "start_cluster(profile=..., tls=False) only in a namespace no one else can reach (a NetworkPolicy "
-            "that admits only your own pods), or use a Slurm profile")
-    return kube_cluster
+            f"this dask-kubernetes ({module.__name__}) lacks {', '.join(missing)}, which labkit uses to reach its "
+            "scheduler over TLS. Fix: pip install 'dask-kubernetes>=2026.3,<2027' (what labkit was written "
+            "against), or start_cluster(profile=..., tls=False) only in a namespace no one else can reach")
+
+    class TLSKubeCluster(kube_cluster):  # type: ignore[misc, valid-type]
+        __doc__ = tls_kube_cluster.__doc__
+
+        def __init__(self, *, security: Any, tls_secret: dict[str, Any] | None = None, **kwargs: Any) -> None:
+            self.security = security  # Client(cluster) takes it from here
+            self._labkit_secret = tls_secret
+            self._labkit_secret_made = False
+            super().__init__(**kwargs)
+
+        @property
+        def scheduler_comm(self) -> Any:
+            return self.__dict__.get("_labkit_scheduler_comm")
+
+        @scheduler_comm.setter
+        def scheduler_comm(self, comm: Any) -> None:
+            # upstream assigns rpc(address) without connection args; give it the client's TLS context
+            if comm is not None and not getattr(comm, "connection_args", None):
+                comm = rpc(comm.address, connection_args=self.security.get_connection_args("client"))
+            self.__dict__["_labkit_scheduler_comm"] = comm
+
+        async def _get_scheduler_address(self) -> str:
+            address = await super()._get_scheduler_address()
+            return "tls://" + address.split("://", 1)[-1]
+
+        @contextlib.contextmanager
+        def _waits_over_tls(self) -> Any:
+            """Upstream's module-level wait, for the length of one create/connect, as a TLS one."""
+            args = self.security.get_connection_args("client")
+            original = module.wait_for_scheduler_comm
+
+            async def wait(address: str) -> None:
+                await wait_for_scheduler_over(address, args)
+
+            module.wait_for_scheduler_comm = wait
+            try:
+                yield
+            finally:
+                module.wait_for_scheduler_comm = original
+
+        async def _create_cluster(self) -> None:
+            if self._labkit_secret is not None and not self._labkit_secret_made:
+                await _apply_secret(self._labkit_secret, self.namespace)
+                self._labkit_secret_made = True
+            with self._waits_over_tls():
+                await super()._create_cluster()
+
+        async def _connect_cluster(self) -> None:
+            with self._waits_over_tls():
+                await super()._connect_cluster()
+
+        async def _close(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super()._close(*args, **kwargs)
+            finally:
+                if self._labkit_secret_made:
+                    self._labkit_secret_made = False
+                    await _delete_secret(self._labkit_secret, self.namespace)
+
+    TLSKubeCluster.__name__ = TLSKubeCluster.__qualname__ = f"TLS{kube_cluster.__name__}"
+    return TLSKubeCluster
+
+
+async def _apply_secret(secret: dict[str, Any], namespace: str | None) -> None:
+    """Create the TLS Secret (kr8s, dask-kubernetes' own client); one left by a killed kernel is replaced."""
+    from kr8s.asyncio.objects import Secret
+
+    obj = await Secret(secret, namespace=namespace)
+    if await obj.exists():
+        await obj.delete()
+    await obj.create()
+
+
+async def _delete_secret(secret: dict[str, Any], namespace: str | None) -> None:
+    from kr8s.asyncio.objects import Secret
+
+    obj = await Secret(secret, namespace=namespace)
+    if await obj.exists():
+        await obj.delete()
 
 
 def build_kubernetes_cluster(profile: Profile, name: str, credentials: SessionCredentials | None,
                              gpus_per_worker: int, kube_cluster: Any, asynchronous: bool = False) -> Any:
     """A KubeCluster with no workers yet (scale it) from :func:`cluster_spec`; ``kube_cluster`` is the class
-    :func:`check_kubernetes_profile` returned. Contacts the Kubernetes API: never run here."""
-    if credentials is not None:  # check_kubernetes_profile refuses tls until dask-kubernetes can do it
-        raise ClusterConfigError("TLS on Kubernetes is not supported by the installed dask-kubernetes")
-    spec = cluster_spec(profile, name, gpus_per_worker, workers=0)
-    return kube_cluster(custom_cluster_spec=spec, namespace=profile.namespace, shutdown_on_close=True,
-                        resource_timeout=profile.start_timeout, asynchronous=asynchronous)
+    :func:`check_kubernetes_profile` returned. With ``credentials`` the pods mount them from a Secret
+    ``<name>-tls`` and everyone talks TLS. Contacts the Kubernetes API: never run here."""
+    kwargs: dict[str, Any] = dict(namespace=profile.namespace, shutdown_on_close=True,
+                                  resource_timeout=profile.start_timeout, asynchronous=asynchronous)
+    if credentials is None:
+        return kube_cluster(custom_cluster_spec=cluster_spec(profile, name, gpus_per_worker, workers=0), **kwargs)
+    secret_name = f"{name}-tls"
+    spec = cluster_spec(profile, name, gpus_per_worker, workers=0, tls_secret_name=secret_name)
+    return kube_cluster(custom_cluster_spec=spec, security=credentials.security(),
+                        tls_secret=tls_secret(secret_name, credentials, profile.namespace), **kwargs)
