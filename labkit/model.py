@@ -196,24 +196,23 @@ CPU_BF16_MIN_SPEEDUP = 1.3
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_bf16_speedup(n: int = 512, seconds: float = 0.04) -> float:
-    """bfloat16 over float32 matmul throughput on this CPU (n x n, best of short bursts, ~0.1 s once
-    per process). Flags alone do not decide it: some CPUs report AVX512-BF16 yet run bf16 matmuls at
-    half float32's speed (oneDNN's AVX512-BF16 kernel against MKL's float32 one without AMX)."""
-
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def cpu_bf16_speedup(n: int = 512, seconds: float = 0.15) -> float:
+    """bfloat16 over float32 matmul throughput on this CPU (n x n), measured once per process in
+    ~0.15 s. Flags alone do not decide it: some CPUs report AVX512-BF16 yet run bf16 matmuls at half
+    float32's speed (oneDNN's AVX512-BF16 kernel against MKL's float32 one without AMX). The two are
+    timed in alternation and each keeps its fastest run, so load from other processes, which comes
+    and goes, cannot favour one of them."""
+    pairs = [(torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)) for dtype in (torch.float32, torch.bfloat16)]
+    fastest = [float("inf"), float("inf")]
+    for a, b in pairs:  # warm both kernels before timing either
         a @ b
-        fastest = float("inf")
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or fastest[1] == float("inf"):
+        for i, (a, b) in enumerate(pairs):
             t0 = time.perf_counter()
             a @ b
-            fastest = min(fastest, time.perf_counter() - t0)
-        return fastest
-
-    best(torch.float32), best(torch.bfloat16)  # warm both kernels before timing either
-    return best(torch.float32) / best(torch.bfloat16)
+            fastest[i] = min(fastest[i], time.perf_counter() - t0)
+    return fastest[0] / fastest[1]
 
 
 def bf16_is_fast(device: torch.device | str) -> bool:
