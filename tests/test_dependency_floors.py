@@ -57,7 +57,7 @@ COMES_WITH = {
 # import name -> distribution name, where they differ
 IMPORT_TO_DIST = {"yaml": "pyyaml", "dask_jobqueue": "dask-jobqueue"}
 # optional: imported inside a try that tells the user what to install
-OPTIONAL = {"datasets", "dask_kubernetes"}  # dask_kubernetes: the labkit[kubernetes] extra
+OPTIONAL = {"datasets", "dask_kubernetes", "kr8s"}  # dask_kubernetes: the labkit[kubernetes] extra, kr8s with it
 
 
 def declared_floors() -> dict[str, Version]:
