@@ -16,6 +16,10 @@ import json, resource, sys, torch
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
 def steps(n):
     # a step's activations: 8 blocks of 4 MiB written, then all freed (what backward does)
     for _ in range(n):
@@ -39,8 +43,9 @@ else:
 out["after"] = measure()
 if sys.argv[1] == "heap":
     from labkit.core.heap import return_freed_memory
+    out["rss_kept_mib"] = rss_mib()
     out["returned"] = return_freed_memory()
-    out["again"] = measure()
+    out["rss_returned_mib"] = rss_mib()
 print(json.dumps(out))
 """
 
@@ -63,9 +68,10 @@ def test_freed_memory_is_kept_so_steps_stop_faulting(mode):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and getrusage page faults: Linux")
-def test_returned_memory_faults_again():
-    """return_freed_memory (what a memory cap needs) undoes keep_freed_memory: freed pages go back to
-    the kernel, so the same loop faults again (not all 8 blocks: glibc reuses free chunks it holds)."""
+def test_returned_memory_leaves_the_process():
+    """return_freed_memory (what a memory cap needs) undoes keep_freed_memory: the 32 MiB a step freed
+    and the heap kept go back to the kernel, so the process's resident memory falls by about that much.
+    (Whether the next steps fault again depends on where glibc's free chunks lie: not asserted.)"""
     out = _run("heap")
     assert out["returned"]
-    assert out["again"] > max(4 * out["after"], 500), out
+    assert out["rss_kept_mib"] - out["rss_returned_mib"] > 24, out

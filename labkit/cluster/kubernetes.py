@@ -13,10 +13,16 @@ is missing before anything is created. Never run against a real cluster here (se
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
+
+from distributed.comm.core import CommClosedError
+from distributed.core import rpc
 
 from ..config import IMAGE_PYTHON, Profile
 from ..settings import Memory
@@ -238,11 +244,6 @@ _UPSTREAM_NAMES = ("wait_for_scheduler_comm", "_get_scheduler_address", "_create
 async def wait_for_scheduler_over(address: str, connection_args: dict[str, Any], timeout: float | None = None) -> None:
     """Wait until the scheduler at ``address`` answers, connecting with ``connection_args`` (TLS's
     ``ssl_context``): dask-kubernetes' own wait knows only plain TCP."""
-    import asyncio
-
-    from distributed.comm.core import CommClosedError
-    from distributed.core import rpc
-
     loop = asyncio.get_running_loop()
     end = None if timeout is None else loop.time() + timeout
     while True:
@@ -263,11 +264,6 @@ def tls_kube_cluster(kube_cluster: type) -> type:
     the scheduler with the security's client context, and hands the security on to ``Client(cluster)``.
     It also owns the TLS Secret (``tls_secret=``, a :func:`tls_secret` dict): created before the pods
     that mount it, deleted with the cluster. ClusterConfigError where this dask-kubernetes differs."""
-    import contextlib
-    import sys
-
-    from distributed.core import rpc
-
     module = sys.modules[kube_cluster.__module__]
     missing = [n for n in _UPSTREAM_NAMES if not hasattr(module, n) and not hasattr(kube_cluster, n)]
     if missing:
@@ -340,7 +336,7 @@ def tls_kube_cluster(kube_cluster: type) -> type:
 
 async def _apply_secret(secret: dict[str, Any], namespace: str | None) -> None:
     """Create the TLS Secret (kr8s, dask-kubernetes' own client); one left by a killed kernel is replaced."""
-    from kr8s.asyncio.objects import Secret
+    from kr8s.asyncio.objects import Secret  # lazy: kr8s comes with the optional dask-kubernetes
 
     obj = await Secret(secret, namespace=namespace)
     if await obj.exists():
@@ -349,7 +345,8 @@ async def _apply_secret(secret: dict[str, Any], namespace: str | None) -> None:
 
 
 async def _delete_secret(secret: dict[str, Any], namespace: str | None) -> None:
-    from kr8s.asyncio.objects import Secret
+    """Delete the TLS Secret if it is there."""
+    from kr8s.asyncio.objects import Secret  # lazy: kr8s comes with the optional dask-kubernetes
 
     obj = await Secret(secret, namespace=namespace)
     if await obj.exists():
