@@ -67,6 +67,14 @@ def slurm():
 
 
 @pytest.fixture(scope="session")
+def executed_notebooks() -> dict:
+    """Notebooks this session already ran at tiny scale, by stem: test_browser.py (which runs first) keeps
+    what JupyterLab saved after running each, and test_notebooks.py checks that copy instead of running the
+    notebook a second time (~150 s of the suite); run alone, test_notebooks.py executes them itself."""
+    return {}
+
+
+@pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     """A tiny set of token shards (stdlib text, seconds to build), shared read-only by the training tests."""
     from labkit.data.shards import make_tiny_shards
