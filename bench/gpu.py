@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +40,12 @@ TOY_SHAPE = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 TOY_BATCH = 4
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def _time(fn: Any, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` after two warm-up calls, the device synchronised around each."""
-    for _ in range(2):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()``, the device synchronised (labkit.hardware.measure.median_time)."""
+    from labkit.hardware.measure import median_time
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else None
+    return median_time(fn, warmup=2, repeats=repeats, sync=sync)
 
 
 def device_facts(device: str) -> dict[str, Any]:
@@ -142,7 +130,7 @@ def _rank_probe(ctx: Any) -> dict[str, Any]:
     x = torch.full((1024,), float(ctx.rank + 1), device=ctx.device)
     dist.all_reduce(x)
     return {"backend": ctx.backend, "process_group_backend": str(dist.get_backend()), "device": ctx.device,
-            "cuda_visible_devices": __import__("os").environ.get("CUDA_VISIBLE_DEVICES"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "all_reduce_sum": x[0].item()}
 
 

@@ -193,6 +193,8 @@ def cpu_flags() -> frozenset[str]:
 # margin wide enough that noise cannot flip the choice between runs (AMX: ~5-10x; AVX512-BF16 on AMD
 # Zen 4: ~1.9x; AVX512-BF16 on an Intel VM without AMX: 0.53x, measured by bench.train)
 CPU_BF16_MIN_SPEEDUP = 1.3
+# the /proc/cpuinfo flags by which a CPU claims bf16 matmuls in hardware
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -225,7 +227,7 @@ def bf16_is_fast(device: torch.device | str) -> bool:
         # the capability of the device asked about (index None: the current one), not of the current one
         return torch.cuda.is_available() and tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
     if device.type == "cpu":
-        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags()) and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP
+        return bool(CPU_BF16_FLAGS & cpu_flags()) and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP
     return False
 
 

@@ -23,10 +23,10 @@ def test_bench_part_a_smoke(tmp_path):
     for flag in ("avx2", "avx512_bf16", "amx_bf16"):
         assert (flag in out["cpu"].split("flags:")[1].split()) == (flag in cpu_flags()), (flag, out["cpu"])
     # and so does a measurement: bf16 only where it measured fast enough, as precision="auto" decides
-    from labkit.model import CPU_BF16_MIN_SPEEDUP
+    from labkit.model import CPU_BF16_FLAGS, CPU_BF16_MIN_SPEEDUP
 
     assert out["bf16_matmul_speedup"] > 0
-    assert (out["dtype"] == "bfloat16") == (bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    assert (out["dtype"] == "bfloat16") == (bool(CPU_BF16_FLAGS & cpu_flags())
                                             and out["bf16_matmul_speedup"] >= CPU_BF16_MIN_SPEEDUP)
     assert out["loss_rel_diff"] < 0.05  # 3 steps in: the two precisions are still close
 

@@ -9,8 +9,10 @@ it, against a real TLS scheduler and worker on this host; only the Kubernetes AP
 from __future__ import annotations
 
 import base64
+import importlib
 import sys
 import types
+import weakref
 
 import dask.config
 import pytest
@@ -114,7 +116,7 @@ def test_tls_mounts_the_secret_and_configures_dask():
     defaults = dask.config.get("distributed.scheduler.http.routes")
     assert routes == defaults + ["distributed.http.scheduler.api"]
     for name in routes:
-        __import__(name)  # each is a module distributed has
+        importlib.import_module(name)  # each is a module distributed has
     assert not [e for e in worker_env if "ROUTES" in e]
 
 
@@ -366,7 +368,7 @@ def test_kubecluster_reaches_a_tls_scheduler_with_the_session_keys(tmp_path, mon
     original_wait = upstream.wait_for_scheduler_comm
     TLSKubeCluster = K.tls_kube_cluster(KubeCluster)
     # upstream closes every KubeCluster it made at exit; these two live and die inside this test's loop
-    monkeypatch.setattr(KubeCluster, "_instances", __import__("weakref").WeakSet())
+    monkeypatch.setattr(KubeCluster, "_instances", weakref.WeakSet())
 
     async def main():
         async with Scheduler(security=security, protocol="tls", host="127.0.0.1", port=0,
@@ -419,3 +421,27 @@ def test_start_cluster_dispatches_to_kubecluster(fake_operator, monkeypatch):
     assert made.spec["metadata"]["name"].startswith("labkit-") and made.spec["spec"]["worker"]["replicas"] == 0
     assert made.spec["spec"]["worker"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert "starting a kubernetes cluster with profile 'k8s'" in said[0]
+
+
+def test_a_scheduler_that_refuses_the_keys_is_a_clear_timeout_not_a_hang(tmp_path):
+    """A real TLS scheduler holding another session's keys: the TLS wait gives up after its timeout
+    with what it tried and where to look, where dask-kubernetes' own wait would retry for ever."""
+    import asyncio
+
+    from distributed import Scheduler
+
+    from labkit.cluster import ClusterTimeout
+
+    theirs = SessionCredentials.create(tmp_path / "theirs").security()
+    ours = SessionCredentials.create(tmp_path / "ours").security()
+
+    async def main():
+        async with Scheduler(security=theirs, protocol="tls", host="127.0.0.1", port=0, dashboard_address=":0") as s:
+            await K.wait_for_scheduler_over(s.address, theirs.get_connection_args("client"), timeout=5)  # its own keys: in
+            with pytest.raises(ClusterTimeout) as err:
+                await K.wait_for_scheduler_over(s.address, ours.get_connection_args("client"), timeout=1)
+            return s.address, str(err.value)
+
+    address, message = asyncio.run(main())
+    assert address in message and "did not answer over TLS within 1 s" in message
+    assert "kubectl logs -l dask.org/component=scheduler" in message and "start_timeout" in message

@@ -26,7 +26,7 @@ from distributed.core import rpc
 
 from ..config import IMAGE_PYTHON, Profile
 from ..settings import Memory
-from .errors import ClusterConfigError
+from .errors import ClusterConfigError, ClusterTimeout
 from .tls import SessionCredentials
 
 __all__ = ["cluster_spec", "tls_secret", "find_kube_config", "import_kubecluster", "check_kubernetes_profile",
@@ -243,7 +243,8 @@ _UPSTREAM_NAMES = ("wait_for_scheduler_comm", "_get_scheduler_address", "_create
 
 async def wait_for_scheduler_over(address: str, connection_args: dict[str, Any], timeout: float | None = None) -> None:
     """Wait until the scheduler at ``address`` answers, connecting with ``connection_args`` (TLS's
-    ``ssl_context``): dask-kubernetes' own wait knows only plain TCP."""
+    ``ssl_context``): dask-kubernetes' own wait knows only plain TCP. After ``timeout`` seconds (None:
+    for ever, as upstream waits) a ClusterTimeout says what was tried and what to check."""
     loop = asyncio.get_running_loop()
     end = None if timeout is None else loop.time() + timeout
     while True:
@@ -251,9 +252,13 @@ async def wait_for_scheduler_over(address: str, connection_args: dict[str, Any],
             async with rpc(address, connection_args=connection_args) as comm:
                 await comm.versions()
             return
-        except (CommClosedError, OSError):
+        except (CommClosedError, OSError) as exc:  # ssl.SSLError is an OSError too
             if end is not None and loop.time() > end:
-                raise
+                raise ClusterTimeout(
+                    f"the scheduler at {address} did not answer over TLS within {timeout:.0f} s (last: "
+                    f"{type(exc).__name__}: {exc}). Fix: see its log with `kubectl logs -l "
+                    "dask.org/component=scheduler` (a scheduler without the session's Secret mounted, or "
+                    "one started before it, refuses these keys), or raise the profile's start_timeout") from exc
             await asyncio.sleep(0.1)
 
 
@@ -303,7 +308,7 @@ def tls_kube_cluster(kube_cluster: type) -> type:
             original = module.wait_for_scheduler_comm
 
             async def wait(address: str) -> None:
-                await wait_for_scheduler_over(address, args)
+                await wait_for_scheduler_over(address, args, timeout=getattr(self, "_resource_timeout", None))
 
             module.wait_for_scheduler_comm = wait
             try:
