@@ -254,3 +254,75 @@ def test_a_warning_before_the_worker_is_up_neither_kills_it_nor_is_lost(tmp_path
     out, _ = job.communicate(timeout=60)
     assert job.returncode == 0, f"the early warning ended the job (exit {job.returncode})"
     assert "requested True" in out and (tmp_path / "labkit-warned-4242").exists()
+
+
+def test_a_warning_while_the_nanny_spawns_its_worker_waits_for_the_worker_handler(tmp_path):
+    """The nannies' process forwards the warning to its worker process; one still starting (its
+    preloads not yet run) has SIGUSR1's default action, so the nanny holds the signal until the worker
+    is up. Here a real ``dask worker`` whose worker process takes 3 s in a preload gets USR1 at its
+    nanny meanwhile: the worker joins and has the flag set (it died, before the fix)."""
+    import sys
+    import time
+
+    import psutil
+    from distributed import Client, LocalCluster
+
+    (tmp_path / "slow_preload.py").write_text("import time\n\ndef dask_setup(worker):\n    time.sleep(3)\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=":0") as cluster, Client(cluster) as client:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address, "--nworkers", "1",
+             "--nthreads", "1", "--no-dashboard", "--preload-nanny", "labkit.core.preempt",
+             "--preload", "slow_preload", "--preload", "labkit.core.preempt"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            nannies = psutil.Process(worker.pid)
+            deadline = time.monotonic() + 60
+            while not nannies.children(recursive=True) and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the nanny spawned its worker process
+            assert nannies.children(recursive=True), "the nanny never spawned its worker process"
+            time.sleep(0.5)
+            worker.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 60
+            while not client.scheduler_info()["workers"] and worker.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert worker.poll() is None, "the warning ended the worker before it was up"
+            assert client.scheduler_info()["workers"], "the worker did not join within 60 s"
+
+            def flagged() -> bool:  # on the worker
+                from labkit.core import preempt
+
+                deadline = time.monotonic() + 10
+                while not preempt.requested() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return preempt.requested()
+
+            assert list(client.run(flagged).values()) == [True]
+            assert worker.poll() is None
+        finally:
+            worker.terminate()
+            _, err = worker.communicate(timeout=60)
+        assert "failed to start" not in err, err[-2000:]
+
+
+def test_a_worker_killed_by_the_warning_is_named_in_the_job_log_summary(tmp_path):
+    """A worker process without labkit's handler dies of SIGUSR1 and the nanny logs it only at INFO:
+    the summary that start_cluster's errors quote names the signal and its likely cause."""
+    import sys
+
+    from distributed import LocalCluster
+
+    from labkit.cluster.handle import job_log_tails
+
+    (tmp_path / "warned_early.py").write_text(
+        "import os, signal\n\ndef dask_setup(worker):\n    os.kill(os.getpid(), signal.SIGUSR1)\n")
+    log = tmp_path / "labkit-x-77.err"
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=":0") as cluster:
+        with open(log, "w") as err:
+            subprocess.run([sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+                            "--nworkers", "1", "--no-dashboard", "--preload", "warned_early"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=120)
+    summary = job_log_tails(tmp_path, ["77"])
+    assert "was killed by signal 10" in log.read_text()
+    assert "a worker process was killed by SIGUSR1 (Slurm's walltime warning" in summary, summary

@@ -20,13 +20,31 @@ from . import slurmcli, upstream
 from .errors import ClusterError, ClusterTimeout
 from .gpu_slice import parse_ids
 from .local import explain_failed_start
-from .upstream import failed_to_start
+from .upstream import failed_to_start, signal_cause
 from .session import Session, end_session
 from .status import ClusterStatus, WorkerRow
 from .tls import SessionCredentials
 
 TERMINAL = slurmcli.TERMINAL_STATES  # the one set of ended-job states (kept under its old name)
 _ERROR_LINE = re.compile(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit): ")  # "ValueError: 'ib0' is not a valid ..."
+_DEATH_LINE = re.compile(r"Worker process \d+ was killed by signal (\d+)")  # the nanny's line, logged at INFO
+
+
+def job_log_tails(log_dir: Path, job_ids: list[str], lines: int = 15) -> str:
+    """The last lines of each Slurm job's worker log (``*-<id>.err`` in ``log_dir``), led by what a reader
+    needs and a tail may miss: the first error of a chained traceback, and a worker process a signal killed
+    (the nanny says so only at INFO, far above the tail)."""
+    out = []
+    for jid in job_ids:
+        for path in sorted(log_dir.glob(f"*-{jid}.err")):
+            all_lines = path.read_text(errors="replace").splitlines()
+            first = next((ln for ln in all_lines if _ERROR_LINE.match(ln)), None)
+            head = f"first error in the log: {first.strip()}\n" if first and first not in all_lines[-lines:] else ""
+            death = next((m for m in map(_DEATH_LINE.search, all_lines) if m), None)
+            if death:
+                head += f"a worker process was killed by {signal_cause(int(death.group(1)))}\n"
+            out.append(f"--- worker log of job {jid} ({path.name}): {head}last lines:\n" + "\n".join(all_lines[-lines:]))
+    return "\n".join(out)
 
 
 def _visible_gpus() -> list[str]:
@@ -279,16 +297,7 @@ class ClusterHandle:
 
     def log_tails(self, job_ids: list[str], lines: int = 15) -> str:
         """The last lines of each job's worker log (stderr), for error messages."""
-        log_dir = Path(self.profile.log_directory or self.session.path / "logs")
-        out = []
-        for jid in job_ids:
-            for path in sorted(log_dir.glob(f"*-{jid}.err")):
-                all_lines = path.read_text(errors="replace").splitlines()
-                # a chained traceback prints its cause first: the line a reader needs may be far above the tail
-                first = next((ln for ln in all_lines if _ERROR_LINE.match(ln)), None)
-                head = f"first error in the log: {first.strip()}\n" if first and first not in all_lines[-lines:] else ""
-                out.append(f"--- worker log of job {jid} ({path.name}): {head}last lines:\n" + "\n".join(all_lines[-lines:]))
-        return "\n".join(out)
+        return job_log_tails(Path(self.profile.log_directory or self.session.path / "logs"), job_ids, lines)
 
     # ------------------------------------------------------------------ end
     def close(self) -> None:

@@ -192,22 +192,29 @@ class NonDaemonNanny(Nanny):
 _log = logging.getLogger("labkit.cluster")
 
 
+def signal_cause(signum: int) -> str:
+    """A signal's name and what it most often means for a worker process: ``SIGKILL (killed from outside ...)``."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum} (stopped by a signal)"
+    why = {
+        "SIGKILL": "killed from outside, most often by the kernel's out-of-memory killer: lower the batch or "
+                   "the workers, or raise memory_limit",
+        "SIGSEGV": "crashed in native code (a segfault): see its traceback above, if any",
+        "SIGABRT": "aborted by native code: see its message above",
+        "SIGBUS": "crashed on a bad memory access (a full /dev/shm can cause it)",
+        "SIGUSR1": "Slurm's walltime warning reached a process with no handler for it: a worker started without "
+                   "labkit's preload (labkit.core.preempt), or a labkit older than this one",
+    }.get(name, "stopped by a signal")
+    return f"{name} ({why})"
+
+
 def death_note(pid: int | None, address: str | None, exitcode: int) -> str:
     """What a local worker process's exit code says, and what to do about it."""
     who = f"local worker process {pid or '?'} ({address or 'not yet connected'})"
     if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        why = {
-            "SIGKILL": "killed from outside, most often by the kernel's out-of-memory killer: lower the batch or "
-                       "the workers, or raise memory_limit",
-            "SIGSEGV": "crashed in native code (a segfault): see its traceback above, if any",
-            "SIGABRT": "aborted by native code: see its message above",
-            "SIGBUS": "crashed on a bad memory access (a full /dev/shm can cause it)",
-        }.get(name, "stopped by a signal")
-        return f"{who} was killed by {name} ({why}); the Nanny restarts it, and a rank on it is lost"
+        return f"{who} was killed by {signal_cause(-exitcode)}; the Nanny restarts it, and a rank on it is lost"
     return f"{who} exited with status {exitcode}; see its error above; the Nanny restarts it, and a rank on it is lost"
 
 

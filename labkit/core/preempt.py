@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
@@ -32,15 +33,45 @@ def _on_signal(signum: int, frame: Any) -> None:
     _flag.set()
 
 
-def _forward(signum: int, frame: Any) -> None:
-    """In the nannies' process: pass the warning on to each nanny's worker process."""
-    for nanny in list(_nannies):
-        pid = getattr(getattr(getattr(nanny, "process", None), "process", None), "pid", None)
-        if pid:
+def _worker_state(nanny: Any) -> tuple[str, int | None]:
+    """A nanny's worker process: its status name (``running`` once its preloads ran) and pid."""
+    process = getattr(nanny, "process", None)
+    status = getattr(getattr(process, "status", None), "name", "")
+    return status, getattr(getattr(process, "process", None), "pid", None)
+
+
+def _pass_on(nanny: Any, signum: int, patience: float = 600.0) -> None:
+    """Send ``signum`` to the nanny's worker once it is up (its handler installed), waiting while it starts.
+
+    A worker process still starting has no handler yet: SIGUSR1's default action would end it, and
+    the nanny would report "failed to start worker process" (seen on a loaded CI machine, where a
+    one-minute walltime's warning came while a worker was being spawned)."""
+    deadline = time.monotonic() + patience
+    while True:
+        status, pid = _worker_state(nanny)
+        if status == "running" and pid:
             try:
                 os.kill(pid, signum)
             except OSError:
                 pass
+            return
+        nanny_status = getattr(getattr(nanny, "status", None), "name", "")
+        if (status not in ("init", "starting", "") or nanny_status in ("closing", "closed", "failed")
+                or time.monotonic() > deadline):
+            return  # stopped, failed or closing: no worker to warn (a restarted one reads the job's marker)
+        time.sleep(0.05)
+
+
+def _forward(signum: int, frame: Any) -> None:
+    """In the nannies' process: pass the warning on to each nanny's worker process (now if it is up,
+    else from a thread as soon as it is: a handler must not wait)."""
+    for nanny in list(_nannies):
+        status, pid = _worker_state(nanny)
+        if status == "running" and pid:
+            _pass_on(nanny, signum)
+        else:
+            threading.Thread(target=_pass_on, args=(nanny, signum), daemon=True,
+                             name="labkit-preempt-forward").start()
 
 
 def install(signals: tuple[int, ...] = SIGNALS) -> int | None:
