@@ -16,6 +16,7 @@ the worker's event loop, which is that thread in a worker process; elsewhere ``i
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 _flag = threading.Event()
 _received: list[int] = []      # the signal numbers caught, newest last
 _nannies: list[Any] = []       # this process's nannies (when preloaded into them)
+_pending: queue.SimpleQueue = queue.SimpleQueue()  # (nanny, signum): warnings for workers not up yet
 
 
 def _on_signal(signum: int, frame: Any) -> None:
@@ -40,6 +42,13 @@ def _worker_state(nanny: Any) -> tuple[str, int | None]:
     return status, getattr(getattr(process, "process", None), "pid", None)
 
 
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # it ended meanwhile
+
+
 def _pass_on(nanny: Any, signum: int, patience: float = 600.0) -> None:
     """Send ``signum`` to the nanny's worker once it is up (its handler installed), waiting while it starts.
 
@@ -50,10 +59,7 @@ def _pass_on(nanny: Any, signum: int, patience: float = 600.0) -> None:
     while True:
         status, pid = _worker_state(nanny)
         if status == "running" and pid:
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
+            _kill(pid, signum)
             return
         nanny_status = getattr(getattr(nanny, "status", None), "name", "")
         if (status not in ("init", "starting", "") or nanny_status in ("closing", "closed", "failed")
@@ -62,16 +68,22 @@ def _pass_on(nanny: Any, signum: int, patience: float = 600.0) -> None:
         time.sleep(0.05)
 
 
+def _hold_until_up(pending: queue.SimpleQueue) -> None:
+    """The nannies' process's thread that delivers warnings to worker processes that were still starting."""
+    while True:
+        _pass_on(*pending.get())
+
+
 def _forward(signum: int, frame: Any) -> None:
-    """In the nannies' process: pass the warning on to each nanny's worker process (now if it is up,
-    else from a thread as soon as it is: a handler must not wait)."""
+    """In the nannies' process: pass the warning on to each nanny's worker process, now if it is up,
+    else through ``_pending`` as soon as it is (a handler must neither wait nor start a thread;
+    ``SimpleQueue.put`` is reentrant, so safe here)."""
     for nanny in list(_nannies):
         status, pid = _worker_state(nanny)
         if status == "running" and pid:
-            _pass_on(nanny, signum)
+            _kill(pid, signum)
         else:
-            threading.Thread(target=_pass_on, args=(nanny, signum), daemon=True,
-                             name="labkit-preempt-forward").start()
+            _pending.put((nanny, signum))
 
 
 def install(signals: tuple[int, ...] = SIGNALS) -> int | None:
@@ -139,6 +151,9 @@ def warn(client: Any, worker: str | None = None, signum: int = signal.SIGUSR1) -
 def dask_setup(server: Any) -> None:
     """Dask preload hook: in a nanny, forward the warning to its worker; in a worker, catch it."""
     if type(server).__name__.endswith("Nanny"):
+        if not _nannies:  # the first nanny of this process starts the thread that holds early warnings
+            threading.Thread(target=_hold_until_up, args=(_pending,), daemon=True,
+                             name="labkit-preempt-forward").start()
         _nannies.append(server)
         for s in SIGNALS:
             signal.signal(s, _forward)
