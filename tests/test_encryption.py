@@ -329,3 +329,31 @@ def test_writer_tell_counts_plaintext_and_buffers_one_chunk(tmp_path, key):
     assert len(buf.getvalue()) == crypto.HEADER.size + 2 * (crypto.CHUNK + crypto.TAG)
     w.close()
     assert len(buf.getvalue()) == crypto.HEADER.size + 3 * crypto.TAG + 2 * crypto.CHUNK + 100
+
+
+def test_an_encrypted_reader_pickles_as_its_files_and_reads_from_many_threads(tmp_path, key):
+    """A reader travels to a Dask task as folder, split and key source (the encrypted shard's open file
+    cannot, and a plaintext one's tokens need not); threads sharing one reader each get their own
+    blocks (a seek and its read held together)."""
+    import pickle
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain = make_tiny_shards(tmp_path / "plain")
+    sealed = make_tiny_shards(tmp_path / "sealed", encryption=key)
+    for reader in (plain, sealed):
+        blob = pickle.dumps(reader)
+        assert len(blob) < 2_000, f"{len(blob)} bytes: the tokens travelled"
+        back = pickle.loads(blob)
+        assert (back.num_tokens, back.split, back.encryption) == (reader.num_tokens, reader.split, reader.encryption)
+        assert np.array_equal(back.read(0, back.num_tokens), plain.read(0, plain.num_tokens))
+    starts = np.random.default_rng(0).integers(0, plain.num_tokens - 300, size=2000)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, as on a busy worker
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda s: sealed.read(int(s), 300), starts))
+    finally:
+        sys.setswitchinterval(interval)
+    bad = [int(s) for s, g in zip(starts, got) if not np.array_equal(g, plain.read(int(s), 300))]
+    assert bad == [], f"{len(bad)} of {len(starts)} blocks read wrong from threads sharing the reader"

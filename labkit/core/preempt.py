@@ -4,7 +4,7 @@ A Slurm profile's ``signal: "USR1@90"`` makes each worker job ask ``#SBATCH --si
 Slurm sends SIGUSR1 to the job's batch shell 90 s before the time limit. The job script runs
 the Dask worker command in the background and traps the signal, passing it on to that process (the
 one that runs the nannies); this module, given as ``--preload-nanny``, forwards it from there to
-each nanny's worker process, and, given as
+each nanny's worker process (one still starting gets it once its handler is in place), and, given as
 ``--preload`` (or installed by ``install`` through ``client.run``), sets a flag in the worker. The
 handlers do no other work: the training loop reads the flag (``requested``) at its sync points,
 the ranks agree, save a checkpoint and stop (``labkit.train``).

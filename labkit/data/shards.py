@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,12 +339,14 @@ class _SealedTokens:
 
     def __init__(self, reader: EncryptedReader, dtype: np.dtype):
         self.reader, self.dtype = reader, dtype
+        self._lock = threading.Lock()  # one file position: a seek and its read go together
 
     def __getitem__(self, part: slice) -> np.ndarray:
         size = self.dtype.itemsize
-        self.reader.seek(part.start * size)
         try:
-            data = self.reader.read((part.stop - part.start) * size)
+            with self._lock:
+                self.reader.seek(part.start * size)
+                data = self.reader.read((part.stop - part.start) * size)
         except IntegrityError as exc:
             raise ShardError(f"{exc}; {REBUILD}") from None
         return np.frombuffer(data, dtype=self.dtype)
@@ -469,6 +472,12 @@ class ShardReader:
 
     def __len__(self) -> int:
         return self.num_tokens
+
+    def __reduce__(self) -> tuple:
+        """Pickled (for a Dask task, say) as where to read, not as the tokens: the folder, the split and
+        the key's source. Unpickled, it opens the same files again, their sizes checked but not hashed
+        again; an encrypted shard's open file cannot travel, its path can."""
+        return (type(self), (str(self.out_dir), self.split, False, self.encryption))
 
     def __repr__(self) -> str:
         return (f"ShardReader({str(self.out_dir)!r}, split={self.split!r}: {self.num_tokens:,} tokens in "
