@@ -31,7 +31,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from labkit.core.ranks import run_ranks
 from labkit.core.workers import workers_now
-from labkit.data.shards import ShardReader
+from labkit.core.crypto import Encryption
+from labkit.data.shards import read_meta
 from labkit.hardware.estimate import training_memory
 from labkit.model import autocast_dtype
 from labkit.train import TrainConfig, setup, train_step
@@ -122,15 +123,17 @@ def _mark_forward(model: torch.nn.Module) -> list[Any]:
 
 
 def measure_rank(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device | None = None) -> RankMemory:
+                 device: str | torch.device | None = None, encryption: Encryption | None = None) -> RankMemory:
     """Build the run, take two warm-up steps (the optimizer's state appears, DDP's buckets settle),
-    then measure one step under the profiler; the process group, if any, is up."""
+    then measure one step under the profiler; the process group, if any, is up. ``encryption``: the
+    key of encrypted shards."""
     grads = [0]
 
     def count_grads(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         grads[0] = held_bytes(p.grad for group in optimizer.param_groups for p in group["params"])
 
-    run = setup(config, data_dir, rank=rank, world_size=world_size, device=device, verify=False)
+    run = setup(config, data_dir, rank=rank, world_size=world_size, device=device, verify=False,
+                encryption=encryption)
     run.optimizer.register_step_pre_hook(count_grads)
     # the optimizer's state appears in the first step; DDP rebuilds its buckets in the order the
     # gradients came at the start of the second (the profiler would count the new ones, not the frees)
@@ -157,17 +160,19 @@ def measure_rank(config: TrainConfig, data_dir: str | os.PathLike, *, rank: int 
                       n_params=sum(p.numel() for p in params))  # a DTensor's numel is the whole one's
 
 
-def _rank_measure(ctx: Any, config: TrainConfig, data_dir: str) -> dict[str, Any]:
+def _rank_measure(ctx: Any, config: TrainConfig, data_dir: str, encryption: Encryption | None) -> dict[str, Any]:
     """Runs on each Dask worker as one rank (``run_ranks``)."""
-    return asdict(measure_rank(config, data_dir, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device))
+    return asdict(measure_rank(config, data_dir, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
+                               encryption=encryption))
 
 
 def measure_memory(client: Any, config: TrainConfig, data_dir: str | os.PathLike, *, workers: int,
-                   timeout: float = 120.0) -> list[RankMemory]:
-    """Each rank's memory over ``workers`` ranks of ``config.strategy`` (two steps of ``config``)."""
+                   timeout: float = 120.0, encryption: Encryption | None = None) -> list[RankMemory]:
+    """Each rank's memory over ``workers`` ranks of ``config.strategy`` (two steps of ``config``);
+    ``encryption``: the key of encrypted shards (a key file's path travels, not the key)."""
     rows = run_ranks(client, _rank_measure, config.replace(eval_interval=0, sample_tokens=0, checkpoint_dir=None,
                                                      max_steps=max(config.max_steps, 3)),
-                     str(Path(data_dir).resolve()), workers=workers, timeout=timeout)
+                     str(Path(data_dir).resolve()), encryption, workers=workers, timeout=timeout)
     return [RankMemory(**r) for r in rows]
 
 
@@ -203,19 +208,21 @@ def fresh_workers(client: Any, timeout: float = 300.0) -> None:
 
 def memory_table(client: Any, config: TrainConfig, data_dir: str | os.PathLike,
                  world_sizes: Iterable[int] = (2, 4), vocab_size: int | None = None,
-                 restart: bool = True) -> list[dict[str, Any]]:
+                 restart: bool = True, encryption: Encryption | None = None) -> list[dict[str, Any]]:
     """DDP and FSDP on each rank count: the largest rank's model states and step peak, measured,
     beside the ZeRO-0 / ZeRO-3 estimate, and FSDP's figures as a fraction of DDP's. With ``restart``
     the workers restart before each measurement, so that nothing an earlier run left in a worker
-    (tensors, caches freed before the profiler could see them) counts."""
-    vocab = vocab_size or ShardReader(data_dir, "train", verify=False).vocab_size
+    (tensors, caches freed before the profiler could see them) counts. ``encryption``: the key of
+    encrypted shards (the vocabulary size is read from meta.json, which is never encrypted)."""
+    vocab = vocab_size or int(read_meta(data_dir)[0]["vocab_size"])
     rows: list[dict[str, Any]] = []
     for n in world_sizes:
         by_strategy = {}
         for strategy, stage in (("ddp", 0), ("fsdp", 3)):
             if restart:
                 fresh_workers(client)
-            ranks = measure_memory(client, config.replace(strategy=strategy), data_dir, workers=n)
+            ranks = measure_memory(client, config.replace(strategy=strategy), data_dir, workers=n,
+                                   encryption=encryption)
             worst = max(ranks, key=lambda r: r.step_peak_bytes)
             states = max(r.model_states_bytes for r in ranks)
             guess = predicted(config, worst.n_params, n, stage, vocab)

@@ -352,6 +352,34 @@ def test_finetune_reuses_train_and_keeps_zeros(tmp_path):
     assert 0.3 < small.history[-1]["sparsity"] <= 0.6
 
 
+def test_finetune_on_encrypted_shards_matches_plaintext_and_needs_the_key(tmp_path):
+    """The same text, sealed: fine-tuning with the key reads the same batches (the same losses, bit for
+    bit); the iterative and regularisation studies hand the key on; without it the error names the shard."""
+    from labkit.core import crypto
+    from labkit.core.crypto import EncryptionKeyError
+    from labkit.data.shards import make_tiny_shards
+    from labkit.prune.schedule import finetune, iterative, regularisation_study
+    from labkit.train import TrainConfig
+
+    key = crypto.new_key_file(tmp_path / "data.key")
+    text = "\n\n".join(f"def g{i}(y):\n    return y - {i} * {i % 5}" for i in range(300))
+    plain = make_tiny_shards(tmp_path / "plain", text=text, vocab_size=300)
+    make_tiny_shards(tmp_path / "sealed", text=text, vocab_size=300, encryption=key)
+    cfg = TrainConfig.for_scale("tiny", max_steps=4, precision="float32", lr=1e-2)
+    torch.manual_seed(0)
+    a = tiny_gpt(vocab_size=plain.vocab_size)
+    b = copy.deepcopy(a)
+    assert finetune(a, cfg, tmp_path / "plain", steps=4) == finetune(b, cfg, tmp_path / "sealed", steps=4,
+                                                                     encryption=key)
+    val = val_windows(plain, 16, 4)
+    res = iterative(copy.deepcopy(a), 0.5, 1, cfg, tmp_path / "sealed", val, steps_per_round=2, encryption=key)
+    rows = regularisation_study(copy.deepcopy(a), cfg, tmp_path / "sealed", val, strengths=(("l1", 1e-4),),
+                                steps=2, encryption=key)
+    assert len(res.history) == 2 and rows[0]["ppl_pruned"] > 1
+    with pytest.raises(EncryptionKeyError, match=rf"train_00000\.bin is encrypted .*{key.key_id}"):
+        finetune(copy.deepcopy(a), cfg, tmp_path / "sealed", steps=1)
+
+
 def test_auto_device_follows_cuda(monkeypatch):
     from labkit.prune.speed import pick_device
 

@@ -66,6 +66,21 @@ def test_memory_table_puts_the_measurement_next_to_zero_0_and_3(client2, shards)
     assert 0.45 <= by["fsdp"]["states_vs_ddp"] <= 0.55
 
 
+def test_encrypted_shards_are_measured_with_their_key_and_refused_without(client2, tmp_path):
+    """memory_table on encrypted shards: the vocabulary from meta.json, each rank opening the shards with the
+    key file's path it was handed; without the key, the error names the shard and the key."""
+    from labkit.core import crypto
+    from labkit.core.crypto import EncryptionKeyError
+    from labkit.data.shards import make_tiny_shards
+
+    key = crypto.new_key_file(tmp_path / "data.key")
+    sealed = make_tiny_shards(tmp_path / "sealed", encryption=key).out_dir
+    rows = memory_table(client2, cfg(), sealed, world_sizes=(2,), restart=False, encryption=key)
+    assert [r["strategy"] for r in rows] == ["ddp", "fsdp"] and all(r["states_measured"] > 0 for r in rows)
+    with pytest.raises(EncryptionKeyError, match=rf"train_00000\.bin is encrypted .*{key.key_id}"):
+        measure_rank(cfg(), sealed)
+
+
 def _vocab(shards) -> int:
     from labkit.data.shards import ShardReader
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from labkit.core.crypto import Encryption
 from labkit.core.events import emit
 from labkit.train import batch_rows, lr_at, make_optimizer, open_data
 
@@ -24,18 +25,20 @@ from .unstructured import check_amount, hold_zeros, magnitude, penalty, prunable
 
 
 def finetune(model: nn.Module, config: Any, data_dir: str | os.PathLike, steps: int | None = None,
-             regularizer: str | None = None, strength: float = 0.0, sink: Callable | None = None) -> list[float]:
+             regularizer: str | None = None, strength: float = 0.0, sink: Callable | None = None,
+             encryption: Encryption | None = None) -> list[float]:
     """Train ``model`` in place for ``steps`` (default ``config.max_steps``) on the shards in ``data_dir``.
 
     ``config`` is a ``labkit.train.TrainConfig`` (lr, schedule, batch, block size, seed). With
-    ``regularizer="l1"`` or ``"l2"`` the loss gains ``strength * penalty(model)``. Returns the losses.
+    ``regularizer="l1"`` or ``"l2"`` the loss gains ``strength * penalty(model)``. ``encryption``: the
+    key of encrypted shards. Returns the losses.
     """
     if regularizer not in (None, "l1", "l2"):
         raise ValueError(f"regularizer={regularizer!r}: choose None, 'l1' or 'l2'")
     steps = config.max_steps if steps is None else int(steps)
     if steps < 0:
         raise ValueError("steps must be >= 0")
-    train_data, _ = open_data(data_dir)
+    train_data, _ = open_data(data_dir, encryption=encryption)
     block = min(config.model.block_size, model.config.block_size)
     device = next(model.parameters()).device
     opt = make_optimizer(model, config)
@@ -78,13 +81,14 @@ class IterativeResult:
 
 def iterative(model: nn.Module, target: float, rounds: int, config: Any, data_dir: str | os.PathLike,
               val: torch.Tensor, steps_per_round: int = 10, method: str = "unstructured",
-              sink: Callable | None = None) -> IterativeResult:
+              sink: Callable | None = None, encryption: Encryption | None = None) -> IterativeResult:
     """Prune toward ``target`` over ``rounds`` rounds on a cubic schedule, fine-tuning after each.
 
     ``method="unstructured"`` zeroes weights by global magnitude (``model`` is changed in place);
     ``"structured"`` removes heads and FFN neurons (a new, smaller model each round; ``target`` is
     the fraction of the original units removed). Each round records the perplexity right after the
-    cut and after fine-tuning, so the notebook can show what fine-tuning wins back.
+    cut and after fine-tuning, so the notebook can show what fine-tuning wins back. ``encryption``:
+    the key of encrypted shards.
     """
     if method not in ("unstructured", "structured"):
         raise ValueError(f"method={method!r}: choose 'unstructured' or 'structured'")
@@ -104,7 +108,7 @@ def iterative(model: nn.Module, target: float, rounds: int, config: Any, data_di
             removed = 1.0 - (now["heads"] + now["ffn"]) / (original["heads"] + original["ffn"])
         done = amount
         pruned_ppl = perplexity(model, val)
-        finetune(model, config, data_dir, steps=steps_per_round)
+        finetune(model, config, data_dir, steps=steps_per_round, encryption=encryption)
         row = {"round": r, "sparsity": removed, "ppl_pruned": pruned_ppl, "ppl_finetuned": perplexity(model, val)}
         history.append(row)
         emit("iterative", sink, method=method, **row)
@@ -120,16 +124,17 @@ def near_zero(model: nn.Module, tol: float = 1e-3) -> float:
 
 def regularisation_study(model: nn.Module, config: Any, data_dir: str | os.PathLike, val: torch.Tensor,
                          strengths: Sequence[tuple[str | None, float]] = ((None, 0.0), ("l2", 1e-4), ("l1", 1e-4)),
-                         steps: int = 20, amount: float = 0.5) -> list[dict]:
+                         steps: int = 20, amount: float = 0.5, encryption: Encryption | None = None) -> list[dict]:
     """Fine-tune copies with no / L2 / L1 penalty, then magnitude-prune each to ``amount``.
 
     Rows give the near-zero fraction the penalty produced and the perplexity before and after
-    the cut: regularisation prepares the weights so that pruning costs less.
+    the cut: regularisation prepares the weights so that pruning costs less. ``encryption``: the key
+    of encrypted shards.
     """
     rows = []
     for kind, strength in strengths:
         m = copy.deepcopy(model)
-        finetune(m, config, data_dir, steps=steps, regularizer=kind, strength=strength)
+        finetune(m, config, data_dir, steps=steps, regularizer=kind, strength=strength, encryption=encryption)
         before = perplexity(m, val)
         nz = near_zero(m)
         magnitude(m, amount)
