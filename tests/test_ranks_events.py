@@ -75,14 +75,45 @@ def _fail_on_rank_one(ctx):
 
 
 def test_error_on_one_rank_names_it_and_cluster_survives(client):
+    """The failed rank's process group is freed with it, so rank 0's waiting all-reduce fails at once: the
+    error comes in seconds, not after the 120 s timeout, and no rank is left waiting."""
     start = time.monotonic()
     with pytest.raises(RankError) as e:
-        run_ranks(client, _fail_on_rank_one, timeout=20)
-    assert e.value.rank == 1
+        run_ranks(client, _fail_on_rank_one, timeout=120)
+    assert e.value.rank == 1 and e.value.still_waiting == []
     assert "bad batch on rank one" in str(e.value) and "Traceback" in e.value.remote_traceback
-    assert time.monotonic() - start < 45
+    assert time.monotonic() - start < 60
     out = run_ranks(client, _allreduce, 1.0, timeout=60)
     assert out[1]["sum"] == 3.0
+
+
+def _fail_on_rank_one_inside_ddp(ctx):
+    import time
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(torch.nn.Linear(4, 4))  # keeps the process group alive past the error
+    if ctx.rank == 1:
+        raise ValueError("bad batch on rank one, inside DDP")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # gradient all-reduces that rank 1 never joins
+        model(torch.ones(2, 4)).sum().backward()
+
+
+def test_an_error_inside_ddp_is_reported_before_the_waiting_rank_times_out():
+    """Under DDP the failed rank's group outlives it, so rank 0 waits for its collective's timeout; the
+    error still comes within seconds, naming the rank that waits and for how long."""
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as c:
+        start = time.monotonic()
+        with pytest.raises(RankError) as e:
+            run_ranks(c, _fail_on_rank_one_inside_ddp, timeout=90)
+        took = time.monotonic() - start
+        assert e.value.rank == 1 and e.value.still_waiting == [0], str(e.value)
+        assert "Rank(s) 0 still wait in a collective for rank 1" in str(e.value) and "(90 s)" in str(e.value)
+        assert took < 45, f"the error took {took:.0f} s: it waited for the timeout"
 
 
 def _die_on_rank_one(ctx):

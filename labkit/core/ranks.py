@@ -49,13 +49,18 @@ class RankContext:
 class RankError(RuntimeError):
     """A rank raised; ``.rank``, ``.worker`` and ``.remote_traceback`` say where and what."""
 
-    def __init__(self, rank: int, worker: str, remote_traceback: str) -> None:
+    def __init__(self, rank: int, worker: str, remote_traceback: str, still_waiting: Sequence[int] = (),
+                 timeout: float = 0.0) -> None:
         last = remote_traceback.strip().splitlines()[-1] if remote_traceback.strip() else "unknown error"
+        waiting = (f"Rank(s) {', '.join(map(str, still_waiting))} still wait in a collective for rank {rank} and "
+                   f"give up within the run's timeout ({timeout:g} s); a new run on their workers starts after "
+                   "that.\n" if still_waiting else "")
         super().__init__(
-            f"rank {rank} on worker {worker} failed: {last}\n"
+            f"rank {rank} on worker {worker} failed: {last}\n{waiting}"
             f"--- traceback of rank {rank} ---\n{remote_traceback}"
         )
         self.rank, self.worker, self.remote_traceback = rank, worker, remote_traceback
+        self.still_waiting = list(still_waiting)
 
 
 class RankLost(RuntimeError):
@@ -166,6 +171,7 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
         ctx_fields["device"] = "cpu"
     ctx = RankContext(**ctx_fields)
     group = None
+    failed = None
     try:
         if dist.is_initialized():  # left over from a run that could not end: clear it
             dist.destroy_process_group()
@@ -175,8 +181,9 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
         )
         group = dist.group.WORLD
         return fn(ctx, *args, **kwargs)
-    except BaseException as exc:
-        raise _RankFailed(ctx.rank, ctx.worker, time.time(), traceback.format_exc()) from exc
+    except BaseException:
+        # its text only: the exception's frames would keep this rank's process group alive (below)
+        failed = _RankFailed(ctx.rank, ctx.worker, time.time(), traceback.format_exc())
     finally:
         try:
             # only our own group: a rank given up on (after a lost peer) may end while the next
@@ -185,6 +192,11 @@ def _rank_task(fn: Callable, ctx_fields: dict[str, Any], init_method: str, timeo
                 dist.destroy_process_group()
         except Exception:
             pass
+        # the last reference: the group is freed and its connections close, so a peer waiting in a
+        # collective for this rank fails at once instead of after the timeout (a DDP or FSDP module
+        # keeps the group alive elsewhere, so a failure inside training still waits for it)
+        group = None
+    raise failed
 
 
 def select_workers(client, workers: int | Sequence[str] | None) -> list[str]:
@@ -219,9 +231,10 @@ def run_ranks(
 ) -> list[Any]:
     """Run ``fn(ctx, *args, **kwargs)`` as one torch.distributed rank per worker; results in rank order.
 
-    ``timeout`` bounds each collective and how long the other ranks get to end after a rank raised.
-    Once a worker is known lost, the survivors get at most ``min(timeout, survivor_grace)`` seconds
-    to end before ``RankLost`` is raised, so a lost rank is reported promptly whatever ``timeout`` is.
+    ``timeout`` bounds each collective. After a rank raised, the others get ``lost_grace`` seconds to
+    show whether a worker was lost, and as long again to end, before ``RankError`` (naming any still
+    waiting in a collective) is raised; once a worker is known lost, they get at most
+    ``min(timeout, survivor_grace)`` seconds before ``RankLost``. Either comes promptly whatever ``timeout`` is.
     """
     addrs = select_workers(client, workers)
     probed = client.run(_probe_worker, workers=addrs)
@@ -266,7 +279,9 @@ def run_ranks(
             if lost:
                 _drain([f for r, f in enumerate(futures) if r not in lost], min(timeout, survivor_grace))
                 raise RankLost(lost[0], addrs[lost[0]], time.monotonic() - start, probes[lost[0]].host)
-            _drain(futures, timeout)
+            # the others end when their collectives fail (at once where the failed rank's group
+            # closed) or time out: report after a moment for their errors, not after the whole timeout
+            _drain(futures, min(timeout, lost_grace))
             for f in futures:
                 if f.status == "error":
                     exc = f.exception()
@@ -276,7 +291,7 @@ def run_ranks(
                         failures.append((float("inf"), futures.index(f), addrs[futures.index(f)], repr(exc)))
         if failures:
             _, rank, worker, tb = min(failures)
-            raise RankError(rank, worker, tb)
+            raise RankError(rank, worker, tb, [r for r, f in enumerate(futures) if not f.done()], timeout)
         return [f.result() for f in futures]
     finally:
         for f in futures:
