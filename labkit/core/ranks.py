@@ -47,7 +47,8 @@ class RankContext:
 
 
 class RankError(RuntimeError):
-    """A rank raised; ``.rank``, ``.worker`` and ``.remote_traceback`` say where and what."""
+    """A rank raised; ``.rank``, ``.worker`` and ``.remote_traceback`` say where and what, and
+    ``.still_waiting`` which ranks were left waiting for it in a collective (until their timeout)."""
 
     def __init__(self, rank: int, worker: str, remote_traceback: str, still_waiting: Sequence[int] = (),
                  timeout: float = 0.0) -> None:
