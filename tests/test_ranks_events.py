@@ -101,19 +101,24 @@ def _fail_on_rank_one_inside_ddp(ctx):
         model(torch.ones(2, 4)).sum().backward()
 
 
+def _rank_of(ctx):
+    return ctx.rank
+
+
 def test_an_error_inside_ddp_is_reported_before_the_waiting_rank_times_out():
     """Under DDP the failed rank's group outlives it, so rank 0 waits for its collective's timeout; the
-    error still comes within seconds, naming the rank that waits and for how long."""
+    error does not wait with it (rank 0 is still waiting when it comes), and names the rank that waits and
+    for how long. The next run says why it does not start at once on rank 0's worker, then runs."""
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as c:
-        start = time.monotonic()
         with pytest.raises(RankError) as e:
-            run_ranks(c, _fail_on_rank_one_inside_ddp, timeout=90)
-        took = time.monotonic() - start
+            run_ranks(c, _fail_on_rank_one_inside_ddp, timeout=20)
         assert e.value.rank == 1 and e.value.still_waiting == [0], str(e.value)
-        assert "Rank(s) 0 still wait in a collective for rank 1" in str(e.value) and "(90 s)" in str(e.value)
-        assert took < 45, f"the error took {took:.0f} s: it waited for the timeout"
+        assert "Rank(s) 0 still wait in a collective for rank 1" in str(e.value) and "(20 s)" in str(e.value)
+        rank0 = sorted(c.scheduler_info()["workers"])[0]
+        with pytest.warns(RuntimeWarning, match=rf"worker\(s\) {rank0} still run a rank of an earlier run"):
+            assert run_ranks(c, _rank_of, timeout=60) == [0, 1]
 
 
 def _die_on_rank_one(ctx):

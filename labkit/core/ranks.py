@@ -16,6 +16,7 @@ import socket
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -55,7 +56,7 @@ class RankError(RuntimeError):
         last = remote_traceback.strip().splitlines()[-1] if remote_traceback.strip() else "unknown error"
         waiting = (f"Rank(s) {', '.join(map(str, still_waiting))} still wait in a collective for rank {rank} and "
                    f"give up within the run's timeout ({timeout:g} s); a new run on their workers starts after "
-                   "that.\n" if still_waiting else "")
+                   "that (or restart the workers: client.restart()).\n" if still_waiting else "")
         super().__init__(
             f"rank {rank} on worker {worker} failed: {last}\n{waiting}"
             f"--- traceback of rank {rank} ---\n{remote_traceback}"
@@ -110,7 +111,16 @@ def _probe_worker(dask_worker=None) -> dict[str, Any]:
                 gpu_ids.append(str(getattr(props, "uuid", f"{host}:{i}")))
     except Exception:
         cuda = False
-    return {"host": host, "cuda": cuda, "gpu_ids": gpu_ids}
+    # a rank's task destroys its process group as it ends: one still up is a rank of an earlier run,
+    # left waiting in a collective for a rank that failed (until its timeout)
+    group_up = False
+    try:
+        import torch.distributed as dist
+
+        group_up = dist.is_available() and dist.is_initialized()
+    except Exception:
+        pass
+    return {"host": host, "cuda": cuda, "gpu_ids": gpu_ids, "group_up": group_up}
 
 
 def local_ranks(probes: Sequence[RankProbe]) -> list[int]:
@@ -240,6 +250,12 @@ def run_ranks(
     addrs = select_workers(client, workers)
     probed = client.run(_probe_worker, workers=addrs)
     probes = [RankProbe(a, probed[a]["host"], probed[a]["cuda"], tuple(probed[a]["gpu_ids"])) for a in addrs]
+    held = [a for a in addrs if probed[a].get("group_up")]
+    if held:
+        warnings.warn(f"worker(s) {', '.join(held)} still run a rank of an earlier run, waiting in a collective for "
+                      "a rank that failed; this run's ranks start there when it gives up (within that run's "
+                      "timeout). Fix: wait, or restart those workers (client.restart())", RuntimeWarning,
+                      stacklevel=2)
     chosen = choose_backend(probes, backend)
     port = client.run(_free_port, workers=[addrs[0]])[addrs[0]]
     master_host = get_address_host(addrs[0])
