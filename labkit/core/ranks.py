@@ -115,7 +115,7 @@ def _probe_worker(dask_worker=None) -> dict[str, Any]:
     # left waiting in a collective for a rank that failed (until its timeout)
     group_up = False
     try:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: as torch above, on the worker only
 
         group_up = dist.is_available() and dist.is_initialized()
     except Exception:
