@@ -231,6 +231,14 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     return False
 
 
+def cpu_bf16_report() -> str:
+    """One line on this CPU's bf16: the flags by which it claims bf16 in hardware, the measured bf16/float32
+    matmul ratio, and whether ``precision="auto"`` takes bf16 here (what notebook 06 shows a learner)."""
+    claimed = ", ".join(sorted(CPU_BF16_FLAGS & cpu_flags())) or "no bf16 flag"
+    return (f"flags: {claimed}; bf16 matmuls run at {cpu_bf16_speedup():.2f}x float32's here; "
+            f"precision='auto' takes bf16: {bf16_is_fast('cpu')}")
+
+
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype that ``precision`` means on ``device``; None means plain float32."""
     if precision == "float32":
